@@ -1,0 +1,80 @@
+//! The bus between nodes: a frame for users on another node goes to that node's own queue
+//! (targeted routing, never broadcast), and offline-push events go to their own sink. One
+//! trait; `local` routes between nodes in this process (the embedded default, and in-process
+//! clusters in tests); Kafka arrives with the cluster issue.
+
+mod local;
+
+pub use local::LocalBus;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// How a frame may be treated when a device cannot keep up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameKind {
+    /// Chat messages: never dropped silently.
+    Chat,
+    /// Read receipts: never dropped silently.
+    Receipt,
+    /// Typing indicators: dropped first (and counted) when a device falls behind.
+    Typing,
+}
+
+/// A user on the target node who should get the frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Recipient {
+    pub user_id: String,
+    /// The sending device, which must not get its own message back as a copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub except_connection: Option<String>,
+}
+
+/// One frame for one node: serialized once by the sender's node, delivered as is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope {
+    pub from_node: String,
+    pub kind: FrameKind,
+    pub recipients: Vec<Recipient>,
+    /// The server frame, JSON text, exactly as devices receive it.
+    pub frame: String,
+}
+
+/// A message for a user with no device online: a push service should wake the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OfflinePush {
+    pub user_id: String,
+    pub sender_id: String,
+    pub chat_id: String,
+    pub message_id: String,
+    pub timestamp: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("no node {0:?} is subscribed to the bus")]
+    UnknownNode(String),
+    #[error("node {0:?} is not consuming (its queue is closed)")]
+    Closed(String),
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync {
+    /// Hands `envelope` to node `node_id`.
+    async fn publish(&self, node_id: &str, envelope: Envelope) -> Result<(), BusError>;
+    /// Emits an offline-push event.
+    async fn offline_push(&self, event: OfflinePush) -> Result<(), BusError>;
+    /// Starts consuming this node's queue.
+    async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Envelope>, BusError>;
+    /// Stops consuming (graceful shutdown).
+    async fn unsubscribe(&self, node_id: &str);
+    async fn health(&self) -> Result<(), BusError>;
+    fn name(&self) -> &'static str;
+}

@@ -1,0 +1,373 @@
+//! The message path of one node: moderation, ids, store, then delivery to local devices and
+//! targeted publishing to the nodes that hold the other devices.
+//!
+//! - [`ids`]: unique, time-ordered message ids
+//! - [`moderation`]: the word-list automaton
+//! - [`registry`]: this node's sessions and the handle that writes to one
+//! - [`metrics`]: the node's counters
+
+pub mod ids;
+pub mod metrics;
+pub mod moderation;
+pub mod registry;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::watch;
+
+use crate::bus::{Bus, Envelope, FrameKind, LocalBus, OfflinePush, Recipient};
+use crate::config::{Config, PresenceBackend};
+use crate::presence::{MemoryPresence, Presence};
+use crate::protocol::{ChatSend, ErrorCode, FrameError, Route, ServerFrame};
+use crate::store::{MemoryStore, SaveOutcome, Store, StoreError};
+use ids::IdGenerator;
+use metrics::Metrics;
+use moderation::{Moderator, Rejected};
+use registry::{Registry, SessionHandle};
+
+/// The backends a node runs on; each is a trait object picked from config.
+#[derive(Clone)]
+pub struct Backends {
+    pub presence: Arc<dyn Presence>,
+    pub bus: Arc<dyn Bus>,
+    pub store: Arc<dyn Store>,
+}
+
+impl Backends {
+    /// The embedded default: everything in this process.
+    pub fn from_config(config: &Config) -> Backends {
+        let presence: Arc<dyn Presence> = match config.presence.backend {
+            PresenceBackend::Memory => Arc::new(MemoryPresence::new(config.presence.ttl_secs)),
+        };
+        Backends {
+            presence,
+            bus: Arc::new(LocalBus::new()),
+            store: Arc::new(MemoryStore::new(config.store.memory_max_messages)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Moderation(#[from] moderation::ModerationError),
+    #[error("cannot subscribe to the bus: {0}")]
+    Bus(#[from] crate::bus::BusError),
+}
+
+/// One chat node: config, backends, local sessions and counters.
+pub struct Node {
+    pub config: Config,
+    pub node_id: String,
+    pub backends: Backends,
+    pub sessions: Registry,
+    pub metrics: Metrics,
+    pub ids: IdGenerator,
+    moderator: Moderator,
+    /// Flips to `true` once shutdown begins: sessions close, upgrades are refused.
+    shutdown: watch::Sender<bool>,
+}
+
+/// One user who should get a frame, and the device that must not (the sender's own).
+struct Target<'a> {
+    user_id: &'a str,
+    except: Option<&'a str>,
+}
+
+/// Where one target's copy went.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reach {
+    local: usize,
+    remote_nodes: usize,
+}
+
+impl Node {
+    /// Builds the node and starts consuming its bus queue.
+    pub async fn start(config: Config, backends: Backends) -> Result<Arc<Node>, NodeError> {
+        let moderator = Moderator::from_config(&config.moderation)?;
+        let node_id = config.server.node_id.clone();
+        let mut inbox = backends.bus.subscribe(&node_id).await?;
+        let node = Arc::new(Node {
+            ids: IdGenerator::new(&node_id),
+            node_id,
+            backends,
+            sessions: Registry::default(),
+            metrics: Metrics::default(),
+            moderator,
+            shutdown: watch::channel(false).0,
+            config,
+        });
+        let weak = Arc::downgrade(&node);
+        tokio::spawn(async move {
+            while let Some(envelope) = inbox.recv().await {
+                let Some(node) = weak.upgrade() else { break };
+                node.deliver_envelope(envelope);
+            }
+        });
+        Ok(node)
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Starts shutdown: sessions are asked to close with 1001, new upgrades are refused.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+        self.sessions.close_all(1001, "server shutting down");
+    }
+
+    /// Ends shutdown: forgets this node's devices and stops consuming.
+    pub async fn finish_shutdown(&self) {
+        match self.backends.presence.clear_node(&self.node_id).await {
+            Ok(n) => tracing::info!(devices = n, "cleared this node's presence"),
+            Err(e) => tracing::warn!("could not clear this node's presence: {e}"),
+        }
+        self.backends.bus.unsubscribe(&self.node_id).await;
+    }
+
+    /// Sends a reply to one device (its own ack, error or pong).
+    pub fn reply(&self, to: &SessionHandle, frame: &ServerFrame<'_>) {
+        to.push(frame.encode().into(), FrameKind::Chat, &self.metrics);
+    }
+
+    pub fn reply_error(&self, to: &SessionHandle, error: &FrameError) {
+        Metrics::inc(&self.metrics.frames_rejected);
+        self.reply(to, &ServerFrame::from(error));
+    }
+
+    /// `CHAT_MESSAGE` from `from`: moderate, id, store, deliver, then acknowledge.
+    pub async fn handle_chat(&self, from: &SessionHandle, send: ChatSend) {
+        let fail = |code: ErrorCode, message: String| FrameError {
+            code,
+            message,
+            temp_message_id: send.temp_message_id.clone(),
+        };
+        let content = match self.moderator.check(&send.content) {
+            Ok(content) => content.into_owned(),
+            Err(Rejected) => {
+                let e = fail(
+                    ErrorCode::ContentRejected,
+                    "content refused by moderation; the message was not sent".into(),
+                );
+                return self.reply_error(from, &e);
+            }
+        };
+        let (message_id, timestamp) = self.ids.next();
+        let new = crate::store::NewMessage {
+            message_id,
+            sender_id: from.user_id.to_string(),
+            receiver_id: send.receiver_id.clone(),
+            chat_id: send.chat_id.clone(),
+            content,
+            timestamp,
+            temp_message_id: send.temp_message_id.clone(),
+        };
+        let (stored, fresh) = match self.backends.store.save(new).await {
+            Ok(SaveOutcome::Saved(m)) => (m.message, true),
+            Ok(SaveOutcome::Duplicate(m)) => (m.message, false),
+            Err(e) => {
+                Metrics::inc(&self.metrics.store_failures);
+                tracing::error!(user = %from.user_id, "store refused a message: {e}");
+                let e = fail(
+                    ErrorCode::StoreUnavailable,
+                    format!("message not sent, the store failed ({e}); retry with the same tempMessageId"),
+                );
+                return self.reply_error(from, &e);
+            }
+        };
+
+        let route = if fresh {
+            Metrics::inc(&self.metrics.messages_received);
+            let frame: Utf8Bytes = ServerFrame::ChatMessage {
+                message_id: &stored.message_id,
+                sender_id: &stored.sender_id,
+                receiver_id: &stored.receiver_id,
+                chat_id: &stored.chat_id,
+                content: &stored.content,
+                timestamp: stored.timestamp,
+            }
+            .encode()
+            .into();
+            let own = Some(&*from.connection_id);
+            let reach = if stored.receiver_id == stored.sender_id {
+                // A note to self: the user's other devices get it once.
+                self.fan_out(FrameKind::Chat, &frame, &[Target { user_id: &stored.sender_id, except: own }])
+                    .await
+            } else {
+                self.fan_out(
+                    FrameKind::Chat,
+                    &frame,
+                    &[
+                        Target { user_id: &stored.receiver_id, except: None },
+                        Target { user_id: &stored.sender_id, except: own },
+                    ],
+                )
+                .await
+            };
+            let route = Route::from_parts(reach[0].local > 0, reach[0].remote_nodes > 0);
+            if route == Route::Offline {
+                self.offline_push(&stored).await;
+            }
+            route
+        } else {
+            // A retry of a stored message: acknowledge it again, deliver nothing twice.
+            let online = self.sessions.devices_of(&stored.receiver_id) > 0;
+            Route::from_parts(online, false)
+        };
+        tracing::debug!(message = %stored.message_id, route = route.as_str(), "message acknowledged");
+        self.reply(
+            from,
+            &ServerFrame::MessageAck {
+                message_id: &stored.message_id,
+                temp_message_id: stored.temp_message_id.as_deref(),
+                timestamp: stored.timestamp,
+                route,
+            },
+        );
+    }
+
+    /// `READ_RECEIPT` from the receiver: marked in the store, told to every device of the
+    /// original sender (whom the store names, whatever the client claimed).
+    pub async fn handle_read_receipt(&self, from: &SessionHandle, chat_id: &str, message_id: &str) {
+        let stored = match self.backends.store.mark_read(&from.user_id, chat_id, message_id).await {
+            Ok(m) => m.message,
+            Err(e) => {
+                let code = match e {
+                    StoreError::UnknownMessage(..) => ErrorCode::UnknownMessage,
+                    StoreError::NotReceiver(_) => ErrorCode::Forbidden,
+                    StoreError::Unavailable(_) => {
+                        Metrics::inc(&self.metrics.store_failures);
+                        ErrorCode::StoreUnavailable
+                    }
+                };
+                return self.reply_error(from, &FrameError::new(code, e.to_string()));
+            }
+        };
+        let frame: Utf8Bytes = ServerFrame::ReadReceipt {
+            chat_id: &stored.chat_id,
+            message_id: &stored.message_id,
+            reader_id: &from.user_id,
+        }
+        .encode()
+        .into();
+        self.fan_out(FrameKind::Receipt, &frame, &[Target { user_id: &stored.sender_id, except: None }])
+            .await;
+    }
+
+    /// `TYPING`: to every device of the receiver, on any node; never stored.
+    pub async fn handle_typing(&self, from: &SessionHandle, receiver_id: &str, chat_id: &str, typing: bool) {
+        let frame: Utf8Bytes = ServerFrame::Typing {
+            sender_id: &from.user_id,
+            chat_id,
+            content: if typing { "typing" } else { "stop_typing" },
+        }
+        .encode()
+        .into();
+        self.fan_out(FrameKind::Typing, &frame, &[Target { user_id: receiver_id, except: None }]).await;
+    }
+
+    /// Delivers one frame to every target: directly to devices on this node, and one publish
+    /// per other node that holds any target device (not one per user, not a broadcast).
+    async fn fan_out(&self, kind: FrameKind, frame: &Utf8Bytes, targets: &[Target<'_>]) -> Vec<Reach> {
+        let mut reach = vec![Reach::default(); targets.len()];
+        let mut by_node: BTreeMap<String, Vec<(usize, Recipient)>> = BTreeMap::new();
+        for (i, t) in targets.iter().enumerate() {
+            reach[i].local = self.sessions.deliver(t.user_id, frame, kind, t.except, &self.metrics);
+            if kind == FrameKind::Chat {
+                self.metrics
+                    .messages_delivered_local
+                    .fetch_add(reach[i].local as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            let devices = match self.backends.presence.devices(t.user_id).await {
+                Ok(d) => d,
+                Err(e) => {
+                    // Local delivery already happened; other nodes are unknown until presence
+                    // answers again.
+                    Metrics::inc(&self.metrics.presence_failures);
+                    tracing::warn!(user = t.user_id, "presence lookup failed: {e}");
+                    continue;
+                }
+            };
+            for d in devices.into_iter().filter(|d| d.node_id != self.node_id) {
+                let recipients = by_node.entry(d.node_id).or_default();
+                if !recipients.iter().any(|(j, _)| *j == i) {
+                    recipients.push((
+                        i,
+                        Recipient {
+                            user_id: t.user_id.to_string(),
+                            except_connection: t.except.map(String::from),
+                        },
+                    ));
+                }
+            }
+        }
+        for (node_id, recipients) in by_node {
+            let indices: Vec<usize> = recipients.iter().map(|(i, _)| *i).collect();
+            let envelope = Envelope {
+                from_node: self.node_id.clone(),
+                kind,
+                recipients: recipients.into_iter().map(|(_, r)| r).collect(),
+                frame: frame.as_str().to_string(),
+            };
+            match self.backends.bus.publish(&node_id, envelope).await {
+                Ok(()) => {
+                    Metrics::inc(&self.metrics.messages_routed_remote);
+                    tracing::debug!(node = %node_id, "frame sent to another node via the bus");
+                    for i in indices {
+                        reach[i].remote_nodes += 1;
+                    }
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.bus_failures);
+                    tracing::error!(node = %node_id, "publish to another node failed: {e}");
+                }
+            }
+        }
+        reach
+    }
+
+    /// An envelope from another node: deliver to the named users' devices here.
+    pub fn deliver_envelope(&self, envelope: Envelope) {
+        Metrics::inc(&self.metrics.envelopes_consumed);
+        let frame = Utf8Bytes::from(envelope.frame);
+        for r in &envelope.recipients {
+            let n = self.sessions.deliver(
+                &r.user_id,
+                &frame,
+                envelope.kind,
+                r.except_connection.as_deref(),
+                &self.metrics,
+            );
+            if envelope.kind == FrameKind::Chat {
+                self.metrics
+                    .messages_delivered_local
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::debug!(from = %envelope.from_node, user = %r.user_id, devices = n, "delivered frame from the bus");
+        }
+    }
+
+    async fn offline_push(&self, m: &crate::store::NewMessage) {
+        let event = OfflinePush {
+            user_id: m.receiver_id.clone(),
+            sender_id: m.sender_id.clone(),
+            chat_id: m.chat_id.clone(),
+            message_id: m.message_id.clone(),
+            timestamp: m.timestamp,
+        };
+        match self.backends.bus.offline_push(event).await {
+            Ok(()) => Metrics::inc(&self.metrics.offline_pushes),
+            Err(e) => {
+                Metrics::inc(&self.metrics.bus_failures);
+                tracing::error!(user = %m.receiver_id, "offline push failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The connections held by this node, by user, and the handle through which anything (the
+//! node's own replies, other senders, the bus consumer) writes to one connection.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use tokio::sync::{mpsc, watch};
+
+use super::metrics::Metrics;
+use crate::bus::FrameKind;
+
+/// Close code for a reader whose outgoing queue is full (RFC 6455 1013, try again later).
+pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+
+/// Why and how a session is being closed; the first reason given wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// Everything other tasks need to reach one connection. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub user_id: Arc<str>,
+    pub connection_id: Arc<str>,
+    /// Bounded queue of serialized frames to the socket writer.
+    outbox: mpsc::Sender<Utf8Bytes>,
+    /// Set once to ask the session to close; both its reader and writer watch it.
+    close: Arc<watch::Sender<Option<CloseReason>>>,
+}
+
+/// What the session task keeps: the other ends of the handle's channels.
+pub struct SessionEnds {
+    pub outbox: mpsc::Receiver<Utf8Bytes>,
+    pub close: watch::Receiver<Option<CloseReason>>,
+}
+
+impl SessionHandle {
+    pub fn new(user_id: &str, connection_id: &str, queue_len: usize) -> (Self, SessionEnds) {
+        let (tx, rx) = mpsc::channel(queue_len);
+        let (close_tx, close_rx) = watch::channel(None);
+        let handle = Self {
+            user_id: user_id.into(),
+            connection_id: connection_id.into(),
+            outbox: tx,
+            close: Arc::new(close_tx),
+        };
+        (handle, SessionEnds { outbox: rx, close: close_rx })
+    }
+
+    /// Queues a frame without waiting. A full queue means the device cannot keep up: typing is
+    /// dropped (counted); anything else closes the connection so the client reconnects, rather
+    /// than losing it silently or slowing the sender. Returns whether the frame was queued.
+    pub fn push(&self, frame: Utf8Bytes, kind: FrameKind, metrics: &Metrics) -> bool {
+        match self.outbox.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if kind == FrameKind::Typing {
+                    metrics.typing_dropped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    metrics.slow_consumers_closed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        user = %self.user_id,
+                        connection = %self.connection_id,
+                        "closing slow consumer: outgoing queue full"
+                    );
+                    self.request_close(
+                        CLOSE_SLOW_CONSUMER,
+                        "slow consumer: outgoing queue full; reconnect",
+                    );
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the session to close with this code; later requests do not override the first.
+    pub fn request_close(&self, code: u16, reason: &str) {
+        self.close.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(CloseReason { code, reason: reason.to_string() });
+            true
+        });
+    }
+}
+
+/// Local sessions by user. Sharded, so delivery to different users does not contend.
+#[derive(Default)]
+pub struct Registry {
+    by_user: DashMap<Arc<str>, Vec<SessionHandle>>,
+    sessions: AtomicUsize,
+}
+
+impl Registry {
+    pub fn add(&self, handle: SessionHandle) {
+        self.by_user.entry(handle.user_id.clone()).or_default().push(handle);
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn remove(&self, handle: &SessionHandle) {
+        let mut removed = false;
+        self.by_user.remove_if_mut(&handle.user_id, |_, handles| {
+            let before = handles.len();
+            handles.retain(|h| h.connection_id != handle.connection_id);
+            removed = handles.len() < before;
+            handles.is_empty()
+        });
+        if removed {
+            self.sessions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues `frame` to every local device of `user_id` but `except`; returns how many got it.
+    pub fn deliver(
+        &self,
+        user_id: &str,
+        frame: &Utf8Bytes,
+        kind: FrameKind,
+        except: Option<&str>,
+        metrics: &Metrics,
+    ) -> usize {
+        let Some(handles) = self.by_user.get(user_id) else { return 0 };
+        handles
+            .iter()
+            .filter(|h| except != Some(&*h.connection_id))
+            .filter(|h| h.push(frame.clone(), kind, metrics))
+            .count()
+    }
+
+    pub fn devices_of(&self, user_id: &str) -> usize {
+        self.by_user.get(user_id).map(|h| h.len()).unwrap_or(0)
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    pub fn user_count(&self) -> usize {
+        self.by_user.len()
+    }
+
+    /// Asks every session to close (graceful shutdown).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for entry in self.by_user.iter() {
+            for h in entry.value() {
+                h.request_close(code, reason);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_queue_drops_typing_and_closes_for_chat() {
+        let metrics = Metrics::default();
+        let registry = Registry::default();
+        let (h, mut ends) = SessionHandle::new("u", "c1", 1);
+        registry.add(h.clone());
+        let frame = Utf8Bytes::from_static("{}");
+        assert_eq!(registry.deliver("u", &frame, FrameKind::Chat, None, &metrics), 1);
+        assert_eq!(registry.deliver("u", &frame, FrameKind::Typing, None, &metrics), 0);
+        assert_eq!(metrics.typing_dropped.load(Ordering::Relaxed), 1);
+        assert!(ends.close.borrow().is_none());
+        assert_eq!(registry.deliver("u", &frame, FrameKind::Chat, None, &metrics), 0);
+        assert_eq!(ends.close.borrow().as_ref().map(|r| r.code), Some(CLOSE_SLOW_CONSUMER));
+        assert!(ends.outbox.try_recv().is_ok());
+    }
+
+    #[test]
+    fn except_skips_the_sending_device() {
+        let metrics = Metrics::default();
+        let registry = Registry::default();
+        let (h1, _e1) = SessionHandle::new("u", "c1", 4);
+        let (h2, _e2) = SessionHandle::new("u", "c2", 4);
+        registry.add(h1.clone());
+        registry.add(h2);
+        let frame = Utf8Bytes::from_static("{}");
+        assert_eq!(registry.deliver("u", &frame, FrameKind::Chat, Some("c1"), &metrics), 1);
+        assert_eq!((registry.session_count(), registry.user_count()), (2, 1));
+        registry.remove(&h1);
+        registry.remove(&h1);
+        assert_eq!(registry.session_count(), 1);
+    }
+}

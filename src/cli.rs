@@ -1,0 +1,57 @@
+//! The command line: clap types stop here; each subcommand turns its arguments into a
+//! validated config or request and runs.
+
+use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
+
+use crate::commands;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chatd",
+    version,
+    about = "Realtime chat: a WebSocket chat node and the operator's tool in one binary",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)
+    Serve(commands::serve::ServeArgs),
+    /// Chat from the terminal: interactive for a person, JSON lines for scripts
+    Connect(commands::connect::ConnectArgs),
+    /// Send one message (or --count N), wait for the server's ack, exit non-zero on error
+    Send(commands::send::SendArgs),
+    /// Print shell completions
+    Completions(commands::completions::CompletionsArgs),
+}
+
+impl Command {
+    /// Client commands log less by default than the node.
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => commands::serve::run(args).await,
+        Command::Connect(args) => commands::connect::run(args).await,
+        Command::Send(args) => commands::send::run(args).await,
+        Command::Completions(args) => commands::completions::run(args),
+    }
+}
+
+/// The completion script for `shell`, as committed under `completions/`.
+pub fn completions(shell: Shell) -> String {
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "chatd", &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,255 @@
+//! The WebSocket client shared by `connect`, `send`, and the tests: connect as a user, send
+//! frames, read frames (JSON values) or the close that ended the connection.
+
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{url} refused the connection: HTTP {status}: {body}")]
+    Refused { url: String, status: u16, body: String },
+    #[error("cannot connect to {url}: {source} (is `chatd serve` running there?)")]
+    Connect { url: String, source: tungstenite::Error },
+    #[error("connection error: {0}")]
+    Socket(#[from] tungstenite::Error),
+    #[error("the server closed the connection ({code}: {reason})")]
+    Closed { code: u16, reason: String },
+    #[error("the connection ended")]
+    Ended,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the server sent a frame that is not JSON: {0}")]
+    NotJson(String),
+    #[error("the first frame was not CONNECTED: {0}")]
+    NoWelcome(Value),
+}
+
+/// What arrived: a frame, or the close frame that ended the connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    Frame(Value),
+    Closed { code: u16, reason: String },
+}
+
+/// The endpoint URL for `user_id` on a node given as `ws://host:port` (or already with a path).
+pub fn chat_url(base: &str, user_id: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let path = if base.contains("/ws/chat") { base.to_string() } else { format!("{base}/ws/chat") };
+    let sep = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{sep}userId={}", encode_query_value(user_id))
+}
+
+fn encode_query_value(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'@' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A connected client. Its halves are public so a caller can read and write at once
+/// (`tokio::select!` over `reader.next()` while writing with `writer`).
+pub struct Client {
+    pub writer: ClientWriter,
+    pub reader: ClientReader,
+    /// The `CONNECTED` frame: user, node, connection id, heartbeat interval.
+    pub welcome: Value,
+}
+
+pub struct ClientWriter {
+    sink: SplitSink<Socket, Message>,
+}
+
+pub struct ClientReader {
+    stream: SplitStream<Socket>,
+}
+
+impl Client {
+    /// Connects to a node (`ws://host:port`) as `user_id` and waits for `CONNECTED`.
+    pub async fn connect(base: &str, user_id: &str, wait: Duration) -> Result<Client, ClientError> {
+        Self::connect_url(&chat_url(base, user_id), wait).await
+    }
+
+    /// Connects to a full endpoint URL and waits for `CONNECTED`.
+    pub async fn connect_url(url: &str, wait: Duration) -> Result<Client, ClientError> {
+        let socket = match tokio::time::timeout(wait, tokio_tungstenite::connect_async(url)).await {
+            Err(_) => return Err(ClientError::Timeout(wait)),
+            Ok(Ok((socket, _))) => socket,
+            Ok(Err(tungstenite::Error::Http(response))) => {
+                let status = response.status().as_u16();
+                let body = response
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                return Err(ClientError::Refused { url: url.to_string(), status, body });
+            }
+            Ok(Err(source)) => return Err(ClientError::Connect { url: url.to_string(), source }),
+        };
+        let (sink, stream) = socket.split();
+        let mut client = Client {
+            writer: ClientWriter { sink },
+            reader: ClientReader { stream },
+            welcome: Value::Null,
+        };
+        match client.reader.next(wait).await? {
+            Incoming::Frame(f) if f["type"] == "CONNECTED" => client.welcome = f,
+            Incoming::Frame(f) => return Err(ClientError::NoWelcome(f)),
+            Incoming::Closed { code, reason } => return Err(ClientError::Closed { code, reason }),
+        }
+        Ok(client)
+    }
+
+    pub fn connection_id(&self) -> &str {
+        self.welcome["connectionId"].as_str().unwrap_or("")
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.welcome["heartbeatIntervalMs"].as_u64().unwrap_or(30_000))
+    }
+
+    pub async fn send_json(&mut self, frame: &Value) -> Result<(), ClientError> {
+        self.writer.send_json(frame).await
+    }
+
+    pub async fn send_text(&mut self, text: &str) -> Result<(), ClientError> {
+        self.writer.send_text(text).await
+    }
+
+    pub async fn send_raw(&mut self, message: Message) -> Result<(), ClientError> {
+        self.writer.send_raw(message).await
+    }
+
+    pub async fn next(&mut self, wait: Duration) -> Result<Incoming, ClientError> {
+        self.reader.next(wait).await
+    }
+
+    pub async fn next_frame(&mut self, wait: Duration) -> Result<Value, ClientError> {
+        self.reader.next_frame(wait).await
+    }
+
+    pub async fn wait_for(
+        &mut self,
+        frame_type: &str,
+        wait: Duration,
+        skipped: impl FnMut(Value),
+    ) -> Result<Value, ClientError> {
+        self.reader.wait_for(frame_type, wait, skipped).await
+    }
+
+    /// Closes politely (1000) and waits briefly for the server's answer.
+    pub async fn close(mut self) {
+        if self.writer.close().await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(Ok(_)) = self.reader.stream.next().await {}
+            })
+            .await;
+        }
+    }
+}
+
+impl ClientWriter {
+    pub async fn send_json(&mut self, frame: &Value) -> Result<(), ClientError> {
+        self.send_text(&frame.to_string()).await
+    }
+
+    pub async fn send_text(&mut self, text: &str) -> Result<(), ClientError> {
+        Ok(self.sink.send(Message::text(text)).await?)
+    }
+
+    /// Sends any WebSocket message (tests use this for binary and oversized frames).
+    pub async fn send_raw(&mut self, message: Message) -> Result<(), ClientError> {
+        Ok(self.sink.send(message).await?)
+    }
+
+    /// Sends a close frame (1000).
+    pub async fn close(&mut self) -> Result<(), ClientError> {
+        let frame = CloseFrame { code: 1000.into(), reason: "bye".into() };
+        Ok(self.sink.send(Message::Close(Some(frame))).await?)
+    }
+}
+
+impl ClientReader {
+    /// The next frame or close, skipping pings and pongs.
+    pub async fn next(&mut self, wait: Duration) -> Result<Incoming, ClientError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return Err(ClientError::Timeout(wait)),
+                Ok(None) => return Err(ClientError::Ended),
+                Ok(Some(msg)) => msg?,
+            };
+            match msg {
+                Message::Text(t) => {
+                    return serde_json::from_str(t.as_str())
+                        .map(Incoming::Frame)
+                        .map_err(|_| ClientError::NotJson(t.to_string()))
+                }
+                Message::Close(frame) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Ok(Incoming::Closed { code, reason });
+                }
+                Message::Binary(b) => {
+                    return Err(ClientError::NotJson(String::from_utf8_lossy(&b).into_owned()))
+                }
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            }
+        }
+    }
+
+    /// The next frame; a close is an error.
+    pub async fn next_frame(&mut self, wait: Duration) -> Result<Value, ClientError> {
+        match self.next(wait).await? {
+            Incoming::Frame(f) => Ok(f),
+            Incoming::Closed { code, reason } => Err(ClientError::Closed { code, reason }),
+        }
+    }
+
+    /// Reads until a frame of `frame_type` arrives, passing the ones before it to `skipped`.
+    pub async fn wait_for(
+        &mut self,
+        frame_type: &str,
+        wait: Duration,
+        mut skipped: impl FnMut(Value),
+    ) -> Result<Value, ClientError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let f = self.next_frame(left).await.map_err(|e| match e {
+                ClientError::Timeout(_) => ClientError::Timeout(wait),
+                e => e,
+            })?;
+            if f["type"] == frame_type {
+                return Ok(f);
+            }
+            skipped(f);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(chat_url("ws://h:1", "bob"), "ws://h:1/ws/chat?userId=bob");
+        assert_eq!(chat_url("ws://h:1/", "a@b:c"), "ws://h:1/ws/chat?userId=a@b:c");
+        assert_eq!(chat_url("ws://h:1/ws/chat", "a b"), "ws://h:1/ws/chat?userId=a%20b");
+        assert_eq!(chat_url("ws://h:1/ws/chat?x=1", "u"), "ws://h:1/ws/chat?x=1&userId=u");
+    }
+}

@@ -1,0 +1,134 @@
+//! `chatd send`: sends one message (or `--count N`, pipelined), waits for every
+//! `MESSAGE_ACK`, prints the message ids and routes; any `ERROR` or timeout exits non-zero.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::{default_chat_id, DEFAULT_URL};
+use crate::chat::ids::now_ms;
+use crate::client::Client;
+
+/// Messages sent ahead of their acks.
+const WINDOW: usize = 64;
+
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// Sender user id
+    #[arg(long)]
+    pub from: String,
+    /// Receiver user id
+    #[arg(long)]
+    pub to: String,
+    /// Chat id (default: the two user ids, sorted, joined by _)
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// How many messages to send (each gets " #i" appended when more than one)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: u32,
+    /// The node to connect to
+    #[arg(long, default_value = DEFAULT_URL)]
+    pub url: String,
+    /// Seconds to wait for the connection and for each ack
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub timeout: f64,
+    /// One JSON line per ack instead of text
+    #[arg(long)]
+    pub json: bool,
+    /// The message text
+    pub text: String,
+}
+
+pub async fn run(args: SendArgs) -> anyhow::Result<()> {
+    if args.text.trim().is_empty() {
+        bail!("the message text is empty: give the text to send as the last argument");
+    }
+    let wait = Duration::from_secs_f64(args.timeout.max(0.1));
+    let mut client = Client::connect(&args.url, &args.from, wait).await.context("connect failed")?;
+    let chat = args.chat.clone().unwrap_or_else(|| default_chat_id(&args.from, &args.to));
+    let run_id = now_ms();
+    let count = args.count as usize;
+    let bar = progress(count);
+
+    let mut pending: HashMap<String, (usize, Instant)> = HashMap::new();
+    let mut sent = 0usize;
+    let mut routes: HashMap<String, usize> = HashMap::new();
+    let mut latencies = Vec::with_capacity(count);
+    while sent < count || !pending.is_empty() {
+        while sent < count && pending.len() < WINDOW {
+            sent += 1;
+            let temp = format!("send-{run_id}-{sent}");
+            let content =
+                if count > 1 { format!("{} #{sent}", args.text) } else { args.text.clone() };
+            client
+                .send_json(&json!({
+                    "type": "CHAT_MESSAGE",
+                    "receiverId": args.to,
+                    "chatId": chat,
+                    "content": content,
+                    "timestamp": now_ms(),
+                    "tempMessageId": temp,
+                }))
+                .await?;
+            pending.insert(temp, (sent, Instant::now()));
+        }
+        let frame = client.next_frame(wait).await.context("waiting for MESSAGE_ACK")?;
+        let temp = frame["tempMessageId"].as_str().unwrap_or_default();
+        match frame["type"].as_str() {
+            Some("MESSAGE_ACK") => {
+                let Some((n, at)) = pending.remove(temp) else { continue };
+                let route = frame["route"].as_str().unwrap_or("?").to_string();
+                latencies.push(at.elapsed());
+                if args.json {
+                    println!("{}", json!({"n": n, "messageId": frame["messageId"], "tempMessageId": temp,
+                        "route": route, "timestamp": frame["timestamp"]}));
+                } else if count <= 20 {
+                    bar.suspend(|| println!("{} route={route}", frame["messageId"].as_str().unwrap_or("?")));
+                }
+                *routes.entry(route).or_default() += 1;
+                bar.inc(1);
+            }
+            Some("ERROR") => {
+                bar.abandon();
+                let which = pending.get(temp).map(|(n, _)| format!("message #{n}")).unwrap_or("a message".into());
+                bail!(
+                    "{which} was refused: {}: {}",
+                    frame["code"].as_str().unwrap_or("?"),
+                    frame["message"].as_str().unwrap_or("")
+                );
+            }
+            _ => {}
+        }
+    }
+    bar.finish_and_clear();
+    if count > 20 && !args.json {
+        latencies.sort();
+        let p = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
+        let mut routes: Vec<_> = routes.into_iter().collect();
+        routes.sort();
+        println!(
+            "{count} messages acknowledged; routes {routes:?}; ack latency p50 {:?}, p99 {:?}",
+            p(0.5),
+            p(0.99)
+        );
+    }
+    client.close().await;
+    Ok(())
+}
+
+/// A progress bar for many messages on a terminal; hidden otherwise (scripts, CI).
+fn progress(count: usize) -> ProgressBar {
+    if count <= 20 || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(count as u64);
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} acked {per_sec}") {
+        bar.set_style(style);
+    }
+    bar
+}

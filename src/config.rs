@@ -1,0 +1,505 @@
+//! Layered configuration: built-in defaults < `config/default.toml` < `config/<profile>.toml`
+//! < `--config FILE` < `CHATD_<SECTION>__<KEY>` environment < command-line flags.
+//!
+//! Every layer is checked on its own before the layers are merged, so an unknown key or a
+//! value of the wrong type is reported against the file or variable that holds it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The validated configuration of one node (and of the client commands that read it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub presence: PresenceConfig,
+    pub store: StoreConfig,
+    pub moderation: ModerationConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind. Loopback by default: with `auth` not yet available, anyone who can
+    /// reach the port can claim any user id.
+    pub host: String,
+    /// Port for WebSocket and REST; 0 picks a free one (tests).
+    pub port: u16,
+    /// Unique name of this node in a cluster; part of every message id. Empty: derived from
+    /// the host name and port.
+    pub node_id: String,
+    /// Told to clients in `CONNECTED`; how often they should send `HEARTBEAT`.
+    pub heartbeat_interval_ms: u64,
+    /// A connection that sends nothing for this long is closed and its presence removed.
+    pub idle_timeout_ms: u64,
+    /// Largest WebSocket message (and frame) accepted; larger ones close the connection with
+    /// 1009 before they are buffered.
+    pub max_frame_bytes: usize,
+    /// Largest `content` of a chat message, in characters.
+    pub max_content_chars: usize,
+    /// Frames waiting to be written to one connection; a reader that falls this far behind is
+    /// closed (1013) so that it reconnects, rather than growing memory without bound.
+    pub send_queue_len: usize,
+    /// On SIGINT/SIGTERM, how long to wait for sessions to close before exiting anyway.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 9430,
+            node_id: String::new(),
+            heartbeat_interval_ms: 30_000,
+            idle_timeout_ms: 90_000,
+            max_frame_bytes: 64 * 1024,
+            max_content_chars: 4096,
+            send_queue_len: 256,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceBackend {
+    /// In this process only: the embedded single node.
+    Memory,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    pub backend: PresenceBackend,
+    /// A device whose last heartbeat is older than this reads as offline (the seed's 5 min).
+    pub ttl_secs: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { backend: PresenceBackend::Memory, ttl_secs: 300 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Empty: the in-process store. `grpc://host:port` arrives with the MessageService.
+    pub url: String,
+    /// The in-process store keeps at most this many messages, dropping the oldest.
+    pub memory_max_messages: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { url: String::new(), memory_max_messages: 100_000 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModerationAction {
+    /// Replace each listed word with `*`, one per character, and deliver.
+    #[default]
+    Mask,
+    /// Refuse the message with `ERROR` `CONTENT_REJECTED`.
+    Reject,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModerationConfig {
+    pub action: ModerationAction,
+    /// Words inline; matched case-insensitively anywhere in the content.
+    pub words: Vec<String>,
+    /// A file with one word per line (`#` starts a comment); relative to the working directory.
+    pub words_file: String,
+}
+
+/// Values given on the command line; they win over every other layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub port: Option<u16>,
+    pub node_id: Option<String>,
+}
+
+/// Where the layers come from.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// Holds `default.toml` and `<profile>.toml`; a missing `default.toml` is fine.
+    pub config_dir: PathBuf,
+    pub profile: Option<String>,
+    pub file: Option<PathBuf>,
+    /// The process environment, passed in so tests do not depend on (or touch) the real one.
+    pub env: Vec<(String, String)>,
+    pub overrides: Overrides,
+}
+
+impl Sources {
+    /// Sources with only the built-in defaults and the given config directory.
+    pub fn defaults_only(config_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            config_dir: config_dir.into(),
+            profile: None,
+            file: None,
+            env: Vec::new(),
+            overrides: Overrides::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("profile {profile:?} has no file {path} (create it, or pick another --profile)")]
+    MissingProfile { profile: String, path: PathBuf },
+    #[error("{origin}: {detail}")]
+    Invalid { origin: String, detail: String },
+}
+
+const ENV_PREFIX: &str = "CHATD_";
+
+impl Config {
+    /// Loads and validates every layer.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut merged = toml::Table::new();
+
+        let default_path = sources.config_dir.join("default.toml");
+        if default_path.exists() {
+            merge(&mut merged, read_layer(&default_path)?);
+        }
+        if let Some(profile) = &sources.profile {
+            if profile.is_empty()
+                || !profile.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::Invalid {
+                    origin: "--profile".into(),
+                    detail: format!("{profile:?} is not a profile name (letters, digits, - and _)"),
+                });
+            }
+            let path = sources.config_dir.join(format!("{profile}.toml"));
+            if !path.exists() {
+                return Err(ConfigError::MissingProfile { profile: profile.clone(), path });
+            }
+            merge(&mut merged, read_layer(&path)?);
+        }
+        if let Some(path) = &sources.file {
+            merge(&mut merged, read_layer(path)?);
+        }
+        for (name, value) in &sources.env {
+            if let Some(layer) = env_layer(name, value)? {
+                merge(&mut merged, layer);
+            }
+        }
+
+        let mut config = Config::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            ConfigError::Invalid { origin: "merged configuration".into(), detail: e.to_string() }
+        })?;
+        if let Some(port) = sources.overrides.port {
+            config.server.port = port;
+        }
+        if let Some(node_id) = &sources.overrides.node_id {
+            config.server.node_id = node_id.clone();
+        }
+        if config.server.node_id.is_empty() {
+            config.server.node_id = default_node_id(config.server.port);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot say. Errors name the key and what was expected.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        let bad = |key: &str, detail: String| {
+            Err(ConfigError::Invalid { origin: key.to_string(), detail })
+        };
+        if !valid_node_id(&s.node_id) {
+            return bad(
+                "server.node_id",
+                format!("{:?} must be 1-64 of A-Z a-z 0-9 _ . -", s.node_id),
+            );
+        }
+        if s.host.parse::<std::net::IpAddr>().is_err() {
+            return bad("server.host", format!("{:?} is not an IP address", s.host));
+        }
+        if s.heartbeat_interval_ms < 100 {
+            return bad("server.heartbeat_interval_ms", "must be at least 100".into());
+        }
+        if s.idle_timeout_ms <= s.heartbeat_interval_ms {
+            return bad(
+                "server.idle_timeout_ms",
+                format!(
+                    "{} must be greater than server.heartbeat_interval_ms ({})",
+                    s.idle_timeout_ms, s.heartbeat_interval_ms
+                ),
+            );
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&s.max_frame_bytes) {
+            return bad("server.max_frame_bytes", "must be between 1024 and 16777216".into());
+        }
+        if s.max_content_chars == 0 {
+            return bad("server.max_content_chars", "must be at least 1".into());
+        }
+        if s.send_queue_len == 0 {
+            return bad("server.send_queue_len", "must be at least 1".into());
+        }
+        if self.presence.ttl_secs == 0 {
+            return bad("presence.ttl_secs", "must be at least 1".into());
+        }
+        if !self.store.url.is_empty() {
+            return bad(
+                "store.url",
+                format!(
+                    "{:?}: only the in-process store (empty url) is available in this build",
+                    self.store.url
+                ),
+            );
+        }
+        if self.store.memory_max_messages == 0 {
+            return bad("store.memory_max_messages", "must be at least 1".into());
+        }
+        if self.moderation.words.iter().any(|w| w.trim().is_empty()) {
+            return bad("moderation.words", "contains an empty word".into());
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `chatd serve --print-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// The process environment's `CHATD_*` variables, in a stable order.
+pub fn chatd_env() -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> =
+        std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    vars.sort();
+    vars
+}
+
+pub fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+fn default_node_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "chatd".into());
+    let host: String = host
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        .take(50)
+        .collect();
+    format!("{host}-{port}")
+}
+
+fn read_layer(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let invalid = |e: toml::de::Error| ConfigError::Invalid {
+        origin: path.display().to_string(),
+        detail: e.to_string().trim_end().to_string(),
+    };
+    // Parsing into `Config` first gives errors with line, column and the offending key.
+    toml::from_str::<Config>(&text).map_err(invalid)?;
+    toml::from_str::<toml::Table>(&text).map_err(invalid)
+}
+
+/// One `CHATD_<SECTION>__<KEY>` variable as a layer. The value is read as a TOML value
+/// (`9500`, `true`, `["a","b"]`) and, when that does not fit the key, as a plain string.
+fn env_layer(name: &str, value: &str) -> Result<Option<toml::Table>, ConfigError> {
+    let Some(rest) = name.strip_prefix(ENV_PREFIX) else { return Ok(None) };
+    let invalid = |detail: String| ConfigError::Invalid {
+        origin: format!("environment variable {name}"),
+        detail,
+    };
+    let Some((section, key)) = rest.split_once("__") else {
+        return Err(invalid(
+            "expected CHATD_<SECTION>__<KEY> (two underscores), e.g. CHATD_SERVER__PORT".into(),
+        ));
+    };
+    let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+    let layer_with = |v: toml::Value| {
+        let mut inner = toml::Table::new();
+        inner.insert(key.clone(), v);
+        let mut outer = toml::Table::new();
+        outer.insert(section.clone(), toml::Value::Table(inner));
+        outer
+    };
+    let check = |t: &toml::Table| Config::deserialize(toml::Value::Table(t.clone()));
+
+    let as_string = layer_with(toml::Value::String(value.to_string()));
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .map(layer_with);
+    if let Some(parsed) = parsed {
+        match check(&parsed) {
+            Ok(_) => return Ok(Some(parsed)),
+            Err(first) => {
+                return match check(&as_string) {
+                    Ok(_) => Ok(Some(as_string)),
+                    Err(_) => Err(invalid(first.to_string())),
+                }
+            }
+        }
+    }
+    check(&as_string).map_err(|e| invalid(e.to_string()))?;
+    Ok(Some(as_string))
+}
+
+/// Deep-merges `upper` into `base`: tables merge key by key, anything else is replaced.
+fn merge(base: &mut toml::Table, upper: toml::Table) {
+    for (key, value) in upper {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "chatd-config-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn defaults_without_files() {
+        let c = Config::load(&Sources::defaults_only("/nonexistent")).unwrap();
+        assert_eq!(c.server.port, 9430);
+        assert_eq!(c.server.max_frame_bytes, 65536);
+        assert_eq!(c.server.max_content_chars, 4096);
+        assert!(c.server.node_id.ends_with("-9430"), "{}", c.server.node_id);
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = dir_with(&[
+            ("default.toml", "[server]\nport = 1000\nnode_id = \"d\"\nsend_queue_len = 7\n"),
+            ("node1.toml", "[server]\nport = 2000\nnode_id = \"p\"\n"),
+            ("extra.toml", "[server]\nport = 3000\n"),
+        ]);
+        let mut s = Sources::defaults_only(&dir);
+        s.profile = Some("node1".into());
+        let c = Config::load(&s).unwrap();
+        assert_eq!((c.server.port, c.server.node_id.as_str(), c.server.send_queue_len), (2000, "p", 7));
+
+        s.file = Some(dir.join("extra.toml"));
+        assert_eq!(Config::load(&s).unwrap().server.port, 3000);
+
+        s.env = vec![("CHATD_SERVER__PORT".into(), "4000".into())];
+        assert_eq!(Config::load(&s).unwrap().server.port, 4000);
+
+        s.overrides.port = Some(5000);
+        s.overrides.node_id = Some("flag".into());
+        let c = Config::load(&s).unwrap();
+        assert_eq!((c.server.port, c.server.node_id.as_str()), (5000, "flag"));
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let dir = dir_with(&[("default.toml", "[server]\nprot = 1\n")]);
+        let err = Config::load(&Sources::defaults_only(&dir)).unwrap_err().to_string();
+        assert!(err.contains("default.toml"), "{err}");
+        assert!(err.contains("prot"), "{err}");
+        assert!(err.contains("port"), "should list what is expected: {err}");
+    }
+
+    #[test]
+    fn bad_type_names_file() {
+        let dir = dir_with(&[("default.toml", "[server]\nport = \"high\"\n")]);
+        let err = Config::load(&Sources::defaults_only(&dir)).unwrap_err().to_string();
+        assert!(err.contains("default.toml") && err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn env_strings_numbers_lists_and_errors() {
+        let mut s = Sources::defaults_only("/nonexistent");
+        s.env = vec![
+            ("CHATD_SERVER__NODE_ID".into(), "123".into()),
+            ("CHATD_MODERATION__WORDS".into(), "[\"foo\", \"bar\"]".into()),
+            ("CHATD_MODERATION__ACTION".into(), "reject".into()),
+        ];
+        let c = Config::load(&s).unwrap();
+        assert_eq!(c.server.node_id, "123");
+        assert_eq!(c.moderation.words, vec!["foo", "bar"]);
+        assert_eq!(c.moderation.action, ModerationAction::Reject);
+
+        for (name, value, needle) in [
+            ("CHATD_SERVER__PORT", "lots", "CHATD_SERVER__PORT"),
+            ("CHATD_SERVER__PROT", "1", "CHATD_SERVER__PROT"),
+            ("CHATD_SERVER_PORT", "1", "two underscores"),
+            ("CHATD_SERVER__PORT", "70000", "CHATD_SERVER__PORT"),
+        ] {
+            s.env = vec![(name.into(), value.into())];
+            let err = Config::load(&s).unwrap_err().to_string();
+            assert!(err.contains(needle), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let mut s = Sources::defaults_only("/nonexistent");
+        for (name, value, key) in [
+            ("CHATD_SERVER__IDLE_TIMEOUT_MS", "10", "server.idle_timeout_ms"),
+            ("CHATD_SERVER__MAX_FRAME_BYTES", "10", "server.max_frame_bytes"),
+            ("CHATD_SERVER__NODE_ID", "a b", "server.node_id"),
+            ("CHATD_SERVER__HOST", "example.com", "server.host"),
+            ("CHATD_STORE__URL", "grpc://127.0.0.1:20882", "store.url"),
+        ] {
+            s.env = vec![(name.into(), value.into())];
+            let err = Config::load(&s).unwrap_err().to_string();
+            assert!(err.contains(key), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_or_bad_profile() {
+        let mut s = Sources::defaults_only("/nonexistent");
+        s.profile = Some("node9".into());
+        assert!(Config::load(&s).unwrap_err().to_string().contains("node9.toml"));
+        s.profile = Some("../etc/passwd".into());
+        assert!(Config::load(&s).unwrap_err().to_string().contains("--profile"));
+    }
+
+    #[test]
+    fn shipped_config_files_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for profile in [None, Some("node1"), Some("node2")] {
+            let mut s = Sources::defaults_only(&dir);
+            s.profile = profile.map(String::from);
+            let c = Config::load(&s).unwrap_or_else(|e| panic!("{profile:?}: {e}"));
+            let want = match profile {
+                Some("node2") => 9431,
+                _ => 9430,
+            };
+            assert_eq!(c.server.port, want);
+        }
+        // The documented defaults file must say exactly what the built-in defaults say.
+        let shipped: Config =
+            toml::from_str(&std::fs::read_to_string(dir.join("default.toml")).unwrap()).unwrap();
+        assert_eq!(shipped, Config::default());
+    }
+}

@@ -1,0 +1,23 @@
+//! chatd: a realtime chat service. One binary is both the chat node and the operator's tool.
+//!
+//! Module map:
+//! - [`cli`]: clap definitions and dispatch; [`commands`]: one module per subcommand
+//! - [`config`]: layered configuration and its validation
+//! - [`protocol`]: WebSocket frames: parse, validate, serialize; stable error codes
+//! - [`server`]: the axum app: WebSocket sessions, REST, test page, graceful shutdown
+//! - [`chat`]: the message path: ids, moderation, routing, local sessions, counters
+//! - [`presence`]: who is online where (trait + memory)
+//! - [`bus`]: frames between nodes and offline-push events (trait + in-process)
+//! - [`store`]: the message store (trait + memory)
+//! - [`client`]: the WebSocket client used by `connect`, `send` and the tests
+
+pub mod bus;
+pub mod chat;
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod presence;
+pub mod protocol;
+pub mod server;
+pub mod store;

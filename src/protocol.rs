@@ -1,0 +1,554 @@
+//! The WebSocket protocol: client frames parsed and validated into [`ClientFrame`], server
+//! frames as [`ServerFrame`], and the stable error codes clients can rely on.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest `chatId`, `messageId` or `tempMessageId`, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+/// Longest user id; ids are `[A-Za-z0-9_.:@-]{1,64}`.
+pub const MAX_USER_ID_CHARS: usize = 64;
+
+/// Stable codes of `ERROR` frames. Clients match on these, so they never change meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    /// The frame is not JSON.
+    InvalidJson,
+    /// JSON, but not an object, or not a frame this server can read.
+    InvalidFrame,
+    /// `type` names no frame this server knows.
+    UnknownType,
+    /// A required field is absent.
+    MissingField,
+    /// A field has the wrong type, or a value outside its format or length.
+    InvalidField,
+    /// `content` is empty or only whitespace.
+    EmptyContent,
+    /// `content` is longer than `server.max_content_chars`.
+    ContentTooLong,
+    /// The frame claims to come from another user.
+    Forbidden,
+    /// Content moderation refused the message.
+    ContentRejected,
+    /// The message store did not accept the message; it was not sent. Retry with the same
+    /// `tempMessageId`.
+    StoreUnavailable,
+    /// A read receipt names a message the store does not know.
+    UnknownMessage,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "INVALID_JSON",
+            ErrorCode::InvalidFrame => "INVALID_FRAME",
+            ErrorCode::UnknownType => "UNKNOWN_TYPE",
+            ErrorCode::MissingField => "MISSING_FIELD",
+            ErrorCode::InvalidField => "INVALID_FIELD",
+            ErrorCode::EmptyContent => "EMPTY_CONTENT",
+            ErrorCode::ContentTooLong => "CONTENT_TOO_LONG",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::ContentRejected => "CONTENT_REJECTED",
+            ErrorCode::StoreUnavailable => "STORE_UNAVAILABLE",
+            ErrorCode::UnknownMessage => "UNKNOWN_MESSAGE",
+        }
+    }
+}
+
+/// A frame the client got wrong, answered with `ERROR`; the connection stays open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Echoed so the client knows which of its sends failed.
+    pub temp_message_id: Option<String>,
+}
+
+impl FrameError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), temp_message_id: None }
+    }
+}
+
+/// A validated client frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    Chat(ChatSend),
+    Heartbeat,
+    ReadReceipt {
+        chat_id: String,
+        message_id: String,
+        /// The original sender, as the client believes; the store's record wins.
+        receiver_id: Option<String>,
+    },
+    Typing {
+        receiver_id: String,
+        chat_id: String,
+        typing: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatSend {
+    pub receiver_id: String,
+    pub chat_id: String,
+    pub content: String,
+    pub temp_message_id: Option<String>,
+}
+
+/// What parsing needs to know about the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ParseContext<'a> {
+    /// The connection's user: the only sender it may claim.
+    pub user_id: &'a str,
+    pub max_content_chars: usize,
+}
+
+/// The frame as it arrives; every field optional so that absence gets a precise error.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    receiver_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    sender_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    chat_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    temp_message_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    message_id: Option<Cow<'a, str>>,
+}
+
+const STRING_FIELDS: [&str; 7] =
+    ["type", "receiverId", "senderId", "chatId", "content", "tempMessageId", "messageId"];
+
+pub fn is_valid_user_id(id: &str) -> bool {
+    (1..=MAX_USER_ID_CHARS).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'))
+}
+
+/// Parses and validates one text frame from the connection's user.
+pub fn parse_client_frame(text: &str, ctx: ParseContext<'_>) -> Result<ClientFrame, FrameError> {
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| diagnose(text, e))?;
+    let temp_message_id = wire.temp_message_id.as_deref().map(str::to_owned);
+    let with_temp = |mut e: FrameError| {
+        e.temp_message_id = temp_message_id.clone();
+        e
+    };
+
+    let kind = wire
+        .kind
+        .as_deref()
+        .ok_or_else(|| FrameError::new(ErrorCode::MissingField, "missing field `type`"))?;
+    if let Some(sender) = wire.sender_id.as_deref() {
+        if sender != ctx.user_id {
+            return Err(with_temp(FrameError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "senderId {sender:?} is not this connection's user {:?}; omit senderId",
+                    ctx.user_id
+                ),
+            )));
+        }
+    }
+    match kind {
+        "CHAT_MESSAGE" => {
+            let receiver_id = user_field(&wire.receiver_id, "receiverId").map_err(with_temp)?;
+            let chat_id = id_field(&wire.chat_id, "chatId").map_err(with_temp)?;
+            if let Some(t) = &temp_message_id {
+                check_id(t, "tempMessageId").map_err(with_temp)?;
+            }
+            let content = wire.content.as_deref().ok_or_else(|| {
+                with_temp(FrameError::new(ErrorCode::MissingField, "missing field `content`"))
+            })?;
+            if content.trim().is_empty() {
+                return Err(with_temp(FrameError::new(
+                    ErrorCode::EmptyContent,
+                    "content is empty; send at least one visible character",
+                )));
+            }
+            let chars = content.chars().count();
+            if chars > ctx.max_content_chars {
+                return Err(with_temp(FrameError::new(
+                    ErrorCode::ContentTooLong,
+                    format!(
+                        "content has {chars} characters; the limit is {}",
+                        ctx.max_content_chars
+                    ),
+                )));
+            }
+            Ok(ClientFrame::Chat(ChatSend {
+                receiver_id,
+                chat_id,
+                content: content.to_owned(),
+                temp_message_id,
+            }))
+        }
+        "HEARTBEAT" => Ok(ClientFrame::Heartbeat),
+        "READ_RECEIPT" => {
+            let chat_id = id_field(&wire.chat_id, "chatId")?;
+            let message_id = id_field(&wire.message_id, "messageId")?;
+            let receiver_id = match &wire.receiver_id {
+                Some(_) => Some(user_field(&wire.receiver_id, "receiverId")?),
+                None => None,
+            };
+            Ok(ClientFrame::ReadReceipt { chat_id, message_id, receiver_id })
+        }
+        "TYPING" => {
+            let receiver_id = user_field(&wire.receiver_id, "receiverId")?;
+            let chat_id = id_field(&wire.chat_id, "chatId")?;
+            let typing = match wire.content.as_deref() {
+                Some("typing") => true,
+                Some("stop_typing") => false,
+                Some(other) => {
+                    return Err(FrameError::new(
+                        ErrorCode::InvalidField,
+                        format!("TYPING content {other:?} must be \"typing\" or \"stop_typing\""),
+                    ))
+                }
+                None => {
+                    return Err(FrameError::new(
+                        ErrorCode::MissingField,
+                        "missing field `content` (\"typing\" or \"stop_typing\")",
+                    ))
+                }
+            };
+            Ok(ClientFrame::Typing { receiver_id, chat_id, typing })
+        }
+        other => Err(with_temp(FrameError::new(
+            ErrorCode::UnknownType,
+            format!(
+                "unknown type {:?}; expected CHAT_MESSAGE, HEARTBEAT, READ_RECEIPT or TYPING",
+                truncate(other, 64)
+            ),
+        ))),
+    }
+}
+
+/// Explains why a frame did not fit [`Wire`]: not JSON, not an object, or a field of the wrong
+/// type. Only runs for bad frames, so good frames are parsed once.
+fn diagnose(text: &str, err: serde_json::Error) -> FrameError {
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return FrameError::new(ErrorCode::InvalidJson, format!("frame is not valid JSON: {e}"))
+        }
+    };
+    let Some(object) = value.as_object() else {
+        return FrameError::new(
+            ErrorCode::InvalidFrame,
+            "a frame must be a JSON object with a \"type\" field",
+        );
+    };
+    for field in STRING_FIELDS {
+        if let Some(v) = object.get(field) {
+            if !v.is_string() && !v.is_null() {
+                return FrameError::new(
+                    ErrorCode::InvalidField,
+                    format!("field `{field}` must be a string"),
+                );
+            }
+        }
+    }
+    FrameError::new(ErrorCode::InvalidFrame, format!("cannot read frame: {err}"))
+}
+
+fn required<'a>(value: &'a Option<Cow<'_, str>>, name: &str) -> Result<&'a str, FrameError> {
+    value
+        .as_deref()
+        .ok_or_else(|| FrameError::new(ErrorCode::MissingField, format!("missing field `{name}`")))
+}
+
+fn user_field(value: &Option<Cow<'_, str>>, name: &str) -> Result<String, FrameError> {
+    let v = required(value, name)?;
+    if !is_valid_user_id(v) {
+        return Err(FrameError::new(
+            ErrorCode::InvalidField,
+            format!("`{name}` {:?} is not a user id ([A-Za-z0-9_.:@-]{{1,64}})", truncate(v, 80)),
+        ));
+    }
+    Ok(v.to_owned())
+}
+
+fn id_field(value: &Option<Cow<'_, str>>, name: &str) -> Result<String, FrameError> {
+    let v = required(value, name)?;
+    check_id(v, name)?;
+    Ok(v.to_owned())
+}
+
+fn check_id(v: &str, name: &str) -> Result<(), FrameError> {
+    let len = v.chars().count();
+    if len == 0 || len > MAX_ID_CHARS || v.chars().any(char::is_control) {
+        return Err(FrameError::new(
+            ErrorCode::InvalidField,
+            format!("`{name}` must be 1-{MAX_ID_CHARS} characters without control characters"),
+        ));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max_chars: usize) -> Cow<'_, str> {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => Cow::Owned(format!("{}...", &s[..i])),
+        None => Cow::Borrowed(s),
+    }
+}
+
+/// How a message reached its receiver, as told in `MESSAGE_ACK`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Local,
+    Remote,
+    LocalRemote,
+    Offline,
+}
+
+impl Route {
+    pub fn from_parts(local: bool, remote: bool) -> Route {
+        match (local, remote) {
+            (true, true) => Route::LocalRemote,
+            (true, false) => Route::Local,
+            (false, true) => Route::Remote,
+            (false, false) => Route::Offline,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Local => "local",
+            Route::Remote => "remote",
+            Route::LocalRemote => "local+remote",
+            Route::Offline => "offline",
+        }
+    }
+}
+
+impl Serialize for Route {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Frames the server sends. Field names are camelCase as in the seed.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE", rename_all_fields = "camelCase")]
+pub enum ServerFrame<'a> {
+    Connected {
+        user_id: &'a str,
+        node_id: &'a str,
+        connection_id: &'a str,
+        heartbeat_interval_ms: u64,
+    },
+    ChatMessage {
+        message_id: &'a str,
+        sender_id: &'a str,
+        receiver_id: &'a str,
+        chat_id: &'a str,
+        content: &'a str,
+        timestamp: i64,
+    },
+    MessageAck {
+        message_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        temp_message_id: Option<&'a str>,
+        timestamp: i64,
+        route: Route,
+    },
+    HeartbeatAck {
+        content: &'a str,
+    },
+    ReadReceipt {
+        chat_id: &'a str,
+        message_id: &'a str,
+        reader_id: &'a str,
+    },
+    Typing {
+        sender_id: &'a str,
+        chat_id: &'a str,
+        content: &'a str,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        temp_message_id: Option<&'a str>,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// Serializes once; the result is shared by every device that gets the frame.
+    pub fn encode(&self) -> String {
+        // Only strings and integers: serialization cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"type":"ERROR","code":"INVALID_FRAME","message":"encode failed: {e}"}}"#)
+        })
+    }
+}
+
+impl<'a> From<&'a FrameError> for ServerFrame<'a> {
+    fn from(e: &'a FrameError) -> Self {
+        ServerFrame::Error {
+            code: e.code,
+            message: &e.message,
+            temp_message_id: e.temp_message_id.as_deref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CTX: ParseContext<'static> = ParseContext { user_id: "alice", max_content_chars: 10 };
+
+    fn err(text: &str) -> FrameError {
+        parse_client_frame(text, CTX).unwrap_err()
+    }
+
+    #[test]
+    fn parses_every_client_frame() {
+        let chat = parse_client_frame(
+            r#"{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c1","content":"hi","timestamp":1,"tempMessageId":"t1"}"#,
+            CTX,
+        )
+        .unwrap();
+        assert_eq!(
+            chat,
+            ClientFrame::Chat(ChatSend {
+                receiver_id: "bob".into(),
+                chat_id: "c1".into(),
+                content: "hi".into(),
+                temp_message_id: Some("t1".into()),
+            })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"HEARTBEAT","content":"ping"}"#, CTX).unwrap(),
+            ClientFrame::Heartbeat
+        );
+        assert_eq!(
+            parse_client_frame(
+                r#"{"type":"READ_RECEIPT","chatId":"c1","messageId":"m1","receiverId":"bob"}"#,
+                CTX
+            )
+            .unwrap(),
+            ClientFrame::ReadReceipt {
+                chat_id: "c1".into(),
+                message_id: "m1".into(),
+                receiver_id: Some("bob".into())
+            }
+        );
+        assert_eq!(
+            parse_client_frame(
+                r#"{"type":"TYPING","receiverId":"bob","chatId":"c1","content":"stop_typing"}"#,
+                CTX
+            )
+            .unwrap(),
+            ClientFrame::Typing { receiver_id: "bob".into(), chat_id: "c1".into(), typing: false }
+        );
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped() {
+        let f = parse_client_frame(
+            r#"{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c\"1","content":"a\nb"}"#,
+            CTX,
+        )
+        .unwrap();
+        let ClientFrame::Chat(c) = f else { panic!() };
+        assert_eq!((c.chat_id.as_str(), c.content.as_str()), ("c\"1", "a\nb"));
+    }
+
+    #[test]
+    fn bad_frames_get_stable_codes() {
+        let cases = [
+            ("not json", ErrorCode::InvalidJson),
+            ("[1,2]", ErrorCode::InvalidFrame),
+            ("{}", ErrorCode::MissingField),
+            (r#"{"type":"SHOUT"}"#, ErrorCode::UnknownType),
+            (r#"{"type":5}"#, ErrorCode::InvalidField),
+            (r#"{"type":"CHAT_MESSAGE","chatId":"c","content":"x"}"#, ErrorCode::MissingField),
+            (r#"{"type":"CHAT_MESSAGE","receiverId":"bob","content":"x"}"#, ErrorCode::MissingField),
+            (r#"{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c"}"#, ErrorCode::MissingField),
+            (r#"{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c","content":"  "}"#, ErrorCode::EmptyContent),
+            (r#"{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c","content":"12345678901"}"#, ErrorCode::ContentTooLong),
+            (r#"{"type":"CHAT_MESSAGE","receiverId":"b o b","chatId":"c","content":"x"}"#, ErrorCode::InvalidField),
+            (r#"{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"","content":"x"}"#, ErrorCode::InvalidField),
+            (r#"{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c","content":7}"#, ErrorCode::InvalidField),
+            (r#"{"type":"CHAT_MESSAGE","senderId":"mallory","receiverId":"bob","chatId":"c","content":"x"}"#, ErrorCode::Forbidden),
+            (r#"{"type":"TYPING","receiverId":"bob","chatId":"c","content":"yelling"}"#, ErrorCode::InvalidField),
+            (r#"{"type":"READ_RECEIPT","chatId":"c"}"#, ErrorCode::MissingField),
+        ];
+        for (text, code) in cases {
+            assert_eq!(err(text).code, code, "{text}");
+        }
+    }
+
+    #[test]
+    fn content_limit_counts_characters_not_bytes() {
+        let ten_snowmen = "☃".repeat(10);
+        let text = format!(
+            r#"{{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c","content":"{ten_snowmen}"}}"#
+        );
+        assert!(parse_client_frame(&text, CTX).is_ok());
+    }
+
+    #[test]
+    fn send_errors_carry_temp_message_id() {
+        let e = err(r#"{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c","content":"","tempMessageId":"t9"}"#);
+        assert_eq!(e.temp_message_id.as_deref(), Some("t9"));
+        let json = ServerFrame::from(&e).encode();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["type"], "ERROR");
+        assert_eq!(v["code"], "EMPTY_CONTENT");
+        assert_eq!(v["tempMessageId"], "t9");
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_numbers_are_errors_not_panics() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(err(&deep).code, ErrorCode::InvalidJson);
+        // Out of f64 range: serde_json refuses it; the point is an error code, not a panic.
+        let huge = r#"{"type":"HEARTBEAT","timestamp":1e999999}"#;
+        assert_eq!(err(huge).code, ErrorCode::InvalidJson);
+        let big_int = r#"{"type":"HEARTBEAT","timestamp":123456789012345678901234567890}"#;
+        assert_eq!(parse_client_frame(big_int, CTX).unwrap(), ClientFrame::Heartbeat);
+    }
+
+    #[test]
+    fn server_frames_use_seed_field_names() {
+        let v: serde_json::Value = serde_json::from_str(
+            &ServerFrame::MessageAck {
+                message_id: "m",
+                temp_message_id: Some("t"),
+                timestamp: 5,
+                route: Route::LocalRemote,
+            }
+            .encode(),
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"MESSAGE_ACK","messageId":"m","tempMessageId":"t","timestamp":5,"route":"local+remote"})
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&ServerFrame::HeartbeatAck { content: "pong" }.encode()).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"HEARTBEAT_ACK","content":"pong"}));
+    }
+
+    #[test]
+    fn user_ids() {
+        for ok in ["a", "user_1", "a.b:c@d-e", &"x".repeat(64)] {
+            assert!(is_valid_user_id(ok), "{ok}");
+        }
+        for bad in ["", "a b", "ä", "a/b", &"x".repeat(65)] {
+            assert!(!is_valid_user_id(bad), "{bad}");
+        }
+    }
+}

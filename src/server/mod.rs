@@ -1,0 +1,110 @@
+//! The HTTP side of a node: the axum app (WebSocket endpoint, REST, test page) and its
+//! lifecycle. [`run`] takes a bound listener so tests can bind `127.0.0.1:0`.
+//!
+//! axum's graceful shutdown does not wait for upgraded WebSockets, so sessions are counted
+//! here ([`SessionTracker`]) and closed by the node itself (1001) before `run` returns.
+
+mod rest;
+mod ws;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::chat::Node;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub node: Arc<Node>,
+    pub tracker: SessionTracker,
+}
+
+/// Counts live WebSocket sessions so shutdown can wait for them.
+#[derive(Clone, Default)]
+pub struct SessionTracker {
+    inner: Arc<(AtomicUsize, Notify)>,
+}
+
+/// Held by a session task; dropping it marks the session gone.
+pub struct SessionGuard(SessionTracker);
+
+impl SessionTracker {
+    pub fn enter(&self) -> SessionGuard {
+        self.inner.0.fetch_add(1, Ordering::SeqCst);
+        SessionGuard(self.clone())
+    }
+
+    pub fn live(&self) -> usize {
+        self.inner.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no session is left.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.inner.1.notified();
+            if self.live() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.0.inner.0.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.inner.1.notify_waiters();
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/ws/chat", get(ws::upgrade))
+        .route("/api/chat/health", get(rest::health))
+        .route("/api/chat/online/status/{user_id}", get(rest::online_status))
+        .route("/api/chat/online/stats", get(rest::online_stats))
+        .route("/test.html", get(rest::test_page))
+        .fallback(rest::not_found)
+        .with_state(state)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `node` on `listener` until `shutdown` resolves, then closes every session (1001),
+/// waits for them up to `server.shutdown_grace_ms`, and clears this node's presence.
+pub async fn run(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let tracker = SessionTracker::default();
+    let app = router(AppState { node: node.clone(), tracker: tracker.clone() });
+    let stopping = node.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sessions");
+            stopping.begin_shutdown();
+        })
+        .await?;
+
+    let grace = Duration::from_millis(node.config.server.shutdown_grace_ms);
+    if tokio::time::timeout(grace, tracker.drained()).await.is_err() {
+        tracing::warn!(left = tracker.live(), "sessions still open after the grace period");
+    }
+    node.finish_shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
