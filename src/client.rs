@@ -16,9 +16,16 @@ type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{url} refused the connection: HTTP {status}: {body}")]
-    Refused { url: String, status: u16, body: String },
+    Refused {
+        url: String,
+        status: u16,
+        body: String,
+    },
     #[error("cannot connect to {url}: {source} (is `chatd serve` running there?)")]
-    Connect { url: String, source: tungstenite::Error },
+    Connect {
+        url: String,
+        source: tungstenite::Error,
+    },
     #[error("connection error: {0}")]
     Socket(#[from] tungstenite::Error),
     #[error("the server closed the connection ({code}: {reason})")]
@@ -43,7 +50,11 @@ pub enum Incoming {
 /// The endpoint URL for `user_id` on a node given as `ws://host:port` (or already with a path).
 pub fn chat_url(base: &str, user_id: &str) -> String {
     let base = base.trim_end_matches('/');
-    let path = if base.contains("/ws/chat") { base.to_string() } else { format!("{base}/ws/chat") };
+    let path = if base.contains("/ws/chat") {
+        base.to_string()
+    } else {
+        format!("{base}/ws/chat")
+    };
     let sep = if path.contains('?') { '&' } else { '?' };
     format!("{path}{sep}userId={}", encode_query_value(user_id))
 }
@@ -94,9 +105,18 @@ impl Client {
                     .as_ref()
                     .map(|b| String::from_utf8_lossy(b).into_owned())
                     .unwrap_or_default();
-                return Err(ClientError::Refused { url: url.to_string(), status, body });
+                return Err(ClientError::Refused {
+                    url: url.to_string(),
+                    status,
+                    body,
+                });
             }
-            Ok(Err(source)) => return Err(ClientError::Connect { url: url.to_string(), source }),
+            Ok(Err(source)) => {
+                return Err(ClientError::Connect {
+                    url: url.to_string(),
+                    source,
+                })
+            }
         };
         let (sink, stream) = socket.split();
         let mut client = Client {
@@ -117,7 +137,11 @@ impl Client {
     }
 
     pub fn heartbeat_interval(&self) -> Duration {
-        Duration::from_millis(self.welcome["heartbeatIntervalMs"].as_u64().unwrap_or(30_000))
+        Duration::from_millis(
+            self.welcome["heartbeatIntervalMs"]
+                .as_u64()
+                .unwrap_or(30_000),
+        )
     }
 
     pub async fn send_json(&mut self, frame: &Value) -> Result<(), ClientError> {
@@ -176,7 +200,10 @@ impl ClientWriter {
 
     /// Sends a close frame (1000).
     pub async fn close(&mut self) -> Result<(), ClientError> {
-        let frame = CloseFrame { code: 1000.into(), reason: "bye".into() };
+        let frame = CloseFrame {
+            code: 1000.into(),
+            reason: "bye".into(),
+        };
         Ok(self.sink.send(Message::Close(Some(frame))).await?)
     }
 }
@@ -204,7 +231,9 @@ impl ClientReader {
                     return Ok(Incoming::Closed { code, reason });
                 }
                 Message::Binary(b) => {
-                    return Err(ClientError::NotJson(String::from_utf8_lossy(&b).into_owned()))
+                    return Err(ClientError::NotJson(
+                        String::from_utf8_lossy(&b).into_owned(),
+                    ))
                 }
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             }
@@ -248,8 +277,17 @@ mod tests {
     #[test]
     fn urls() {
         assert_eq!(chat_url("ws://h:1", "bob"), "ws://h:1/ws/chat?userId=bob");
-        assert_eq!(chat_url("ws://h:1/", "a@b:c"), "ws://h:1/ws/chat?userId=a@b:c");
-        assert_eq!(chat_url("ws://h:1/ws/chat", "a b"), "ws://h:1/ws/chat?userId=a%20b");
-        assert_eq!(chat_url("ws://h:1/ws/chat?x=1", "u"), "ws://h:1/ws/chat?x=1&userId=u");
+        assert_eq!(
+            chat_url("ws://h:1/", "a@b:c"),
+            "ws://h:1/ws/chat?userId=a@b:c"
+        );
+        assert_eq!(
+            chat_url("ws://h:1/ws/chat", "a b"),
+            "ws://h:1/ws/chat?userId=a%20b"
+        );
+        assert_eq!(
+            chat_url("ws://h:1/ws/chat?x=1", "u"),
+            "ws://h:1/ws/chat?x=1&userId=u"
+        );
     }
 }

@@ -78,7 +78,10 @@ pub struct PresenceConfig {
 
 impl Default for PresenceConfig {
     fn default() -> Self {
-        Self { backend: PresenceBackend::Memory, ttl_secs: 300 }
+        Self {
+            backend: PresenceBackend::Memory,
+            ttl_secs: 300,
+        }
     }
 }
 
@@ -93,7 +96,10 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { url: String::new(), memory_max_messages: 100_000 }
+        Self {
+            url: String::new(),
+            memory_max_messages: 100_000,
+        }
     }
 }
 
@@ -152,7 +158,10 @@ impl Sources {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("profile {profile:?} has no file {path} (create it, or pick another --profile)")]
     MissingProfile { profile: String, path: PathBuf },
     #[error("{origin}: {detail}")]
@@ -172,7 +181,9 @@ impl Config {
         }
         if let Some(profile) = &sources.profile {
             if profile.is_empty()
-                || !profile.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || !profile
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
                 return Err(ConfigError::Invalid {
                     origin: "--profile".into(),
@@ -181,7 +192,10 @@ impl Config {
             }
             let path = sources.config_dir.join(format!("{profile}.toml"));
             if !path.exists() {
-                return Err(ConfigError::MissingProfile { profile: profile.clone(), path });
+                return Err(ConfigError::MissingProfile {
+                    profile: profile.clone(),
+                    path,
+                });
             }
             merge(&mut merged, read_layer(&path)?);
         }
@@ -194,9 +208,11 @@ impl Config {
             }
         }
 
-        let mut config = Config::deserialize(toml::Value::Table(merged)).map_err(|e| {
-            ConfigError::Invalid { origin: "merged configuration".into(), detail: e.to_string() }
-        })?;
+        let mut config =
+            Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Invalid {
+                origin: "merged configuration".into(),
+                detail: e.to_string(),
+            })?;
         if let Some(port) = sources.overrides.port {
             config.server.port = port;
         }
@@ -214,7 +230,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.server;
         let bad = |key: &str, detail: String| {
-            Err(ConfigError::Invalid { origin: key.to_string(), detail })
+            Err(ConfigError::Invalid {
+                origin: key.to_string(),
+                detail,
+            })
         };
         if !valid_node_id(&s.node_id) {
             return bad(
@@ -226,7 +245,10 @@ impl Config {
             return bad("server.host", format!("{:?} is not an IP address", s.host));
         }
         if s.heartbeat_interval_ms < 100 {
-            return bad("server.heartbeat_interval_ms", "must be at least 100".into());
+            return bad(
+                "server.heartbeat_interval_ms",
+                "must be at least 100".into(),
+            );
         }
         if s.idle_timeout_ms <= s.heartbeat_interval_ms {
             return bad(
@@ -238,7 +260,10 @@ impl Config {
             );
         }
         if !(1024..=16 * 1024 * 1024).contains(&s.max_frame_bytes) {
-            return bad("server.max_frame_bytes", "must be between 1024 and 16777216".into());
+            return bad(
+                "server.max_frame_bytes",
+                "must be between 1024 and 16777216".into(),
+            );
         }
         if s.max_content_chars == 0 {
             return bad("server.max_content_chars", "must be at least 1".into());
@@ -275,15 +300,18 @@ impl Config {
 
 /// The process environment's `CHATD_*` variables, in a stable order.
 pub fn chatd_env() -> Vec<(String, String)> {
-    let mut vars: Vec<(String, String)> =
-        std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    let mut vars: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
     vars.sort();
     vars
 }
 
 pub fn valid_node_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 fn default_node_id(port: u16) -> String {
@@ -301,8 +329,10 @@ fn default_node_id(port: u16) -> String {
 }
 
 fn read_layer(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let invalid = |e: toml::de::Error| ConfigError::Invalid {
         origin: path.display().to_string(),
         detail: e.to_string().trim_end().to_string(),
@@ -315,7 +345,9 @@ fn read_layer(path: &Path) -> Result<toml::Table, ConfigError> {
 /// One `CHATD_<SECTION>__<KEY>` variable as a layer. The value is read as a TOML value
 /// (`9500`, `true`, `["a","b"]`) and, when that does not fit the key, as a plain string.
 fn env_layer(name: &str, value: &str) -> Result<Option<toml::Table>, ConfigError> {
-    let Some(rest) = name.strip_prefix(ENV_PREFIX) else { return Ok(None) };
+    let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+        return Ok(None);
+    };
     let invalid = |detail: String| ConfigError::Invalid {
         origin: format!("environment variable {name}"),
         detail,
@@ -397,14 +429,24 @@ mod tests {
     #[test]
     fn layers_apply_in_order() {
         let dir = dir_with(&[
-            ("default.toml", "[server]\nport = 1000\nnode_id = \"d\"\nsend_queue_len = 7\n"),
+            (
+                "default.toml",
+                "[server]\nport = 1000\nnode_id = \"d\"\nsend_queue_len = 7\n",
+            ),
             ("node1.toml", "[server]\nport = 2000\nnode_id = \"p\"\n"),
             ("extra.toml", "[server]\nport = 3000\n"),
         ]);
         let mut s = Sources::defaults_only(&dir);
         s.profile = Some("node1".into());
         let c = Config::load(&s).unwrap();
-        assert_eq!((c.server.port, c.server.node_id.as_str(), c.server.send_queue_len), (2000, "p", 7));
+        assert_eq!(
+            (
+                c.server.port,
+                c.server.node_id.as_str(),
+                c.server.send_queue_len
+            ),
+            (2000, "p", 7)
+        );
 
         s.file = Some(dir.join("extra.toml"));
         assert_eq!(Config::load(&s).unwrap().server.port, 3000);
@@ -421,7 +463,9 @@ mod tests {
     #[test]
     fn unknown_key_names_file_and_key() {
         let dir = dir_with(&[("default.toml", "[server]\nprot = 1\n")]);
-        let err = Config::load(&Sources::defaults_only(&dir)).unwrap_err().to_string();
+        let err = Config::load(&Sources::defaults_only(&dir))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("default.toml"), "{err}");
         assert!(err.contains("prot"), "{err}");
         assert!(err.contains("port"), "should list what is expected: {err}");
@@ -430,8 +474,13 @@ mod tests {
     #[test]
     fn bad_type_names_file() {
         let dir = dir_with(&[("default.toml", "[server]\nport = \"high\"\n")]);
-        let err = Config::load(&Sources::defaults_only(&dir)).unwrap_err().to_string();
-        assert!(err.contains("default.toml") && err.contains("port"), "{err}");
+        let err = Config::load(&Sources::defaults_only(&dir))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("default.toml") && err.contains("port"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -439,7 +488,10 @@ mod tests {
         let mut s = Sources::defaults_only("/nonexistent");
         s.env = vec![
             ("CHATD_SERVER__NODE_ID".into(), "123".into()),
-            ("CHATD_MODERATION__WORDS".into(), "[\"foo\", \"bar\"]".into()),
+            (
+                "CHATD_MODERATION__WORDS".into(),
+                "[\"foo\", \"bar\"]".into(),
+            ),
             ("CHATD_MODERATION__ACTION".into(), "reject".into()),
         ];
         let c = Config::load(&s).unwrap();
@@ -463,8 +515,16 @@ mod tests {
     fn semantic_errors_name_the_key() {
         let mut s = Sources::defaults_only("/nonexistent");
         for (name, value, key) in [
-            ("CHATD_SERVER__IDLE_TIMEOUT_MS", "10", "server.idle_timeout_ms"),
-            ("CHATD_SERVER__MAX_FRAME_BYTES", "10", "server.max_frame_bytes"),
+            (
+                "CHATD_SERVER__IDLE_TIMEOUT_MS",
+                "10",
+                "server.idle_timeout_ms",
+            ),
+            (
+                "CHATD_SERVER__MAX_FRAME_BYTES",
+                "10",
+                "server.max_frame_bytes",
+            ),
             ("CHATD_SERVER__NODE_ID", "a b", "server.node_id"),
             ("CHATD_SERVER__HOST", "example.com", "server.host"),
             ("CHATD_STORE__URL", "grpc://127.0.0.1:20882", "store.url"),
@@ -479,9 +539,15 @@ mod tests {
     fn missing_or_bad_profile() {
         let mut s = Sources::defaults_only("/nonexistent");
         s.profile = Some("node9".into());
-        assert!(Config::load(&s).unwrap_err().to_string().contains("node9.toml"));
+        assert!(Config::load(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("node9.toml"));
         s.profile = Some("../etc/passwd".into());
-        assert!(Config::load(&s).unwrap_err().to_string().contains("--profile"));
+        assert!(Config::load(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("--profile"));
     }
 
     #[test]

@@ -31,7 +31,9 @@ impl Bus for LocalBus {
             .get(node_id)
             .map(|tx| tx.clone())
             .ok_or_else(|| BusError::UnknownNode(node_id.to_string()))?;
-        tx.send(envelope).await.map_err(|_| BusError::Closed(node_id.to_string()))
+        tx.send(envelope)
+            .await
+            .map_err(|_| BusError::Closed(node_id.to_string()))
     }
 
     async fn offline_push(&self, event: OfflinePush) -> Result<(), BusError> {
@@ -78,13 +80,19 @@ mod tests {
         let env = Envelope {
             from_node: "n1".into(),
             kind: FrameKind::Chat,
-            recipients: vec![Recipient { user_id: "b".into(), except_connection: None }],
+            recipients: vec![Recipient {
+                user_id: "b".into(),
+                except_connection: None,
+            }],
             frame: "{}".into(),
         };
         bus.publish("n2", env.clone()).await.unwrap();
         assert_eq!(n2.recv().await.unwrap(), env);
         assert!(n1.try_recv().is_err());
-        assert!(matches!(bus.publish("n9", env.clone()).await, Err(BusError::UnknownNode(_))));
+        assert!(matches!(
+            bus.publish("n9", env.clone()).await,
+            Err(BusError::UnknownNode(_))
+        ));
         bus.unsubscribe("n2").await;
         assert!(bus.publish("n2", env).await.is_err());
     }

@@ -21,12 +21,18 @@ pub struct IdGenerator {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl IdGenerator {
     pub fn new(node_id: &str) -> Self {
-        Self { node_id: node_id.to_string(), last: AtomicU64::new(0) }
+        Self {
+            node_id: node_id.to_string(),
+            last: AtomicU64::new(0),
+        }
     }
 
     /// A new id and the millisecond it carries (used as the message's timestamp).
@@ -102,7 +108,9 @@ mod tests {
         let g2 = Arc::new(IdGenerator::new("n2"));
         let handles: Vec<_> = [g1.clone(), g1, g2.clone(), g2]
             .into_iter()
-            .map(|g| std::thread::spawn(move || (0..20_000).map(|_| g.next().0).collect::<Vec<_>>()))
+            .map(|g| {
+                std::thread::spawn(move || (0..20_000).map(|_| g.next().0).collect::<Vec<_>>())
+            })
             .collect();
         let mut all = HashSet::new();
         for h in handles {

@@ -27,6 +27,10 @@ use metrics::Metrics;
 use moderation::{Moderator, Rejected};
 use registry::{Registry, SessionHandle};
 
+/// How long a reply may wait for room in its connection's queue before the connection is
+/// closed as too slow.
+const REPLY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The backends a node runs on; each is a trait object picked from config.
 #[derive(Clone)]
 pub struct Backends {
@@ -132,14 +136,16 @@ impl Node {
         self.backends.bus.unsubscribe(&self.node_id).await;
     }
 
-    /// Sends a reply to one device (its own ack, error or pong).
-    pub fn reply(&self, to: &SessionHandle, frame: &ServerFrame<'_>) {
-        to.push(frame.encode().into(), FrameKind::Chat, &self.metrics);
+    /// Sends a reply to one device (its own ack, error or pong), waiting for room in its
+    /// queue up to `REPLY_PATIENCE`.
+    pub async fn reply(&self, to: &SessionHandle, frame: &ServerFrame<'_>) {
+        to.reply(frame.encode().into(), REPLY_PATIENCE, &self.metrics)
+            .await;
     }
 
-    pub fn reply_error(&self, to: &SessionHandle, error: &FrameError) {
+    pub async fn reply_error(&self, to: &SessionHandle, error: &FrameError) {
         Metrics::inc(&self.metrics.frames_rejected);
-        self.reply(to, &ServerFrame::from(error));
+        self.reply(to, &ServerFrame::from(error)).await;
     }
 
     /// `CHAT_MESSAGE` from `from`: moderate, id, store, deliver, then acknowledge.
@@ -156,7 +162,7 @@ impl Node {
                     ErrorCode::ContentRejected,
                     "content refused by moderation; the message was not sent".into(),
                 );
-                return self.reply_error(from, &e);
+                return self.reply_error(from, &e).await;
             }
         };
         let (message_id, timestamp) = self.ids.next();
@@ -179,7 +185,7 @@ impl Node {
                     ErrorCode::StoreUnavailable,
                     format!("message not sent, the store failed ({e}); retry with the same tempMessageId"),
                 );
-                return self.reply_error(from, &e);
+                return self.reply_error(from, &e).await;
             }
         };
 
@@ -198,15 +204,28 @@ impl Node {
             let own = Some(&*from.connection_id);
             let reach = if stored.receiver_id == stored.sender_id {
                 // A note to self: the user's other devices get it once.
-                self.fan_out(FrameKind::Chat, &frame, &[Target { user_id: &stored.sender_id, except: own }])
-                    .await
+                self.fan_out(
+                    FrameKind::Chat,
+                    &frame,
+                    &[Target {
+                        user_id: &stored.sender_id,
+                        except: own,
+                    }],
+                )
+                .await
             } else {
                 self.fan_out(
                     FrameKind::Chat,
                     &frame,
                     &[
-                        Target { user_id: &stored.receiver_id, except: None },
-                        Target { user_id: &stored.sender_id, except: own },
+                        Target {
+                            user_id: &stored.receiver_id,
+                            except: None,
+                        },
+                        Target {
+                            user_id: &stored.sender_id,
+                            except: own,
+                        },
                     ],
                 )
                 .await
@@ -230,13 +249,19 @@ impl Node {
                 timestamp: stored.timestamp,
                 route,
             },
-        );
+        )
+        .await;
     }
 
     /// `READ_RECEIPT` from the receiver: marked in the store, told to every device of the
     /// original sender (whom the store names, whatever the client claimed).
     pub async fn handle_read_receipt(&self, from: &SessionHandle, chat_id: &str, message_id: &str) {
-        let stored = match self.backends.store.mark_read(&from.user_id, chat_id, message_id).await {
+        let stored = match self
+            .backends
+            .store
+            .mark_read(&from.user_id, chat_id, message_id)
+            .await
+        {
             Ok(m) => m.message,
             Err(e) => {
                 let code = match e {
@@ -247,7 +272,9 @@ impl Node {
                         ErrorCode::StoreUnavailable
                     }
                 };
-                return self.reply_error(from, &FrameError::new(code, e.to_string()));
+                return self
+                    .reply_error(from, &FrameError::new(code, e.to_string()))
+                    .await;
             }
         };
         let frame: Utf8Bytes = ServerFrame::ReadReceipt {
@@ -257,12 +284,25 @@ impl Node {
         }
         .encode()
         .into();
-        self.fan_out(FrameKind::Receipt, &frame, &[Target { user_id: &stored.sender_id, except: None }])
-            .await;
+        self.fan_out(
+            FrameKind::Receipt,
+            &frame,
+            &[Target {
+                user_id: &stored.sender_id,
+                except: None,
+            }],
+        )
+        .await;
     }
 
     /// `TYPING`: to every device of the receiver, on any node; never stored.
-    pub async fn handle_typing(&self, from: &SessionHandle, receiver_id: &str, chat_id: &str, typing: bool) {
+    pub async fn handle_typing(
+        &self,
+        from: &SessionHandle,
+        receiver_id: &str,
+        chat_id: &str,
+        typing: bool,
+    ) {
         let frame: Utf8Bytes = ServerFrame::Typing {
             sender_id: &from.user_id,
             chat_id,
@@ -270,16 +310,31 @@ impl Node {
         }
         .encode()
         .into();
-        self.fan_out(FrameKind::Typing, &frame, &[Target { user_id: receiver_id, except: None }]).await;
+        self.fan_out(
+            FrameKind::Typing,
+            &frame,
+            &[Target {
+                user_id: receiver_id,
+                except: None,
+            }],
+        )
+        .await;
     }
 
     /// Delivers one frame to every target: directly to devices on this node, and one publish
     /// per other node that holds any target device (not one per user, not a broadcast).
-    async fn fan_out(&self, kind: FrameKind, frame: &Utf8Bytes, targets: &[Target<'_>]) -> Vec<Reach> {
+    async fn fan_out(
+        &self,
+        kind: FrameKind,
+        frame: &Utf8Bytes,
+        targets: &[Target<'_>],
+    ) -> Vec<Reach> {
         let mut reach = vec![Reach::default(); targets.len()];
         let mut by_node: BTreeMap<String, Vec<(usize, Recipient)>> = BTreeMap::new();
         for (i, t) in targets.iter().enumerate() {
-            reach[i].local = self.sessions.deliver(t.user_id, frame, kind, t.except, &self.metrics);
+            reach[i].local = self
+                .sessions
+                .deliver(t.user_id, frame, kind, t.except, &self.metrics);
             if kind == FrameKind::Chat {
                 self.metrics
                     .messages_delivered_local

@@ -23,7 +23,10 @@ pub struct Rejected;
 #[derive(Debug, thiserror::Error)]
 pub enum ModerationError {
     #[error("moderation.words_file {path}: {source}")]
-    WordsFile { path: String, source: std::io::Error },
+    WordsFile {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("moderation word list: {0}")]
     Build(#[from] aho_corasick::BuildError),
 }
@@ -32,9 +35,14 @@ impl Moderator {
     pub fn from_config(config: &ModerationConfig) -> Result<Self, ModerationError> {
         let mut words: Vec<String> = config.words.clone();
         if !config.words_file.is_empty() {
-            words.extend(read_words_file(Path::new(&config.words_file)).map_err(|source| {
-                ModerationError::WordsFile { path: config.words_file.clone(), source }
-            })?);
+            words.extend(
+                read_words_file(Path::new(&config.words_file)).map_err(|source| {
+                    ModerationError::WordsFile {
+                        path: config.words_file.clone(),
+                        source,
+                    }
+                })?,
+            );
         }
         Self::new(words, config.action)
     }
@@ -58,7 +66,11 @@ impl Moderator {
                     .build(&patterns)?,
             )
         };
-        Ok(Self { automaton, action, words: count })
+        Ok(Self {
+            automaton,
+            action,
+            words: count,
+        })
     }
 
     pub fn word_count(&self) -> usize {
@@ -67,7 +79,9 @@ impl Moderator {
 
     /// The content to store and deliver (masked when needed), or [`Rejected`].
     pub fn check<'a>(&self, content: &'a str) -> Result<Cow<'a, str>, Rejected> {
-        let Some(ac) = &self.automaton else { return Ok(Cow::Borrowed(content)) };
+        let Some(ac) = &self.automaton else {
+            return Ok(Cow::Borrowed(content));
+        };
         let spans = matched_spans(ac, content);
         if spans.is_empty() {
             return Ok(Cow::Borrowed(content));
@@ -92,7 +106,10 @@ fn read_words_file(path: &Path) -> std::io::Result<Vec<String>> {
 fn matched_spans(ac: &AhoCorasick, content: &str) -> Vec<(usize, usize)> {
     if content.is_ascii() {
         // ASCII case folding is done by the automaton itself: no copy of the content.
-        return ac.find_overlapping_iter(content).map(|m| (m.start(), m.end())).collect();
+        return ac
+            .find_overlapping_iter(content)
+            .map(|m| (m.start(), m.end()))
+            .collect();
     }
     // Lowercase a copy, remembering for every byte of it which original character it came
     // from, so that matches map back even where lowercasing changes the length.
@@ -115,7 +132,10 @@ fn mask(content: &str, spans: &[(usize, usize)]) -> String {
     for &(start, end) in spans {
         covered[start..end].fill(true);
     }
-    content.char_indices().map(|(i, ch)| if covered[i] { '*' } else { ch }).collect()
+    content
+        .char_indices()
+        .map(|(i, ch)| if covered[i] { '*' } else { ch })
+        .collect()
 }
 
 #[cfg(test)]
@@ -136,7 +156,10 @@ mod tests {
     #[test]
     fn masks_unicode_and_overlaps() {
         let m = moderator(&["straße", "ab", "bc"], ModerationAction::Mask);
-        assert_eq!(m.check("Die STRASSE, die Straße, ÄBc").unwrap(), "Die STRASSE, die ******, Ä**");
+        assert_eq!(
+            m.check("Die STRASSE, die Straße, ÄBc").unwrap(),
+            "Die STRASSE, die ******, Ä**"
+        );
         let m = moderator(&["坏蛋"], ModerationAction::Mask);
         assert_eq!(m.check("你是坏蛋吗").unwrap(), "你是**吗");
         // 'İ' lowercases to two chars; the mask still covers exactly one original char.
@@ -163,7 +186,10 @@ mod tests {
         let words: Vec<String> = (0..50_000).map(|i| format!("badword{i:05}x")).collect();
         let m = Moderator::new(words, ModerationAction::Mask).unwrap();
         assert_eq!(m.word_count(), 50_000);
-        assert_eq!(m.check("a badword04711x b").unwrap(), "a ************** b");
+        assert_eq!(
+            m.check("a badword04711x b").unwrap(),
+            format!("a {} b", "*".repeat(13))
+        );
         assert!(m.check("badword0471 is fine").is_ok());
     }
 
@@ -179,7 +205,10 @@ mod tests {
         let m = Moderator::from_config(&cfg).unwrap();
         assert_eq!(m.word_count(), 3);
         assert_eq!(m.check("foo bar baz qux").unwrap(), "*** *** *** qux");
-        let missing = ModerationConfig { words_file: "/nonexistent/words".into(), ..cfg };
+        let missing = ModerationConfig {
+            words_file: "/nonexistent/words".into(),
+            ..cfg
+        };
         let err = Moderator::from_config(&missing).err().unwrap().to_string();
         assert!(err.contains("/nonexistent/words"), "{err}");
     }

@@ -48,7 +48,13 @@ impl SessionHandle {
             outbox: tx,
             close: Arc::new(close_tx),
         };
-        (handle, SessionEnds { outbox: rx, close: close_rx })
+        (
+            handle,
+            SessionEnds {
+                outbox: rx,
+                close: close_rx,
+            },
+        )
     }
 
     /// Queues a frame without waiting. A full queue means the device cannot keep up: typing is
@@ -61,7 +67,9 @@ impl SessionHandle {
                 if kind == FrameKind::Typing {
                     metrics.typing_dropped.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    metrics.slow_consumers_closed.fetch_add(1, Ordering::Relaxed);
+                    metrics
+                        .slow_consumers_closed
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         user = %self.user_id,
                         connection = %self.connection_id,
@@ -78,13 +86,35 @@ impl SessionHandle {
         }
     }
 
+    /// Queues a reply to this connection's own frame (its ack, error or pong). Unlike
+    /// [`push`](Self::push) this waits for room: a client that sends faster than it reads its
+    /// answers is slowed down (its frames are read later), not cut off, unless the queue stays
+    /// full for `patience`.
+    pub async fn reply(&self, frame: Utf8Bytes, patience: std::time::Duration, metrics: &Metrics) {
+        match tokio::time::timeout(patience, self.outbox.send(frame)).await {
+            Ok(_) => {}
+            Err(_) => {
+                metrics
+                    .slow_consumers_closed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.request_close(
+                    CLOSE_SLOW_CONSUMER,
+                    "slow consumer: replies not read; reconnect",
+                );
+            }
+        }
+    }
+
     /// Asks the session to close with this code; later requests do not override the first.
     pub fn request_close(&self, code: u16, reason: &str) {
         self.close.send_if_modified(|current| {
             if current.is_some() {
                 return false;
             }
-            *current = Some(CloseReason { code, reason: reason.to_string() });
+            *current = Some(CloseReason {
+                code,
+                reason: reason.to_string(),
+            });
             true
         });
     }
@@ -99,7 +129,10 @@ pub struct Registry {
 
 impl Registry {
     pub fn add(&self, handle: SessionHandle) {
-        self.by_user.entry(handle.user_id.clone()).or_default().push(handle);
+        self.by_user
+            .entry(handle.user_id.clone())
+            .or_default()
+            .push(handle);
         self.sessions.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -125,7 +158,9 @@ impl Registry {
         except: Option<&str>,
         metrics: &Metrics,
     ) -> usize {
-        let Some(handles) = self.by_user.get(user_id) else { return 0 };
+        let Some(handles) = self.by_user.get(user_id) else {
+            return 0;
+        };
         handles
             .iter()
             .filter(|h| except != Some(&*h.connection_id))
@@ -166,12 +201,24 @@ mod tests {
         let (h, mut ends) = SessionHandle::new("u", "c1", 1);
         registry.add(h.clone());
         let frame = Utf8Bytes::from_static("{}");
-        assert_eq!(registry.deliver("u", &frame, FrameKind::Chat, None, &metrics), 1);
-        assert_eq!(registry.deliver("u", &frame, FrameKind::Typing, None, &metrics), 0);
+        assert_eq!(
+            registry.deliver("u", &frame, FrameKind::Chat, None, &metrics),
+            1
+        );
+        assert_eq!(
+            registry.deliver("u", &frame, FrameKind::Typing, None, &metrics),
+            0
+        );
         assert_eq!(metrics.typing_dropped.load(Ordering::Relaxed), 1);
         assert!(ends.close.borrow().is_none());
-        assert_eq!(registry.deliver("u", &frame, FrameKind::Chat, None, &metrics), 0);
-        assert_eq!(ends.close.borrow().as_ref().map(|r| r.code), Some(CLOSE_SLOW_CONSUMER));
+        assert_eq!(
+            registry.deliver("u", &frame, FrameKind::Chat, None, &metrics),
+            0
+        );
+        assert_eq!(
+            ends.close.borrow().as_ref().map(|r| r.code),
+            Some(CLOSE_SLOW_CONSUMER)
+        );
         assert!(ends.outbox.try_recv().is_ok());
     }
 
@@ -184,7 +231,10 @@ mod tests {
         registry.add(h1.clone());
         registry.add(h2);
         let frame = Utf8Bytes::from_static("{}");
-        assert_eq!(registry.deliver("u", &frame, FrameKind::Chat, Some("c1"), &metrics), 1);
+        assert_eq!(
+            registry.deliver("u", &frame, FrameKind::Chat, Some("c1"), &metrics),
+            1
+        );
         assert_eq!((registry.session_count(), registry.user_count()), (2, 1));
         registry.remove(&h1);
         registry.remove(&h1);

@@ -150,7 +150,10 @@ async fn handle_command(
             return Ok(false);
         };
         *temp_seq += 1;
-        let chat = args.chat.clone().unwrap_or_else(|| default_chat_id(&args.user, to));
+        let chat = args
+            .chat
+            .clone()
+            .unwrap_or_else(|| default_chat_id(&args.user, to));
         writer
             .send_json(&json!({
                 "type": "CHAT_MESSAGE",
@@ -178,11 +181,20 @@ async fn handle_command(
                     }))
                     .await?
             }
-            None => eprintln!("no message {id} received in this session; /read takes an id shown above"),
+            None => {
+                eprintln!("no message {id} received in this session; /read takes an id shown above")
+            }
         },
         (Some("/typing"), Some(to), stop) => {
-            let chat = args.chat.clone().unwrap_or_else(|| default_chat_id(&args.user, to));
-            let content = if stop == Some("stop") { "stop_typing" } else { "typing" };
+            let chat = args
+                .chat
+                .clone()
+                .unwrap_or_else(|| default_chat_id(&args.user, to));
+            let content = if stop == Some("stop") {
+                "stop_typing"
+            } else {
+                "typing"
+            };
             writer
                 .send_json(&json!({"type": "TYPING", "receiverId": to, "chatId": chat, "content": content}))
                 .await?
@@ -213,10 +225,26 @@ fn print_frame(f: &Value, me: &str, seen: &mut HashMap<String, Seen>) {
         "CHAT_MESSAGE" => {
             let at = clock(f["timestamp"].as_i64().unwrap_or(0));
             if s("senderId") == me {
-                println!("[{at}] you (other device) -> {}: {}   ({})", s("receiverId"), s("content"), s("messageId"));
+                println!(
+                    "[{at}] you (other device) -> {}: {}   ({})",
+                    s("receiverId"),
+                    s("content"),
+                    s("messageId")
+                );
             } else {
-                println!("[{at}] {} -> you: {}   ({})", s("senderId"), s("content"), s("messageId"));
-                seen.insert(s("messageId"), Seen { chat_id: s("chatId"), sender_id: s("senderId") });
+                println!(
+                    "[{at}] {} -> you: {}   ({})",
+                    s("senderId"),
+                    s("content"),
+                    s("messageId")
+                );
+                seen.insert(
+                    s("messageId"),
+                    Seen {
+                        chat_id: s("chatId"),
+                        sender_id: s("senderId"),
+                    },
+                );
             }
         }
         "MESSAGE_ACK" => println!("  sent {} (route {})", s("messageId"), s("route")),

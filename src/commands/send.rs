@@ -49,8 +49,13 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         bail!("the message text is empty: give the text to send as the last argument");
     }
     let wait = Duration::from_secs_f64(args.timeout.max(0.1));
-    let mut client = Client::connect(&args.url, &args.from, wait).await.context("connect failed")?;
-    let chat = args.chat.clone().unwrap_or_else(|| default_chat_id(&args.from, &args.to));
+    let mut client = Client::connect(&args.url, &args.from, wait)
+        .await
+        .context("connect failed")?;
+    let chat = args
+        .chat
+        .clone()
+        .unwrap_or_else(|| default_chat_id(&args.from, &args.to));
     let run_id = now_ms();
     let count = args.count as usize;
     let bar = progress(count);
@@ -63,8 +68,11 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         while sent < count && pending.len() < WINDOW {
             sent += 1;
             let temp = format!("send-{run_id}-{sent}");
-            let content =
-                if count > 1 { format!("{} #{sent}", args.text) } else { args.text.clone() };
+            let content = if count > 1 {
+                format!("{} #{sent}", args.text)
+            } else {
+                args.text.clone()
+            };
             client
                 .send_json(&json!({
                     "type": "CHAT_MESSAGE",
@@ -77,25 +85,41 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
                 .await?;
             pending.insert(temp, (sent, Instant::now()));
         }
-        let frame = client.next_frame(wait).await.context("waiting for MESSAGE_ACK")?;
+        let frame = client
+            .next_frame(wait)
+            .await
+            .context("waiting for MESSAGE_ACK")?;
         let temp = frame["tempMessageId"].as_str().unwrap_or_default();
         match frame["type"].as_str() {
             Some("MESSAGE_ACK") => {
-                let Some((n, at)) = pending.remove(temp) else { continue };
+                let Some((n, at)) = pending.remove(temp) else {
+                    continue;
+                };
                 let route = frame["route"].as_str().unwrap_or("?").to_string();
                 latencies.push(at.elapsed());
                 if args.json {
-                    println!("{}", json!({"n": n, "messageId": frame["messageId"], "tempMessageId": temp,
-                        "route": route, "timestamp": frame["timestamp"]}));
+                    println!(
+                        "{}",
+                        json!({"n": n, "messageId": frame["messageId"], "tempMessageId": temp,
+                        "route": route, "timestamp": frame["timestamp"]})
+                    );
                 } else if count <= 20 {
-                    bar.suspend(|| println!("{} route={route}", frame["messageId"].as_str().unwrap_or("?")));
+                    bar.suspend(|| {
+                        println!(
+                            "{} route={route}",
+                            frame["messageId"].as_str().unwrap_or("?")
+                        )
+                    });
                 }
                 *routes.entry(route).or_default() += 1;
                 bar.inc(1);
             }
             Some("ERROR") => {
                 bar.abandon();
-                let which = pending.get(temp).map(|(n, _)| format!("message #{n}")).unwrap_or("a message".into());
+                let which = pending
+                    .get(temp)
+                    .map(|(n, _)| format!("message #{n}"))
+                    .unwrap_or("a message".into());
                 bail!(
                     "{which} was refused: {}: {}",
                     frame["code"].as_str().unwrap_or("?"),

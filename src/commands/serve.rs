@@ -39,7 +39,10 @@ impl ServeArgs {
             profile: self.profile.clone(),
             file: self.config.clone(),
             env: chatd_env(),
-            overrides: Overrides { port: self.port, node_id: self.node_id.clone() },
+            overrides: Overrides {
+                port: self.port,
+                node_id: self.node_id.clone(),
+            },
         })
     }
 }

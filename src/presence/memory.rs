@@ -15,7 +15,10 @@ pub struct MemoryPresence {
 
 impl MemoryPresence {
     pub fn new(ttl_secs: u64) -> Self {
-        Self { users: DashMap::new(), ttl_ms: (ttl_secs as i64).saturating_mul(1000) }
+        Self {
+            users: DashMap::new(),
+            ttl_ms: (ttl_secs as i64).saturating_mul(1000),
+        }
     }
 
     fn live(&self, d: &Device, now: i64) -> bool {
@@ -43,7 +46,10 @@ impl Presence for MemoryPresence {
     async fn heartbeat(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError> {
         if let Some(mut devices) = self.users.get_mut(user_id) {
             let now = now_ms();
-            for d in devices.iter_mut().filter(|d| d.connection_id == connection_id) {
+            for d in devices
+                .iter_mut()
+                .filter(|d| d.connection_id == connection_id)
+            {
                 d.last_seen_ms = now;
             }
         }
@@ -61,7 +67,11 @@ impl Presence for MemoryPresence {
 
     async fn online_user_count(&self) -> Result<usize, PresenceError> {
         let now = now_ms();
-        Ok(self.users.iter().filter(|e| e.value().iter().any(|d| self.live(d, now))).count())
+        Ok(self
+            .users
+            .iter()
+            .filter(|e| e.value().iter().any(|d| self.live(d, now)))
+            .count())
     }
 
     async fn clear_node(&self, node_id: &str) -> Result<usize, PresenceError> {
@@ -89,7 +99,11 @@ mod tests {
     use super::*;
 
     fn device(conn: &str, node: &str, last_seen_ms: i64) -> Device {
-        Device { connection_id: conn.into(), node_id: node.into(), last_seen_ms }
+        Device {
+            connection_id: conn.into(),
+            node_id: node.into(),
+            last_seen_ms,
+        }
     }
 
     #[tokio::test]
@@ -112,7 +126,9 @@ mod tests {
     #[tokio::test]
     async fn stale_devices_read_offline_until_heartbeat() {
         let p = MemoryPresence::new(1);
-        p.connect("u", device("c1", "n1", now_ms() - 5_000)).await.unwrap();
+        p.connect("u", device("c1", "n1", now_ms() - 5_000))
+            .await
+            .unwrap();
         assert!(p.devices("u").await.unwrap().is_empty());
         assert_eq!(p.online_user_count().await.unwrap(), 0);
         p.heartbeat("u", "c1").await.unwrap();

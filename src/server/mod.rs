@@ -69,7 +69,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/ws/chat", get(ws::upgrade))
         .route("/api/chat/health", get(rest::health))
-        .route("/api/chat/online/status/{user_id}", get(rest::online_status))
+        .route(
+            "/api/chat/online/status/{user_id}",
+            get(rest::online_status),
+        )
         .route("/api/chat/online/stats", get(rest::online_stats))
         .route("/test.html", get(rest::test_page))
         .fallback(rest::not_found)
@@ -90,7 +93,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let tracker = SessionTracker::default();
-    let app = router(AppState { node: node.clone(), tracker: tracker.clone() });
+    let app = router(AppState {
+        node: node.clone(),
+        tracker: tracker.clone(),
+    });
     let stopping = node.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -101,8 +107,14 @@ pub async fn run(
         .await?;
 
     let grace = Duration::from_millis(node.config.server.shutdown_grace_ms);
-    if tokio::time::timeout(grace, tracker.drained()).await.is_err() {
-        tracing::warn!(left = tracker.live(), "sessions still open after the grace period");
+    if tokio::time::timeout(grace, tracker.drained())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = tracker.live(),
+            "sessions still open after the grace period"
+        );
     }
     node.finish_shutdown().await;
     tracing::info!("stopped");

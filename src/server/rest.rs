@@ -28,7 +28,8 @@ fn check(result: Result<(), impl std::fmt::Display>, backend: &str) -> Value {
 /// what it can locally), `DOWN` while shutting down (HTTP 503, so load balancers drain it).
 pub async fn health(State(state): State<AppState>) -> Response {
     let b = &state.node.backends;
-    let (presence, broker, store) = tokio::join!(b.presence.health(), b.bus.health(), b.store.health());
+    let (presence, broker, store) =
+        tokio::join!(b.presence.health(), b.bus.health(), b.store.health());
     let all_up = presence.is_ok() && broker.is_ok() && store.is_ok();
     let checks = json!({
         "presence": check(presence, b.presence.name()),
@@ -64,7 +65,11 @@ pub async fn online_status(State(state): State<AppState>, Path(user_id): Path<St
     let devices = match state.node.backends.presence.devices(&user_id).await {
         Ok(d) => d,
         Err(e) => {
-            return json_error(StatusCode::SERVICE_UNAVAILABLE, "PRESENCE_UNAVAILABLE", &e.to_string())
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "PRESENCE_UNAVAILABLE",
+                &e.to_string(),
+            )
         }
     };
     let mut nodes: Vec<&str> = devices.iter().map(|d| d.node_id.as_str()).collect();
@@ -97,7 +102,11 @@ pub async fn online_stats(State(state): State<AppState>) -> Response {
 }
 
 pub async fn test_page() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], TEST_PAGE).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        TEST_PAGE,
+    )
+        .into_response()
 }
 
 pub async fn not_found() -> Response {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -22,10 +22,14 @@ use crate::chat::metrics::Metrics;
 use crate::chat::registry::{CloseReason, SessionHandle};
 use crate::chat::Node;
 use crate::presence::Device;
-use crate::protocol::{is_valid_user_id, parse_client_frame, ClientFrame, ParseContext, ServerFrame};
+use crate::protocol::{
+    is_valid_user_id, parse_client_frame, ClientFrame, ParseContext, ServerFrame,
+};
 
 /// Longest a single write to a socket may take before the connection counts as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to try to send a close frame; a peer that does not read will not get it anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Frames written before one flush when several are queued.
 const WRITE_BATCH: usize = 64;
 
@@ -38,10 +42,18 @@ pub async fn upgrade(
     let params = match query {
         Ok(Query(params)) => params,
         Err(e) => {
-            return json_error(StatusCode::BAD_REQUEST, "INVALID_QUERY", &format!("cannot read query: {e}"))
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_QUERY",
+                &format!("cannot read query: {e}"),
+            )
         }
     };
-    let user_id = match params.iter().find(|(k, _)| k == "userId").map(|(_, v)| v.as_str()) {
+    let user_id = match params
+        .iter()
+        .find(|(k, _)| k == "userId")
+        .map(|(_, v)| v.as_str())
+    {
         None | Some("") => {
             return json_error(
                 StatusCode::BAD_REQUEST,
@@ -108,7 +120,8 @@ where
             connection_id: &connection_id,
             heartbeat_interval_ms: server.heartbeat_interval_ms,
         },
-    );
+    )
+    .await;
     node.sessions.add(handle.clone());
     let device = Device {
         connection_id: connection_id.clone(),
@@ -128,7 +141,10 @@ where
         handle.request_close(1001, "server shutting down");
     }
     let idle = Duration::from_millis(server.idle_timeout_ms);
-    let ctx = ParseContext { user_id: &user_id, max_content_chars: server.max_content_chars };
+    let ctx = ParseContext {
+        user_id: &user_id,
+        max_content_chars: server.max_content_chars,
+    };
 
     let ended = loop {
         tokio::select! {
@@ -160,7 +176,12 @@ where
     };
 
     node.sessions.remove(&handle);
-    if let Err(e) = node.backends.presence.disconnect(&user_id, &connection_id).await {
+    if let Err(e) = node
+        .backends
+        .presence
+        .disconnect(&user_id, &connection_id)
+        .await
+    {
         Metrics::inc(&node.metrics.presence_failures);
         tracing::warn!(user = %user_id, "presence not cleared: {e}");
     }
@@ -175,20 +196,36 @@ where
 
 async fn handle_text(node: &Node, handle: &SessionHandle, text: &str, ctx: ParseContext<'_>) {
     match parse_client_frame(text, ctx) {
-        Err(e) => node.reply_error(handle, &e),
+        Err(e) => node.reply_error(handle, &e).await,
         Ok(ClientFrame::Chat(send)) => node.handle_chat(handle, send).await,
         Ok(ClientFrame::Heartbeat) => {
-            if let Err(e) = node.backends.presence.heartbeat(&handle.user_id, &handle.connection_id).await {
+            if let Err(e) = node
+                .backends
+                .presence
+                .heartbeat(&handle.user_id, &handle.connection_id)
+                .await
+            {
                 Metrics::inc(&node.metrics.presence_failures);
                 tracing::warn!(user = %handle.user_id, "heartbeat not recorded: {e}");
             }
-            node.reply(handle, &ServerFrame::HeartbeatAck { content: "pong" });
+            node.reply(handle, &ServerFrame::HeartbeatAck { content: "pong" })
+                .await;
         }
-        Ok(ClientFrame::ReadReceipt { chat_id, message_id, .. }) => {
-            node.handle_read_receipt(handle, &chat_id, &message_id).await
+        Ok(ClientFrame::ReadReceipt {
+            chat_id,
+            message_id,
+            ..
+        }) => {
+            node.handle_read_receipt(handle, &chat_id, &message_id)
+                .await
         }
-        Ok(ClientFrame::Typing { receiver_id, chat_id, typing }) => {
-            node.handle_typing(handle, &receiver_id, &chat_id, typing).await
+        Ok(ClientFrame::Typing {
+            receiver_id,
+            chat_id,
+            typing,
+        }) => {
+            node.handle_typing(handle, &receiver_id, &chat_id, typing)
+                .await
         }
     }
 }
@@ -199,9 +236,10 @@ async fn handle_text(node: &Node, handle: &SessionHandle, text: &str, ctx: Parse
 fn close_for_error(e: axum::Error, max_frame_bytes: usize) -> (u16, String) {
     let inner = e.into_inner();
     match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => {
-            (1009, format!("message too big: the limit is {max_frame_bytes} bytes"))
-        }
+        Some(tungstenite::Error::Capacity(_)) => (
+            1009,
+            format!("message too big: the limit is {max_frame_bytes} bytes"),
+        ),
         Some(tungstenite::Error::Utf8(_)) => (1007, "text frame is not valid UTF-8".into()),
         Some(tungstenite::Error::Protocol(p)) => (1002, format!("protocol error: {p}")),
         _ => (1011, format!("connection error: {inner}")),
@@ -216,23 +254,36 @@ async fn write_loop<Si>(
     Si: Sink<Message, Error = axum::Error> + Unpin,
 {
     loop {
-        tokio::select! {
+        // A close request wins over queued frames, also while a write is stuck on a reader
+        // that does not read.
+        let written = tokio::select! {
             biased;
-            _ = close.changed() => {
-                let reason = close.borrow().clone();
-                if let Some(CloseReason { code, reason }) = reason {
-                    let frame = CloseFrame { code, reason: reason.into() };
-                    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
-                }
-                break;
-            }
-            frame = outbox.recv() => {
-                let Some(frame) = frame else { break };
-                if !matches!(tokio::time::timeout(WRITE_TIMEOUT, write_batch(&mut sink, frame, &mut outbox)).await, Ok(Ok(()))) {
-                    break;
-                }
-            }
+            _ = close.changed() => false,
+            frame = outbox.recv() => match frame {
+                None => return,
+                Some(frame) => tokio::select! {
+                    biased;
+                    _ = close.changed() => false,
+                    r = tokio::time::timeout(WRITE_TIMEOUT, write_batch(&mut sink, frame, &mut outbox)) => {
+                        if !matches!(r, Ok(Ok(()))) {
+                            return;
+                        }
+                        true
+                    }
+                },
+            },
+        };
+        if !written {
+            break;
         }
+    }
+    let reason = close.borrow().clone();
+    if let Some(CloseReason { code, reason }) = reason {
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
     }
 }
 

@@ -44,7 +44,10 @@ impl MemoryStore {
     }
 
     fn get(&self, message_id: &str) -> Option<StoredMessage> {
-        lock(self.shard(message_id)).messages.get(message_id).cloned()
+        lock(self.shard(message_id))
+            .messages
+            .get(message_id)
+            .cloned()
     }
 }
 
@@ -75,14 +78,23 @@ impl Store for MemoryStore {
                 }
             }
         }
-        let stored = StoredMessage { message, read_at: None };
+        let stored = StoredMessage {
+            message,
+            read_at: None,
+        };
         let evicted = {
             let mut shard = lock(self.shard(&stored.message.message_id));
             shard.order.push_back(stored.message.message_id.clone());
-            shard.messages.insert(stored.message.message_id.clone(), stored.clone());
+            shard
+                .messages
+                .insert(stored.message.message_id.clone(), stored.clone());
             let mut evicted = Vec::new();
             while shard.order.len() > self.shard_capacity {
-                if let Some(old) = shard.order.pop_front().and_then(|id| shard.messages.remove(&id)) {
+                if let Some(old) = shard
+                    .order
+                    .pop_front()
+                    .and_then(|id| shard.messages.remove(&id))
+                {
                     evicted.push(old);
                 }
             }
@@ -91,7 +103,8 @@ impl Store for MemoryStore {
         for old in evicted {
             if let Some(t) = old.message.temp_message_id {
                 let old_id = old.message.message_id;
-                self.idempotency.remove_if(&(old.message.sender_id, t), |_, id| *id == old_id);
+                self.idempotency
+                    .remove_if(&(old.message.sender_id, t), |_, id| *id == old_id);
             }
         }
         Ok(SaveOutcome::Saved(stored))
@@ -144,22 +157,40 @@ mod tests {
     #[tokio::test]
     async fn save_is_idempotent_on_sender_and_temp_id() {
         let s = MemoryStore::new(100);
-        assert!(matches!(s.save(msg("m1", Some("t"))).await.unwrap(), SaveOutcome::Saved(_)));
+        assert!(matches!(
+            s.save(msg("m1", Some("t"))).await.unwrap(),
+            SaveOutcome::Saved(_)
+        ));
         match s.save(msg("m2", Some("t"))).await.unwrap() {
             SaveOutcome::Duplicate(m) => assert_eq!(m.message.message_id, "m1"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(s.save(msg("m3", None)).await.unwrap(), SaveOutcome::Saved(_)));
-        assert!(matches!(s.save(msg("m4", None)).await.unwrap(), SaveOutcome::Saved(_)));
+        assert!(matches!(
+            s.save(msg("m3", None)).await.unwrap(),
+            SaveOutcome::Saved(_)
+        ));
+        assert!(matches!(
+            s.save(msg("m4", None)).await.unwrap(),
+            SaveOutcome::Saved(_)
+        ));
     }
 
     #[tokio::test]
     async fn mark_read_checks_chat_and_reader() {
         let s = MemoryStore::new(100);
         s.save(msg("m1", None)).await.unwrap();
-        assert!(matches!(s.mark_read("b", "other", "m1").await, Err(StoreError::UnknownMessage(..))));
-        assert!(matches!(s.mark_read("a", "c", "m1").await, Err(StoreError::NotReceiver(_))));
-        assert!(matches!(s.mark_read("b", "c", "nope").await, Err(StoreError::UnknownMessage(..))));
+        assert!(matches!(
+            s.mark_read("b", "other", "m1").await,
+            Err(StoreError::UnknownMessage(..))
+        ));
+        assert!(matches!(
+            s.mark_read("a", "c", "m1").await,
+            Err(StoreError::NotReceiver(_))
+        ));
+        assert!(matches!(
+            s.mark_read("b", "c", "nope").await,
+            Err(StoreError::UnknownMessage(..))
+        ));
         let read = s.mark_read("b", "c", "m1").await.unwrap();
         assert!(read.read_at.is_some());
         assert_eq!(read.message.sender_id, "a");
@@ -169,11 +200,17 @@ mod tests {
     async fn keeps_about_capacity_messages() {
         let s = MemoryStore::new(64);
         for i in 0..10_000 {
-            s.save(msg(&format!("m{i}"), Some(&format!("t{i}")))).await.unwrap();
+            s.save(msg(&format!("m{i}"), Some(&format!("t{i}"))))
+                .await
+                .unwrap();
         }
         let kept: usize = s.shards.iter().map(|sh| lock(sh).messages.len()).sum();
         assert!(kept <= 64 + SHARDS, "{kept}");
-        assert!(s.idempotency.len() <= 64 + SHARDS, "{}", s.idempotency.len());
+        assert!(
+            s.idempotency.len() <= 64 + SHARDS,
+            "{}",
+            s.idempotency.len()
+        );
         assert!(s.get("m9999").is_some());
     }
 }

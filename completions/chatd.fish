@@ -1,0 +1,64 @@
+# Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
+function __fish_chatd_global_optspecs
+    string join \n h/help V/version
+end
+
+function __fish_chatd_needs_command
+    # Figure out if the current invocation already has a command.
+    set -l cmd (commandline -opc)
+    set -e cmd[1]
+    argparse -s (__fish_chatd_global_optspecs) -- $cmd 2>/dev/null
+    or return
+    if set -q argv[1]
+        # Also print the command, so this can be used to figure out what it is.
+        echo $argv[1]
+        return 1
+    end
+    return 0
+end
+
+function __fish_chatd_using_subcommand
+    set -l cmd (__fish_chatd_needs_command)
+    test -z "$cmd"
+    and return 1
+    contains -- $cmd[1] $argv
+end
+
+complete -c chatd -n "__fish_chatd_needs_command" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_needs_command" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "completions" -d 'Print shell completions'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatd -n "__fish_chatd_using_subcommand serve" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand serve" -l config -d 'A config file read over the profile' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand serve" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand serve" -l port -d 'Port to listen on (overrides every config layer; 0 picks a free port)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand serve" -l node-id -d 'Node id (overrides every config layer)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand serve" -l print-config -d 'Print the effective configuration and exit'
+complete -c chatd -n "__fish_chatd_using_subcommand serve" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand serve" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l user -d 'Your user id' -r
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l url -d 'The node to connect to' -r
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l chat -d 'Chat id for messages you send (default: the two user ids, sorted, joined by _)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l linger -d 'After stdin ends, keep printing received frames this many seconds before closing' -r
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l json -d 'Raw JSON frames in on stdin, one JSON line out per received frame'
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand send" -l from -d 'Sender user id' -r
+complete -c chatd -n "__fish_chatd_using_subcommand send" -l to -d 'Receiver user id' -r
+complete -c chatd -n "__fish_chatd_using_subcommand send" -l chat -d 'Chat id (default: the two user ids, sorted, joined by _)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand send" -l count -d 'How many messages to send (each gets " #i" appended when more than one)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand send" -l url -d 'The node to connect to' -r
+complete -c chatd -n "__fish_chatd_using_subcommand send" -l timeout -d 'Seconds to wait for the connection and for each ack' -r
+complete -c chatd -n "__fish_chatd_using_subcommand send" -l json -d 'One JSON line per ack instead of text'
+complete -c chatd -n "__fish_chatd_using_subcommand send" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand send" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand completions" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand completions" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "completions" -d 'Print shell completions'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

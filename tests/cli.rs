@@ -1,0 +1,318 @@
+//! The `chatd` binary as users run it: `serve` with config errors and SIGTERM, `send` and
+//! `connect` against a real node, and completions that match the CLI.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chatd::client::Incoming;
+use clap_complete::Shell;
+use common::*;
+
+fn chatd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_chatd"));
+    // Run from the repository so config/ is found, without the caller's CHATD_* settings.
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHATD_")) {
+        c.env_remove(k);
+    }
+    c
+}
+
+/// Starts `chatd serve` on a free port; returns the child and the address it logged.
+fn spawn_serve(extra: &[&str]) -> (Child, String) {
+    let mut child = chatd()
+        .args(["serve", "--port", "0", "--node-id", "proc1"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn chatd serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = rx.recv_timeout(WAIT).expect("chatd serve logs its address");
+    (child, addr)
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chatd did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_closes_sessions_with_1001_and_exits_zero() {
+    let (mut child, addr) = spawn_serve(&[]);
+    let mut client = chatd::client::Client::connect(&format!("ws://{addr}"), "alice", WAIT)
+        .await
+        .unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    match client.next(WAIT).await {
+        Ok(Incoming::Closed { code, .. }) => assert_eq!(code, 1001),
+        other => panic!("expected close 1001, got {other:?}"),
+    }
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn send_prints_the_id_and_route_and_fails_on_error() {
+    let node = start(config("n1")).await;
+    let mut bob = node.client("bob").await;
+    let url = node.ws();
+    let out = tokio::task::spawn_blocking(move || {
+        chatd()
+            .args([
+                "send",
+                "--url",
+                &url,
+                "--from",
+                "alice",
+                "--to",
+                "bob",
+                "hello there",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("-n1 route=local"), "{stdout}");
+    assert_eq!(
+        expect(&mut bob, "CHAT_MESSAGE").await["content"],
+        "hello there"
+    );
+
+    // --count and --json: one line per ack.
+    let url = node.ws();
+    let out = tokio::task::spawn_blocking(move || {
+        chatd()
+            .args([
+                "send", "--url", &url, "--from", "alice", "--to", "bob", "--count", "30", "--json",
+                "n",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 30);
+
+    // Refused by the server: non-zero with the reason.
+    let url = node.ws();
+    let out = tokio::task::spawn_blocking(move || {
+        chatd()
+            .args([
+                "send",
+                "--url",
+                &url,
+                "--from",
+                "alice",
+                "--to",
+                "not valid",
+                "x",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_FIELD"));
+
+    // Nobody listening: non-zero, and it says where it tried.
+    let out = chatd()
+        .args([
+            "send",
+            "--url",
+            "ws://127.0.0.1:1",
+            "--from",
+            "a",
+            "--to",
+            "b",
+            "--timeout",
+            "2",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1"));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn connect_json_mode_sends_stdin_frames_and_prints_every_frame() {
+    let node = start(config("n1")).await;
+    let mut bob = node.client("bob").await;
+    let url = node.ws();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = chatd()
+            .args(["connect", "--url", &url, "--user", "alice", "--json", "--linger", "1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, r#"{{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c","content":"from a script","tempMessageId":"s1"}}"#).unwrap();
+        writeln!(stdin, "garbage").unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frames: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
+        .collect();
+    let types: Vec<&str> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["CONNECTED", "MESSAGE_ACK", "ERROR"], "{frames:?}");
+    assert_eq!(frames[1]["tempMessageId"], "s1");
+    assert_eq!(frames[2]["code"], "INVALID_JSON");
+    assert_eq!(
+        expect(&mut bob, "CHAT_MESSAGE").await["content"],
+        "from a script"
+    );
+    node.stop().await;
+}
+
+#[test]
+fn config_errors_stop_start_up_naming_the_key() {
+    let out = chatd()
+        .args(["serve", "--port", "0"])
+        .env("CHATD_SERVER__PROT", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CHATD_SERVER__PROT") && err.contains("prot"),
+        "{err}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("chatd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[server]\nidle_timeout_ms = \"soon\"\n").unwrap();
+    let out = chatd()
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("idle_timeout_ms"),
+        "{err}"
+    );
+
+    let out = chatd()
+        .args(["serve", "--profile", "node7"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node7.toml"));
+}
+
+#[test]
+fn profiles_and_print_config() {
+    let out = chatd()
+        .args(["serve", "--profile", "node2", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("port = 9431") && text.contains("node_id = \"node2\""),
+        "{text}"
+    );
+
+    let out = chatd()
+        .args([
+            "serve",
+            "--profile",
+            "node1",
+            "--port",
+            "9555",
+            "--print-config",
+        ])
+        .env("CHATD_SERVER__NODE_ID", "from-env")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("port = 9555") && text.contains("node_id = \"from-env\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn committed_completions_match_the_cli() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("completions");
+    for (shell, file) in [
+        (Shell::Bash, "chatd.bash"),
+        (Shell::Zsh, "_chatd"),
+        (Shell::Fish, "chatd.fish"),
+    ] {
+        let generated = chatd::cli::completions(shell);
+        let path = dir.join(file);
+        if std::env::var_os("UPDATE_COMPLETIONS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{} is out of date: run `UPDATE_COMPLETIONS=1 cargo test --release --test cli completions`",
+            path.display()
+        );
+        // The binary prints the same thing.
+        let out = chatd()
+            .args(["completions", &shell.to_string()])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), generated);
+    }
+}

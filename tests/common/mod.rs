@@ -1,0 +1,193 @@
+//! The one helper every black-box test shares: start real nodes in-process on free ports,
+//! connect real WebSocket clients, and speak plain HTTP to the REST API.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatd::bus::LocalBus;
+use chatd::chat::{Backends, Node};
+use chatd::client::Client;
+use chatd::config::Config;
+use chatd::presence::MemoryPresence;
+use chatd::store::MemoryStore;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Long enough for a loaded CI machine; tests wait for events, they do not time them.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn config(node_id: &str) -> Config {
+    let mut c = Config::default();
+    c.server.port = 0;
+    c.server.node_id = node_id.to_string();
+    c
+}
+
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), chatd::server::ServerError>>>,
+}
+
+/// A node with its own in-memory backends.
+pub async fn start(config: Config) -> TestNode {
+    let backends = Backends::from_config(&config);
+    start_with(config, backends).await
+}
+
+/// Backends shared by several in-process nodes: a cluster in one process.
+pub fn shared_backends() -> Backends {
+    Backends {
+        presence: Arc::new(MemoryPresence::new(300)),
+        bus: Arc::new(LocalBus::new()),
+        store: Arc::new(MemoryStore::new(100_000)),
+    }
+}
+
+pub async fn start_with(config: Config, backends: Backends) -> TestNode {
+    config.validate().expect("test config is valid");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    let addr = listener.local_addr().unwrap();
+    let node = Node::start(config, backends).await.expect("node starts");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(chatd::server::run(listener, node.clone(), async move {
+        let _ = rx.await;
+    }));
+    TestNode {
+        addr,
+        node,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+impl TestNode {
+    pub fn ws(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub async fn client(&self, user: &str) -> Client {
+        Client::connect(&self.ws(), user, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let (status, body) = http_get(self.addr, path).await;
+        let json = serde_json::from_str(&body).unwrap_or_else(|_| json!({ "raw": body }));
+        (status, json)
+    }
+
+    /// Triggers graceful shutdown and waits for `server::run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("server stops within the grace period")
+                .expect("server task did not panic")
+                .expect("server returned Ok");
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET: status and body. Enough for the REST API and refusals.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+pub async fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("write request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub fn chat(to: &str, content: &str, temp: &str) -> Value {
+    json!({"type": "CHAT_MESSAGE", "receiverId": to, "chatId": "c1", "content": content, "tempMessageId": temp})
+}
+
+/// Reads frames until one of `frame_type` arrives; panics with what came instead on timeout.
+pub async fn expect(client: &mut Client, frame_type: &str) -> Value {
+    let mut skipped = Vec::new();
+    match client.wait_for(frame_type, WAIT, |f| skipped.push(f)).await {
+        Ok(f) => f,
+        Err(e) => panic!("waiting for {frame_type}: {e}; got instead: {skipped:?}"),
+    }
+}
+
+/// Asserts nothing but heartbeat acks arrive for a short while.
+pub async fn expect_silence(client: &mut Client) {
+    loop {
+        match client.next(Duration::from_millis(300)).await {
+            Err(chatd::client::ClientError::Timeout(_)) => return,
+            Ok(chatd::client::Incoming::Frame(f)) if f["type"] == "HEARTBEAT_ACK" => continue,
+            other => panic!("expected no frame, got {other:?}"),
+        }
+    }
+}
+
+/// Waits for a condition that becomes true asynchronously (presence after a disconnect).
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}

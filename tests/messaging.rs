@@ -1,0 +1,246 @@
+//! The message path on one node, through real WebSocket clients: connect, send, ack, every
+//! device, copies, offline, heartbeat, read receipts, typing, idempotent retries, moderation.
+
+mod common;
+
+use std::collections::HashSet;
+
+use chatd::config::ModerationAction;
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn connected_is_the_first_frame() {
+    let node = start(config("n1")).await;
+    let client = node.client("alice").await;
+    assert_eq!(client.welcome["userId"], "alice");
+    assert_eq!(client.welcome["nodeId"], "n1");
+    assert_eq!(client.welcome["heartbeatIntervalMs"], 30_000);
+    assert!(client.connection_id().starts_with('c'));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn message_reaches_every_receiver_device_and_sender_copies() {
+    let node = start(config("n1")).await;
+    let mut alice1 = node.client("alice").await;
+    let mut alice2 = node.client("alice").await;
+    let mut bob1 = node.client("bob").await;
+    let mut bob2 = node.client("bob").await;
+
+    alice1
+        .send_json(&chat("bob", "hello bob", "t1"))
+        .await
+        .unwrap();
+    let ack = expect(&mut alice1, "MESSAGE_ACK").await;
+    assert_eq!(ack["tempMessageId"], "t1");
+    assert_eq!(ack["route"], "local");
+    let id = ack["messageId"].as_str().unwrap().to_string();
+    assert!(id.ends_with("-n1"), "{id}");
+
+    for device in [&mut bob1, &mut bob2, &mut alice2] {
+        let m = expect(device, "CHAT_MESSAGE").await;
+        assert_eq!(m["messageId"], id.as_str());
+        assert_eq!(m["senderId"], "alice");
+        assert_eq!(m["receiverId"], "bob");
+        assert_eq!(m["chatId"], "c1");
+        assert_eq!(m["content"], "hello bob");
+        assert_eq!(m["timestamp"], ack["timestamp"]);
+    }
+    // The sending device gets the ack, not a copy of its own message.
+    expect_silence(&mut alice1).await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn offline_receiver_gets_offline_route_and_a_push_event() {
+    let node = start(config("n1")).await;
+    let mut alice = node.client("alice").await;
+    alice
+        .send_json(&chat("nobody", "are you there", "t1"))
+        .await
+        .unwrap();
+    let ack = expect(&mut alice, "MESSAGE_ACK").await;
+    assert_eq!(ack["route"], "offline");
+    let (_, stats) = node.get("/api/chat/online/stats").await;
+    assert_eq!(stats["messages"]["offlinePushes"], 1);
+    assert_eq!(stats["messages"]["messagesReceived"], 1);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeat_is_answered() {
+    let node = start(config("n1")).await;
+    let mut alice = node.client("alice").await;
+    alice
+        .send_json(&json!({"type": "HEARTBEAT", "content": "ping"}))
+        .await
+        .unwrap();
+    let pong = expect(&mut alice, "HEARTBEAT_ACK").await;
+    assert_eq!(pong["content"], "pong");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn read_receipt_reaches_every_device_of_the_sender() {
+    let node = start(config("n1")).await;
+    let mut alice1 = node.client("alice").await;
+    let mut alice2 = node.client("alice").await;
+    let mut bob = node.client("bob").await;
+    alice1
+        .send_json(&chat("bob", "read me", "t1"))
+        .await
+        .unwrap();
+    let id = expect(&mut alice1, "MESSAGE_ACK").await["messageId"].clone();
+    expect(&mut alice2, "CHAT_MESSAGE").await;
+    expect(&mut bob, "CHAT_MESSAGE").await;
+
+    bob.send_json(
+        &json!({"type": "READ_RECEIPT", "chatId": "c1", "messageId": id, "receiverId": "alice"}),
+    )
+    .await
+    .unwrap();
+    for device in [&mut alice1, &mut alice2] {
+        let r = expect(device, "READ_RECEIPT").await;
+        assert_eq!(
+            (&r["messageId"], &r["readerId"], &r["chatId"]),
+            (&id, &json!("bob"), &json!("c1"))
+        );
+    }
+
+    // Only the receiver may mark it read; unknown ids are named as such.
+    alice2
+        .send_json(&json!({"type": "READ_RECEIPT", "chatId": "c1", "messageId": id, "receiverId": "alice"}))
+        .await
+        .unwrap();
+    assert_eq!(expect(&mut alice2, "ERROR").await["code"], "FORBIDDEN");
+    bob.send_json(&json!({"type": "READ_RECEIPT", "chatId": "c1", "messageId": "nope", "receiverId": "alice"}))
+        .await
+        .unwrap();
+    assert_eq!(expect(&mut bob, "ERROR").await["code"], "UNKNOWN_MESSAGE");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn typing_reaches_every_device_of_the_receiver() {
+    let node = start(config("n1")).await;
+    let mut alice = node.client("alice").await;
+    let mut bob1 = node.client("bob").await;
+    let mut bob2 = node.client("bob").await;
+    for content in ["typing", "stop_typing"] {
+        alice
+            .send_json(
+                &json!({"type": "TYPING", "receiverId": "bob", "chatId": "c1", "content": content}),
+            )
+            .await
+            .unwrap();
+        for device in [&mut bob1, &mut bob2] {
+            let t = expect(device, "TYPING").await;
+            assert_eq!(
+                (&t["senderId"], &t["chatId"], &t["content"]),
+                (&json!("alice"), &json!("c1"), &json!(content))
+            );
+        }
+    }
+    expect_silence(&mut alice).await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn retried_send_is_stored_once_and_acked_with_the_same_id() {
+    let node = start(config("n1")).await;
+    let mut alice = node.client("alice").await;
+    let mut bob = node.client("bob").await;
+    alice.send_json(&chat("bob", "once", "same")).await.unwrap();
+    let first = expect(&mut alice, "MESSAGE_ACK").await;
+    alice.send_json(&chat("bob", "once", "same")).await.unwrap();
+    let second = expect(&mut alice, "MESSAGE_ACK").await;
+    assert_eq!(first["messageId"], second["messageId"]);
+    expect(&mut bob, "CHAT_MESSAGE").await;
+    expect_silence(&mut bob).await;
+    let (_, stats) = node.get("/api/chat/online/stats").await;
+    assert_eq!(stats["messages"]["messagesReceived"], 1);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn note_to_self_reaches_the_other_devices_once() {
+    let node = start(config("n1")).await;
+    let mut a1 = node.client("alice").await;
+    let mut a2 = node.client("alice").await;
+    a1.send_json(&chat("alice", "remember milk", "t1"))
+        .await
+        .unwrap();
+    assert_eq!(expect(&mut a1, "MESSAGE_ACK").await["route"], "local");
+    assert_eq!(
+        expect(&mut a2, "CHAT_MESSAGE").await["content"],
+        "remember milk"
+    );
+    expect_silence(&mut a2).await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn ids_are_unique_and_ordered_per_sender() {
+    let node = start(config("n1")).await;
+    let mut alice = node.client("alice").await;
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        alice
+            .send_json(&chat("bob", "x", &format!("t{i}")))
+            .await
+            .unwrap();
+    }
+    for _ in 0..200 {
+        ids.push(
+            expect(&mut alice, "MESSAGE_ACK").await["messageId"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let unique: HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), 200);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(
+        ids, sorted,
+        "acks arrive in send order and ids sort in that order"
+    );
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn moderation_masks_or_rejects() {
+    let mut c = config("n1");
+    c.moderation.words = vec!["darn".into()];
+    let node = start(c.clone()).await;
+    let mut alice = node.client("alice").await;
+    let mut bob = node.client("bob").await;
+    alice
+        .send_json(&chat("bob", "oh DARN it", "t1"))
+        .await
+        .unwrap();
+    expect(&mut alice, "MESSAGE_ACK").await;
+    assert_eq!(
+        expect(&mut bob, "CHAT_MESSAGE").await["content"],
+        "oh **** it"
+    );
+    node.stop().await;
+
+    c.moderation.action = ModerationAction::Reject;
+    let node = start(c).await;
+    let mut alice = node.client("alice").await;
+    let mut bob = node.client("bob").await;
+    alice
+        .send_json(&chat("bob", "oh darn", "t2"))
+        .await
+        .unwrap();
+    let e = expect(&mut alice, "ERROR").await;
+    assert_eq!(
+        (&e["code"], &e["tempMessageId"]),
+        (&json!("CONTENT_REJECTED"), &json!("t2"))
+    );
+    expect_silence(&mut bob).await;
+    node.stop().await;
+}
