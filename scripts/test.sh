@@ -1,13 +1,30 @@
 #!/usr/bin/env bash
 # Runs every test of chatd: unit tests beside the code, black-box tests that start real nodes
 # and speak real WebSocket to them, and the CLI tests that run the real binary (SIGTERM
-# included). Needs only the Rust toolchain; one release build serves the binary and the tests.
+# included), and the test page in a headless browser. Installs Chromium (apt-get) and
+# playwright-core (npm) when missing. One release build serves the binary and the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "error: cargo not found; install the Rust toolchain (https://rustup.rs)" >&2
   exit 1
+fi
+
+# The browser test of /test.html needs Debian's Chromium and the npm package playwright-core.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "installing chromium (Debian package) for the browser test..."
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "error: npm not found; install Node.js (the browser test drives Chromium from Node)" >&2
+    exit 1
+  fi
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
 if cargo fmt --version >/dev/null 2>&1; then

@@ -75,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/chat/online/stats", get(rest::online_stats))
         .route("/test.html", get(rest::test_page))
+        .route("/favicon.ico", get(rest::favicon))
         .fallback(rest::not_found)
         .with_state(state)
 }

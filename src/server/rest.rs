@@ -109,6 +109,11 @@ pub async fn test_page() -> Response {
         .into_response()
 }
 
+/// Browsers ask for it on every page; no icon, and no 404 in their console.
+pub async fn favicon() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
 pub async fn not_found() -> Response {
     json_error(
         StatusCode::NOT_FOUND,
