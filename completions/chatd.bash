@@ -81,7 +81,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__connect)
-            opts="-h -V --user --url --json --chat --linger --help --version"
+            opts="-h -V --user --url --json --interactive --chat --linger --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

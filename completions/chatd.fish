@@ -43,7 +43,8 @@ complete -c chatd -n "__fish_chatd_using_subcommand connect" -l user -d 'Your us
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l url -d 'The node to connect to' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l chat -d 'Chat id for messages you send (default: the two user ids, sorted, joined by _)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l linger -d 'After stdin ends, keep printing received frames this many seconds before closing' -r
-complete -c chatd -n "__fish_chatd_using_subcommand connect" -l json -d 'Raw JSON frames in on stdin, one JSON line out per received frame'
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l json -d 'Raw JSON frames in on stdin, one JSON line out per received frame (the default when stdin is not a terminal)'
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l interactive -d 'The human mode (`@bob hello`, `/read ID`, ...) even when stdin is not a terminal'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l from -d 'Sender user id' -r

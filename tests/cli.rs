@@ -316,3 +316,131 @@ fn committed_completions_match_the_cli() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), generated);
     }
 }
+
+/// Reads the child's stdout lines on a thread, so a test can wait for one with a deadline.
+fn line_reader(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    panic!("no line with {needle:?}; saw {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_interactive_commands_for_a_person() {
+    let node = start(config("n1")).await;
+    let mut alice = node.client("alice").await;
+    let mut child = chatd()
+        .args([
+            "connect",
+            "--url",
+            &node.ws(),
+            "--user",
+            "bob",
+            "--interactive",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let lines = line_reader(child.stdout.take().unwrap());
+    let welcome = tokio::task::block_in_place(|| wait_line(&lines, "connected to node n1 as bob"));
+    assert!(welcome.contains("/help"), "{welcome}");
+
+    alice.send_json(&chat("bob", "hi bob", "t1")).await.unwrap();
+    let id = expect(&mut alice, "MESSAGE_ACK").await["messageId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let shown = tokio::task::block_in_place(|| wait_line(&lines, "alice -> you: hi bob"));
+    assert!(shown.contains(&id), "{shown}");
+
+    writeln!(stdin, "/read {id}").unwrap();
+    let r = expect(&mut alice, "READ_RECEIPT").await;
+    assert_eq!(
+        (&r["messageId"], &r["readerId"]),
+        (&serde_json::json!(id), &serde_json::json!("bob"))
+    );
+
+    writeln!(stdin, "@alice hello back").unwrap();
+    let m = expect(&mut alice, "CHAT_MESSAGE").await;
+    assert_eq!(
+        (&m["content"], &m["chatId"]),
+        (
+            &serde_json::json!("hello back"),
+            &serde_json::json!("alice_bob")
+        )
+    );
+    tokio::task::block_in_place(|| wait_line(&lines, "route local"));
+
+    writeln!(stdin, "/typing alice").unwrap();
+    assert_eq!(expect(&mut alice, "TYPING").await["content"], "typing");
+    alice
+        .send_json(&serde_json::json!({"type": "TYPING", "receiverId": "bob", "chatId": "alice_bob", "content": "typing"}))
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| wait_line(&lines, "alice is typing"));
+
+    writeln!(stdin, "/quit").unwrap();
+    let status = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(10)));
+    assert!(status.success());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_sends_heartbeats_by_itself() {
+    let mut c = config("n1");
+    c.server.heartbeat_interval_ms = 100;
+    c.server.idle_timeout_ms = 400;
+    let node = start(c).await;
+    let url = node.ws();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = chatd()
+            .args([
+                "connect", "--url", &url, "--user", "alice", "--json", "--linger", "0",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Silent on stdin for well over the idle timeout.
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let acks = String::from_utf8_lossy(&out.stdout)
+        .matches("HEARTBEAT_ACK")
+        .count();
+    assert!(
+        acks >= 5,
+        "expected heartbeats every 100 ms, got {acks} acks"
+    );
+    node.stop().await;
+}

@@ -236,9 +236,14 @@ impl Node {
             }
             route
         } else {
-            // A retry of a stored message: acknowledge it again, deliver nothing twice.
-            let online = self.sessions.devices_of(&stored.receiver_id) > 0;
-            Route::from_parts(online, false)
+            // A retry of a stored message: acknowledge it again, deliver nothing twice; the
+            // route says where the receiver's devices are now.
+            let local = self.sessions.devices_of(&stored.receiver_id) > 0;
+            let remote = match self.backends.presence.devices(&stored.receiver_id).await {
+                Ok(devices) => devices.iter().any(|d| d.node_id != self.node_id),
+                Err(_) => false,
+            };
+            Route::from_parts(local, remote)
         };
         tracing::debug!(message = %stored.message_id, route = route.as_str(), "message acknowledged");
         self.reply(

@@ -25,9 +25,13 @@ pub struct ConnectArgs {
     /// The node to connect to
     #[arg(long, default_value = DEFAULT_URL)]
     pub url: String,
-    /// Raw JSON frames in on stdin, one JSON line out per received frame
-    #[arg(long)]
+    /// Raw JSON frames in on stdin, one JSON line out per received frame (the default when
+    /// stdin is not a terminal)
+    #[arg(long, conflicts_with = "interactive")]
     pub json: bool,
+    /// The human mode (`@bob hello`, `/read ID`, ...) even when stdin is not a terminal
+    #[arg(long)]
+    pub interactive: bool,
     /// Chat id for messages you send (default: the two user ids, sorted, joined by _)
     #[arg(long)]
     pub chat: Option<String>,
@@ -43,7 +47,7 @@ struct Seen {
 }
 
 pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
-    let json_mode = args.json || !std::io::stdin().is_terminal();
+    let json_mode = args.json || (!args.interactive && !std::io::stdin().is_terminal());
     let mut client = Client::connect(&args.url, &args.user, Duration::from_secs(10))
         .await
         .context("connect failed")?;

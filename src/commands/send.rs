@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -131,23 +132,38 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     if count > 20 && !args.json {
-        latencies.sort();
-        let p = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
-        let mut routes: Vec<_> = routes.into_iter().collect();
-        routes.sort();
-        println!(
-            "{count} messages acknowledged; routes {routes:?}; ack latency p50 {:?}, p99 {:?}",
-            p(0.5),
-            p(0.99)
-        );
+        println!("{}", summary(count, routes, latencies));
     }
     client.close().await;
     Ok(())
 }
 
+/// Routes and ack latency of a `--count` run, as a table.
+fn summary(count: usize, routes: HashMap<String, usize>, mut latencies: Vec<Duration>) -> Table {
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
+    let mut routes: Vec<_> = routes.into_iter().collect();
+    routes.sort();
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    if !std::io::stdout().is_terminal() {
+        table.force_no_tty();
+    }
+    table.set_header(["acknowledged", "routes", "ack p50", "ack p99", "ack max"]);
+    let routes: Vec<String> = routes.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+    table.add_row([
+        count.to_string(),
+        routes.join(", "),
+        format!("{:.1?}", at(0.5)),
+        format!("{:.1?}", at(0.99)),
+        format!("{:.1?}", at(1.0)),
+    ]);
+    table
+}
+
 /// A progress bar for many messages on a terminal; hidden otherwise (scripts, CI).
 fn progress(count: usize) -> ProgressBar {
-    if count <= 20 || !std::io::stderr().is_terminal() {
+    if count <= 20 || !std::io::stderr().is_terminal() || std::env::var_os("CI").is_some() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(count as u64);
