@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     pub server: ServerConfig,
     pub presence: PresenceConfig,
+    pub redis: RedisConfig,
     pub store: StoreConfig,
     pub moderation: ModerationConfig,
 }
@@ -43,6 +44,9 @@ pub struct ServerConfig {
     pub send_queue_len: usize,
     /// On SIGINT/SIGTERM, how long to wait for sessions to close before exiting anyway.
     pub shutdown_grace_ms: u64,
+    /// This node's REST base URL as other nodes and `chatd stats` should reach it (stored
+    /// with its lease). Empty: `http://<bound address>`.
+    pub advertise_url: String,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +61,7 @@ impl Default for ServerConfig {
             max_content_chars: 4096,
             send_queue_len: 256,
             shutdown_grace_ms: 5_000,
+            advertise_url: String::new(),
         }
     }
 }
@@ -66,6 +71,8 @@ impl Default for ServerConfig {
 pub enum PresenceBackend {
     /// In this process only: the embedded single node.
     Memory,
+    /// Shared by every node through Redis (`[redis]`): cluster mode.
+    Redis,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,13 +81,37 @@ pub struct PresenceConfig {
     pub backend: PresenceBackend,
     /// A device whose last heartbeat is older than this reads as offline (the seed's 5 min).
     pub ttl_secs: u64,
+    /// Redis backend: each node's lease; once it lapses (node killed), its users read as
+    /// offline. Refreshed every third of it.
+    pub node_lease_secs: u64,
 }
 
 impl Default for PresenceConfig {
     fn default() -> Self {
+        Self { backend: PresenceBackend::Memory, ttl_secs: 300, node_lease_secs: 15 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db`; used when `presence.backend = "redis"` and by `chatd presence`.
+    pub url: String,
+    /// Put into the URL when it has no credentials of its own. Redacted when printed.
+    pub password: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Deadline of every Redis call, waiting for a pooled connection included.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
         Self {
-            backend: PresenceBackend::Memory,
-            ttl_secs: 300,
+            url: "redis://127.0.0.1:6379/0".into(),
+            password: String::new(),
+            pool_size: 16,
+            timeout_ms: 1000,
         }
     }
 }
@@ -274,6 +305,24 @@ impl Config {
         if self.presence.ttl_secs == 0 {
             return bad("presence.ttl_secs", "must be at least 1".into());
         }
+        if !(2..=15).contains(&self.presence.node_lease_secs) {
+            return bad("presence.node_lease_secs", "must be between 2 and 15".into());
+        }
+        if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
+            return bad("redis.url", format!("{:?} must start with redis://", self.redis.url));
+        }
+        if self.redis.pool_size == 0 {
+            return bad("redis.pool_size", "must be at least 1".into());
+        }
+        if self.redis.timeout_ms < 10 {
+            return bad("redis.timeout_ms", "must be at least 10".into());
+        }
+        if !s.advertise_url.is_empty() && !s.advertise_url.starts_with("http") {
+            return bad(
+                "server.advertise_url",
+                format!("{:?} must be an http:// URL", s.advertise_url),
+            );
+        }
         if !self.store.url.is_empty() {
             return bad(
                 "store.url",
@@ -292,9 +341,13 @@ impl Config {
         Ok(())
     }
 
-    /// The effective configuration as TOML, for `chatd serve --print-config`.
+    /// The effective configuration as TOML with secrets redacted, for `--print-config`.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut shown = self.clone();
+        if !shown.redis.password.is_empty() {
+            shown.redis.password = "<redacted>".into();
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 

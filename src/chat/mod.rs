@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::bus::{Bus, Envelope, FrameKind, LocalBus, OfflinePush, Recipient};
 use crate::config::{Config, PresenceBackend};
-use crate::presence::{MemoryPresence, Presence};
+use crate::presence::{Device, MemoryPresence, Presence, PresenceError, RedisPresence};
 use crate::protocol::{ChatSend, ErrorCode, FrameError, Route, ServerFrame};
 use crate::store::{MemoryStore, SaveOutcome, Store, StoreError};
 use ids::IdGenerator;
@@ -40,16 +40,22 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// The embedded default: everything in this process.
-    pub fn from_config(config: &Config) -> Backends {
+    /// The backends `config` names: in-process ones for the embedded default, Redis for
+    /// presence in cluster mode.
+    pub fn from_config(config: &Config) -> Result<Backends, NodeError> {
         let presence: Arc<dyn Presence> = match config.presence.backend {
             PresenceBackend::Memory => Arc::new(MemoryPresence::new(config.presence.ttl_secs)),
+            PresenceBackend::Redis => Arc::new(RedisPresence::new(
+                &config.redis,
+                config.presence.ttl_secs,
+                config.presence.node_lease_secs,
+            )?),
         };
-        Backends {
+        Ok(Backends {
             presence,
             bus: Arc::new(LocalBus::new()),
             store: Arc::new(MemoryStore::new(config.store.memory_max_messages)),
-        }
+        })
     }
 }
 
@@ -59,6 +65,8 @@ pub enum NodeError {
     Moderation(#[from] moderation::ModerationError),
     #[error("cannot subscribe to the bus: {0}")]
     Bus(#[from] crate::bus::BusError),
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
 }
 
 /// One chat node: config, backends, local sessions and counters.
@@ -110,7 +118,32 @@ impl Node {
                 node.deliver_envelope(envelope);
             }
         });
+        // The first lease is taken before the node serves anyone.
+        if let Err(e) = node.backends.presence.maintain(&node.node_id, &node.advertise_url()).await {
+            tracing::warn!("presence unavailable at start ({e}); serving locally until it is back");
+        }
+        tokio::spawn(maintain_presence(Arc::downgrade(&node)));
         Ok(node)
+    }
+
+    /// This node's REST base URL, as stored with its lease.
+    pub fn advertise_url(&self) -> String {
+        let s = &self.config.server;
+        if s.advertise_url.is_empty() {
+            format!("http://{}:{}", s.host, s.port)
+        } else {
+            s.advertise_url.clone()
+        }
+    }
+
+    /// Registers every local session again, after presence lost them (Redis restarted or
+    /// was unreachable long enough for this node to be reaped).
+    async fn resync_presence(&self) {
+        let handles = self.sessions.all();
+        for h in &handles {
+            self.register(h).await;
+        }
+        tracing::info!(sessions = handles.len(), "presence is back: local sessions registered again");
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -134,6 +167,33 @@ impl Node {
             Err(e) => tracing::warn!("could not clear this node's presence: {e}"),
         }
         self.backends.bus.unsubscribe(&self.node_id).await;
+    }
+
+    /// Records a local device in presence. A failure is logged and counted; the session goes
+    /// on (local delivery does not need presence) and the next heartbeat tries again.
+    pub async fn register(&self, handle: &SessionHandle) {
+        let device = Device {
+            connection_id: handle.connection_id.to_string(),
+            node_id: self.node_id.clone(),
+            last_seen_ms: ids::now_ms(),
+        };
+        if let Err(e) = self.backends.presence.connect(&handle.user_id, device).await {
+            Metrics::inc(&self.metrics.presence_failures);
+            tracing::warn!(user = %handle.user_id, "presence not recorded: {e}");
+        }
+    }
+
+    /// A device's heartbeat: refreshes presence, registering the device again if presence
+    /// lost it (Redis restarted, or the device was reaped while Redis was unreachable).
+    pub async fn heartbeat(&self, handle: &SessionHandle) {
+        match self.backends.presence.heartbeat(&handle.user_id, &handle.connection_id).await {
+            Ok(()) => {}
+            Err(PresenceError::Unknown) => self.register(handle).await,
+            Err(e) => {
+                Metrics::inc(&self.metrics.presence_failures);
+                tracing::warn!(user = %handle.user_id, "heartbeat not recorded: {e}");
+            }
+        }
     }
 
     /// Sends a reply to one device (its own ack, error or pong), waiting for room in its
@@ -427,6 +487,40 @@ impl Node {
             Err(e) => {
                 Metrics::inc(&self.metrics.bus_failures);
                 tracing::error!(user = %m.receiver_id, "offline push failed: {e}");
+            }
+        }
+    }
+}
+
+/// Keeps this node's lease while the node lives; after presence was unreachable, registers
+/// the local sessions again so that routing finds them.
+async fn maintain_presence(node: std::sync::Weak<Node>) {
+    let period = match node.upgrade() {
+        Some(n) => std::time::Duration::from_millis(n.config.presence.node_lease_secs * 1000 / 3),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut healthy = true;
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.is_shutting_down() {
+            return;
+        }
+        match node.backends.presence.maintain(&node.node_id, &node.advertise_url()).await {
+            Ok(()) if !healthy => {
+                healthy = true;
+                node.resync_presence().await;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                if healthy {
+                    tracing::error!("presence unreachable: {e}; delivering locally until it is back");
+                }
+                healthy = false;
+                Metrics::inc(&node.metrics.presence_failures);
             }
         }
     }

@@ -168,6 +168,11 @@ impl Registry {
             .count()
     }
 
+    /// Every local session (a snapshot).
+    pub fn all(&self) -> Vec<SessionHandle> {
+        self.by_user.iter().flat_map(|e| e.value().clone()).collect()
+    }
+
     pub fn devices_of(&self, user_id: &str) -> usize {
         self.by_user.get(user_id).map(|h| h.len()).unwrap_or(0)
     }

@@ -48,7 +48,7 @@ impl ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.load_config()?;
+    let mut config = args.load_config()?;
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
@@ -58,7 +58,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         format!("cannot listen on {addr}: is another chatd running there? choose another --port")
     })?;
     let local = listener.local_addr()?;
-    let backends = Backends::from_config(&config);
+    // The port actually bound (it may have been 0), for the lease and the logs.
+    config.server.port = local.port();
+    let backends = Backends::from_config(&config)?;
     let node = Node::start(config, backends).await?;
     tracing::info!(
         node = %node.node_id,

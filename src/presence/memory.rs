@@ -44,15 +44,12 @@ impl Presence for MemoryPresence {
     }
 
     async fn heartbeat(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError> {
-        if let Some(mut devices) = self.users.get_mut(user_id) {
-            let now = now_ms();
-            for d in devices
-                .iter_mut()
-                .filter(|d| d.connection_id == connection_id)
-            {
-                d.last_seen_ms = now;
-            }
-        }
+        let mut devices = self.users.get_mut(user_id).ok_or(PresenceError::Unknown)?;
+        let device = devices
+            .iter_mut()
+            .find(|d| d.connection_id == connection_id)
+            .ok_or(PresenceError::Unknown)?;
+        device.last_seen_ms = now_ms();
         Ok(())
     }
 

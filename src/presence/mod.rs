@@ -2,7 +2,9 @@
 //! embedded backend (one process), Redis arrives with the cluster issue.
 
 mod memory;
+pub mod redis;
 
+pub use self::redis::RedisPresence;
 pub use memory::MemoryPresence;
 
 use async_trait::async_trait;
@@ -22,6 +24,9 @@ pub struct Device {
 pub enum PresenceError {
     #[error("presence backend unavailable: {0}")]
     Unavailable(String),
+    /// A heartbeat for a device presence does not know (lost or reaped): register it again.
+    #[error("device not registered")]
+    Unknown,
 }
 
 #[async_trait]
@@ -30,7 +35,7 @@ pub trait Presence: Send + Sync {
     async fn connect(&self, user_id: &str, device: Device) -> Result<(), PresenceError>;
     /// Removes one device; the user goes offline with its last device.
     async fn disconnect(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError>;
-    /// Refreshes a device's last-seen time.
+    /// Refreshes a device's last-seen time; [`PresenceError::Unknown`] if it is not registered.
     async fn heartbeat(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError>;
     /// The user's live devices (expired ones are not returned).
     async fn devices(&self, user_id: &str) -> Result<Vec<Device>, PresenceError>;
@@ -40,6 +45,15 @@ pub trait Presence: Send + Sync {
     async fn clear_node(&self, node_id: &str) -> Result<usize, PresenceError>;
     /// `Ok` when the backend answers.
     async fn health(&self) -> Result<(), PresenceError>;
+    /// Called every third of the node lease: keeps this node's lease (with its REST URL) and
+    /// clears nodes whose lease lapsed. Nothing to do for a single process.
+    async fn maintain(&self, _node_id: &str, _url: &str) -> Result<(), PresenceError> {
+        Ok(())
+    }
+    /// Live nodes and their REST URLs (cluster backends; empty for a single process).
+    async fn nodes(&self) -> Result<Vec<(String, String)>, PresenceError> {
+        Ok(Vec::new())
+    }
     /// Backend name for health output.
     fn name(&self) -> &'static str;
 }

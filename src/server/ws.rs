@@ -17,11 +17,9 @@ use tokio_tungstenite::tungstenite;
 
 use super::rest::json_error;
 use super::AppState;
-use crate::chat::ids::now_ms;
 use crate::chat::metrics::Metrics;
 use crate::chat::registry::{CloseReason, SessionHandle};
 use crate::chat::Node;
-use crate::presence::Device;
 use crate::protocol::{
     is_valid_user_id, parse_client_frame, ClientFrame, ParseContext, ServerFrame,
 };
@@ -123,15 +121,7 @@ where
     )
     .await;
     node.sessions.add(handle.clone());
-    let device = Device {
-        connection_id: connection_id.clone(),
-        node_id: node.node_id.clone(),
-        last_seen_ms: now_ms(),
-    };
-    if let Err(e) = node.backends.presence.connect(&user_id, device).await {
-        Metrics::inc(&node.metrics.presence_failures);
-        tracing::warn!(user = %user_id, "presence not recorded: {e}");
-    }
+    node.register(&handle).await;
     tracing::info!(user = %user_id, connection = %connection_id, "connected");
 
     let writer = tokio::spawn(write_loop(sink, ends.outbox, ends.close.clone()));
@@ -199,15 +189,7 @@ async fn handle_text(node: &Node, handle: &SessionHandle, text: &str, ctx: Parse
         Err(e) => node.reply_error(handle, &e).await,
         Ok(ClientFrame::Chat(send)) => node.handle_chat(handle, send).await,
         Ok(ClientFrame::Heartbeat) => {
-            if let Err(e) = node
-                .backends
-                .presence
-                .heartbeat(&handle.user_id, &handle.connection_id)
-                .await
-            {
-                Metrics::inc(&node.metrics.presence_failures);
-                tracing::warn!(user = %handle.user_id, "heartbeat not recorded: {e}");
-            }
+            node.heartbeat(handle).await;
             node.reply(handle, &ServerFrame::HeartbeatAck { content: "pong" })
                 .await;
         }

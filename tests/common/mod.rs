@@ -37,7 +37,7 @@ pub struct TestNode {
 
 /// A node with its own in-memory backends.
 pub async fn start(config: Config) -> TestNode {
-    let backends = Backends::from_config(&config);
+    let backends = Backends::from_config(&config).expect("backends from config");
     start_with(config, backends).await
 }
 

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The services cluster mode needs, on loopback only:
+#   Redis  (Debian's redis-server) on 127.0.0.1:$REDIS_PORT with password $REDIS_PASSWORD,
+#          no persistence;
+#   Kafka  (Tansu, an Apache Kafka API compatible broker, pinned to $TANSU_VERSION) on
+#          127.0.0.1:$KAFKA_PORT with in-memory storage.
+#
+#   scripts/services.sh up       install what is missing, start both, wait until both answer
+#   scripts/services.sh down     stop what `up` started (by its pid files, never by name)
+#   scripts/services.sh status   say what runs
+#
+# Installing Tansu compiles it (about 16 minutes on 2 cores) into ~/.cargo/bin, once.
+# State (pid files, logs) lives in .services/ of the repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REDIS_PORT=${REDIS_PORT:-6379}
+REDIS_PASSWORD=${REDIS_PASSWORD:-redis123}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+TANSU_VERSION=0.6.0
+STATE=.services
+TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
+
+mkdir -p "$STATE"
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+pid_alive() { # pidfile
+  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+port_open() { # port
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+install_redis() {
+  command -v redis-server >/dev/null 2>&1 && return
+  echo "installing redis-server (Debian package)..."
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
+}
+
+install_tansu() {
+  if [ -x "$TANSU" ] && "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    return
+  fi
+  echo "installing tansu $TANSU_VERSION with cargo (about 16 minutes the first time)..."
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore
+}
+
+start_redis() {
+  if pid_alive "$STATE/redis.pid"; then return; fi
+  if port_open "$REDIS_PORT"; then
+    echo "error: something else listens on 127.0.0.1:$REDIS_PORT; stop it or set REDIS_PORT" >&2
+    exit 1
+  fi
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --requirepass "$REDIS_PASSWORD" \
+    --save "" --appendonly no --daemonize yes \
+    --pidfile "$PWD/$STATE/redis.pid" --logfile "$PWD/$STATE/redis.log"
+}
+
+start_kafka() {
+  if pid_alive "$STATE/kafka.pid"; then return; fi
+  if port_open "$KAFKA_PORT"; then
+    echo "error: something else listens on 127.0.0.1:$KAFKA_PORT; stop it or set KAFKA_PORT" >&2
+    exit 1
+  fi
+  nohup "$TANSU" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine "memory://tansu/" \
+    >"$STATE/kafka.log" 2>&1 &
+  echo $! >"$STATE/kafka.pid"
+}
+
+wait_until() { # what seconds command...
+  local what=$1 secs=$2
+  shift 2
+  for _ in $(seq $((secs * 10))); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "error: $what did not answer within ${secs}s; see $STATE/*.log" >&2
+  return 1
+}
+
+redis_ping() {
+  [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" -a "$REDIS_PASSWORD" --no-auth-warning ping)" = PONG ]
+}
+
+kafka_ready() {
+  pid_alive "$STATE/kafka.pid" && port_open "$KAFKA_PORT"
+}
+
+stop() { # name
+  local pidfile="$STATE/$1.pid"
+  if pid_alive "$pidfile"; then
+    local pid
+    pid=$(cat "$pidfile")
+    kill "$pid"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    echo "stopped $1 (pid $pid)"
+  fi
+  rm -f "$pidfile"
+}
+
+status() {
+  local rc=0
+  if pid_alive "$STATE/redis.pid" && redis_ping; then
+    echo "redis: up on 127.0.0.1:$REDIS_PORT (pid $(cat "$STATE/redis.pid"))"
+  else
+    echo "redis: down"; rc=1
+  fi
+  if kafka_ready; then
+    echo "kafka: up on 127.0.0.1:$KAFKA_PORT (tansu, pid $(cat "$STATE/kafka.pid"))"
+  else
+    echo "kafka: down"; rc=1
+  fi
+  return $rc
+}
+
+case "${1:-}" in
+  up)
+    install_redis
+    install_tansu
+    start_redis
+    start_kafka
+    wait_until "redis on 127.0.0.1:$REDIS_PORT" 20 redis_ping
+    wait_until "kafka (tansu) on 127.0.0.1:$KAFKA_PORT" 30 kafka_ready
+    status
+    ;;
+  down)
+    stop kafka
+    stop redis
+    ;;
+  status)
+    status
+    ;;
+  *)
+    echo "usage: $0 up|down|status" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,375 @@
+//! Presence in Redis, shared by every node of a cluster. Every update of one user is one Lua
+//! script (atomic); every call has a deadline, so a Redis that stalls or dies costs a session
+//! a timeout error, never a hang.
+//!
+//! Key layout (documented in the README for `redis-cli`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `chat:online:users` | set | user ids with at least one device (the seed's key) |
+//! | `chat:user:devices:{userId}` | hash | connectionId -> `{nodeId}\|{lastSeenMs}`; expires `ttl` after the last update |
+//! | `chat:node:devices:{nodeId}` | set | `{userId}\|{connectionId}` of that node, to clear it in one go |
+//! | `chat:node:lease:{nodeId}` | string | the node's REST URL; expires `node_lease_secs` after the last refresh |
+//! | `chat:nodes` | set | node ids ever seen alive and not yet cleaned up |
+//!
+//! A device counts only while its node's lease exists, so the users of a node killed with
+//! SIGKILL read as offline once its lease lapses; the next janitor pass on any live node then
+//! removes them for good.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::redis::{self, AsyncCommands, Script};
+use deadpool_redis::{Pool, Runtime};
+
+use super::{Device, Presence, PresenceError};
+use crate::chat::ids::now_ms;
+use crate::config::RedisConfig;
+
+pub const ONLINE_USERS: &str = "chat:online:users";
+pub const NODES: &str = "chat:nodes";
+const DEVICES_PREFIX: &str = "chat:user:devices:";
+const NODE_DEVICES_PREFIX: &str = "chat:node:devices:";
+const LEASE_PREFIX: &str = "chat:node:lease:";
+
+pub fn devices_key(user_id: &str) -> String {
+    format!("{DEVICES_PREFIX}{user_id}")
+}
+
+pub fn node_devices_key(node_id: &str) -> String {
+    format!("{NODE_DEVICES_PREFIX}{node_id}")
+}
+
+pub fn lease_key(node_id: &str) -> String {
+    format!("{LEASE_PREFIX}{node_id}")
+}
+
+const CONNECT: &str = r#"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[3] .. '|' .. ARGV[1])
+return 1
+"#;
+
+const DISCONNECT: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v then
+  local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
+  redis.call('SREM', ARGV[3] .. node, ARGV[2] .. '|' .. ARGV[1])
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[2], ARGV[2])
+end
+return 1
+"#;
+
+/// Refreshes a device's last-seen time, keeping its node. Returns 0 when the device is unknown
+/// (Redis lost it, or the janitor reaped it): the caller registers it again.
+const HEARTBEAT: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return 0 end
+local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
+redis.call('HSET', KEYS[1], ARGV[1], node .. '|' .. ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;
+
+/// The user's devices whose node holds a lease, as a flat [conn, value, ...] list.
+const DEVICES: &str = r#"
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
+  if redis.call('EXISTS', ARGV[1] .. node) == 1 then
+    out[#out + 1] = all[i]
+    out[#out + 1] = v
+  end
+end
+return out
+"#;
+
+/// Removes every device of a node: KEYS[1] its device set, KEYS[2] the online set.
+const CLEAR_NODE: &str = r#"
+local members = redis.call('SMEMBERS', KEYS[1])
+local n = 0
+for _, m in ipairs(members) do
+  local sep = string.find(m, '|', 1, true)
+  local user = string.sub(m, 1, sep - 1)
+  local conn = string.sub(m, sep + 1)
+  local dk = ARGV[1] .. user
+  local v = redis.call('HGET', dk, conn)
+  if v and string.sub(v, 1, string.find(v, '|', 1, true) - 1) == ARGV[2] then
+    n = n + redis.call('HDEL', dk, conn)
+  end
+  if redis.call('HLEN', dk) == 0 then redis.call('SREM', KEYS[2], user) end
+end
+redis.call('DEL', KEYS[1])
+return n
+"#;
+
+pub struct RedisPresence {
+    pool: Pool,
+    /// Deadline of every call, pool wait included.
+    timeout: Duration,
+    ttl_ms: i64,
+    lease: Duration,
+    connect: Script,
+    disconnect: Script,
+    heartbeat: Script,
+    devices: Script,
+    clear_node: Script,
+}
+
+/// The URL with the password from config put in, unless the URL already carries credentials.
+pub fn url_with_password(url: &str, password: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) if !password.is_empty() && !rest.contains('@') => {
+            let encoded: String = password
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            format!("{scheme}://:{encoded}@{rest}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl RedisPresence {
+    pub fn new(redis: &RedisConfig, ttl_secs: u64, lease_secs: u64) -> Result<Self, PresenceError> {
+        let timeout = Duration::from_millis(redis.timeout_ms);
+        let pool = deadpool_redis::Config::from_url(url_with_password(&redis.url, &redis.password))
+            .builder()
+            .map_err(|e| PresenceError::Unavailable(format!("redis.url: {e}")))?
+            .max_size(redis.pool_size)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| PresenceError::Unavailable(format!("redis pool: {e}")))?;
+        Ok(Self {
+            pool,
+            timeout,
+            ttl_ms: (ttl_secs as i64).saturating_mul(1000),
+            lease: Duration::from_secs(lease_secs),
+            connect: Script::new(CONNECT),
+            disconnect: Script::new(DISCONNECT),
+            heartbeat: Script::new(HEARTBEAT),
+            devices: Script::new(DEVICES),
+            clear_node: Script::new(CLEAR_NODE),
+        })
+    }
+
+    /// Runs `f` on a pooled connection within the deadline.
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, PresenceError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async {
+            let conn = self.pool.get().await.map_err(|e| format!("{what}: {e}"))?;
+            f(conn).await.map_err(|e| format!("{what}: {e}"))
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(PresenceError::Unavailable(format!("redis {e}"))),
+            Err(_) => Err(PresenceError::Unavailable(format!(
+                "redis {what}: no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Refreshes this node's lease (with its REST URL as value) and its place in `chat:nodes`.
+    pub async fn refresh_lease(&self, node_id: &str, url: &str) -> Result<(), PresenceError> {
+        let lease_ms = self.lease.as_millis() as u64;
+        let (key, url) = (lease_key(node_id), url.to_string());
+        self.call("lease", |mut c| async move {
+            redis::pipe()
+                .atomic()
+                .cmd("SET")
+                .arg(&key)
+                .arg(&url)
+                .arg("PX")
+                .arg(lease_ms)
+                .ignore()
+                .sadd(NODES, node_id)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// Live nodes and their REST URLs.
+    pub async fn live_nodes(&self) -> Result<Vec<(String, String)>, PresenceError> {
+        let nodes: Vec<String> = self.call("nodes", |mut c| async move { c.smembers(NODES).await }).await?;
+        let mut live = Vec::new();
+        for node in nodes {
+            let key = lease_key(&node);
+            let url: Option<String> = self.call("lease", |mut c| async move { c.get(key).await }).await?;
+            if let Some(url) = url {
+                live.push((node, url));
+            }
+        }
+        live.sort();
+        Ok(live)
+    }
+
+    /// Clears the devices of every node whose lease lapsed; returns the nodes cleared.
+    pub async fn reap_dead_nodes(&self) -> Result<Vec<String>, PresenceError> {
+        let nodes: Vec<String> = self.call("nodes", |mut c| async move { c.smembers(NODES).await }).await?;
+        let mut reaped = Vec::new();
+        for node in nodes {
+            let key = lease_key(&node);
+            let alive: bool = self.call("lease", |mut c| async move { c.exists(key).await }).await?;
+            if !alive {
+                self.clear_node(&node).await?;
+                let n = node.clone();
+                self.call("nodes", |mut c| async move { c.srem::<_, _, ()>(NODES, n).await }).await?;
+                reaped.push(node);
+            }
+        }
+        Ok(reaped)
+    }
+}
+
+fn device_value(node_id: &str, last_seen_ms: i64) -> String {
+    format!("{node_id}|{last_seen_ms}")
+}
+
+#[async_trait]
+impl Presence for RedisPresence {
+    async fn connect(&self, user_id: &str, device: Device) -> Result<(), PresenceError> {
+        let script = &self.connect;
+        let ttl = self.ttl_ms;
+        self.call("connect", |mut c| async move {
+            script
+                .key(devices_key(user_id))
+                .key(ONLINE_USERS)
+                .key(node_devices_key(&device.node_id))
+                .arg(&device.connection_id)
+                .arg(device_value(&device.node_id, device.last_seen_ms))
+                .arg(user_id)
+                .arg(ttl)
+                .invoke_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn disconnect(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError> {
+        let script = &self.disconnect;
+        self.call("disconnect", |mut c| async move {
+            script
+                .key(devices_key(user_id))
+                .key(ONLINE_USERS)
+                .arg(connection_id)
+                .arg(user_id)
+                .arg(NODE_DEVICES_PREFIX)
+                .invoke_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError> {
+        let script = &self.heartbeat;
+        let ttl = self.ttl_ms;
+        let found: i64 = self
+            .call("heartbeat", |mut c| async move {
+                script
+                    .key(devices_key(user_id))
+                    .arg(connection_id)
+                    .arg(now_ms())
+                    .arg(ttl)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        if found == 0 {
+            return Err(PresenceError::Unknown);
+        }
+        Ok(())
+    }
+
+    async fn devices(&self, user_id: &str) -> Result<Vec<Device>, PresenceError> {
+        let script = &self.devices;
+        let flat: Vec<String> = self
+            .call("devices", |mut c| async move {
+                script.key(devices_key(user_id)).arg(LEASE_PREFIX).invoke_async(&mut c).await
+            })
+            .await?;
+        let now = now_ms();
+        Ok(flat
+            .chunks_exact(2)
+            .filter_map(|pair| {
+                let (node, seen) = pair[1].split_once('|')?;
+                let last_seen_ms: i64 = seen.parse().ok()?;
+                (now - last_seen_ms < self.ttl_ms).then(|| Device {
+                    connection_id: pair[0].clone(),
+                    node_id: node.to_string(),
+                    last_seen_ms,
+                })
+            })
+            .collect())
+    }
+
+    async fn online_user_count(&self) -> Result<usize, PresenceError> {
+        self.call("count", |mut c| async move { c.scard(ONLINE_USERS).await }).await
+    }
+
+    async fn clear_node(&self, node_id: &str) -> Result<usize, PresenceError> {
+        let script = &self.clear_node;
+        self.call("clear node", |mut c| async move {
+            script
+                .key(node_devices_key(node_id))
+                .key(ONLINE_USERS)
+                .arg(DEVICES_PREFIX)
+                .arg(node_id)
+                .invoke_async(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn health(&self) -> Result<(), PresenceError> {
+        self.call("PING", |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(|_| ())
+    }
+
+    async fn maintain(&self, node_id: &str, url: &str) -> Result<(), PresenceError> {
+        self.refresh_lease(node_id, url).await?;
+        for dead in self.reap_dead_nodes().await? {
+            tracing::warn!(node = %dead, "node lease lapsed: cleared its devices from presence");
+        }
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<(String, String)>, PresenceError> {
+        self.live_nodes().await
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_goes_into_the_url() {
+        assert_eq!(url_with_password("redis://127.0.0.1:6379/0", ""), "redis://127.0.0.1:6379/0");
+        assert_eq!(url_with_password("redis://127.0.0.1:6379/0", "p@ss"), "redis://:p%40ss@127.0.0.1:6379/0");
+        assert_eq!(url_with_password("redis://:x@h:1", "y"), "redis://:x@h:1");
+    }
+}
