@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of chatd: unit tests beside the code, black-box tests that start real nodes
 # and speak real WebSocket to them, and the CLI tests that run the real binary (SIGTERM
-# included), and the test page in a headless browser. Installs Chromium (apt-get) and
-# playwright-core (npm) when missing. One release build serves the binary and the tests.
+# included), the cluster tests against a real Redis and Kafka broker (scripts/services.sh),
+# and the test page in a headless browser. Installs what is missing: Chromium and
+# redis-server (apt-get), playwright-core (npm), Tansu (cargo install, ~16 min once).
+# One release build serves the binary and the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,15 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
     exit 1
   fi
   (cd tests/browser && npm ci --no-audit --no-fund --silent)
+fi
+
+# Cluster tests need a real Redis and a real Kafka-compatible broker (Tansu). Start them unless
+# they already run, and stop what this script started when it ends, tests failing or not.
+if scripts/services.sh status >/dev/null 2>&1; then
+  echo "using the services already running (scripts/services.sh status)"
+else
+  trap 'scripts/services.sh down' EXIT
+  scripts/services.sh up
 fi
 
 if cargo fmt --version >/dev/null 2>&1; then

@@ -88,7 +88,11 @@ pub struct PresenceConfig {
 
 impl Default for PresenceConfig {
     fn default() -> Self {
-        Self { backend: PresenceBackend::Memory, ttl_secs: 300, node_lease_secs: 15 }
+        Self {
+            backend: PresenceBackend::Memory,
+            ttl_secs: 300,
+            node_lease_secs: 15,
+        }
     }
 }
 
@@ -306,10 +310,16 @@ impl Config {
             return bad("presence.ttl_secs", "must be at least 1".into());
         }
         if !(2..=15).contains(&self.presence.node_lease_secs) {
-            return bad("presence.node_lease_secs", "must be between 2 and 15".into());
+            return bad(
+                "presence.node_lease_secs",
+                "must be between 2 and 15".into(),
+            );
         }
         if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
-            return bad("redis.url", format!("{:?} must start with redis://", self.redis.url));
+            return bad(
+                "redis.url",
+                format!("{:?} must start with redis://", self.redis.url),
+            );
         }
         if self.redis.pool_size == 0 {
             return bad("redis.pool_size", "must be at least 1".into());

@@ -119,7 +119,12 @@ impl Node {
             }
         });
         // The first lease is taken before the node serves anyone.
-        if let Err(e) = node.backends.presence.maintain(&node.node_id, &node.advertise_url()).await {
+        if let Err(e) = node
+            .backends
+            .presence
+            .maintain(&node.node_id, &node.advertise_url())
+            .await
+        {
             tracing::warn!("presence unavailable at start ({e}); serving locally until it is back");
         }
         tokio::spawn(maintain_presence(Arc::downgrade(&node)));
@@ -143,7 +148,10 @@ impl Node {
         for h in &handles {
             self.register(h).await;
         }
-        tracing::info!(sessions = handles.len(), "presence is back: local sessions registered again");
+        tracing::info!(
+            sessions = handles.len(),
+            "presence is back: local sessions registered again"
+        );
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -177,7 +185,12 @@ impl Node {
             node_id: self.node_id.clone(),
             last_seen_ms: ids::now_ms(),
         };
-        if let Err(e) = self.backends.presence.connect(&handle.user_id, device).await {
+        if let Err(e) = self
+            .backends
+            .presence
+            .connect(&handle.user_id, device)
+            .await
+        {
             Metrics::inc(&self.metrics.presence_failures);
             tracing::warn!(user = %handle.user_id, "presence not recorded: {e}");
         }
@@ -186,7 +199,12 @@ impl Node {
     /// A device's heartbeat: refreshes presence, registering the device again if presence
     /// lost it (Redis restarted, or the device was reaped while Redis was unreachable).
     pub async fn heartbeat(&self, handle: &SessionHandle) {
-        match self.backends.presence.heartbeat(&handle.user_id, &handle.connection_id).await {
+        match self
+            .backends
+            .presence
+            .heartbeat(&handle.user_id, &handle.connection_id)
+            .await
+        {
             Ok(()) => {}
             Err(PresenceError::Unknown) => self.register(handle).await,
             Err(e) => {
@@ -492,8 +510,8 @@ impl Node {
     }
 }
 
-/// Keeps this node's lease while the node lives; after presence was unreachable, registers
-/// the local sessions again so that routing finds them.
+/// Keeps this node's lease while the node lives; when presence was unreachable or lost this
+/// node, registers the local sessions again so that routing finds them.
 async fn maintain_presence(node: std::sync::Weak<Node>) {
     let period = match node.upgrade() {
         Some(n) => std::time::Duration::from_millis(n.config.presence.node_lease_secs * 1000 / 3),
@@ -509,15 +527,23 @@ async fn maintain_presence(node: std::sync::Weak<Node>) {
         if node.is_shutting_down() {
             return;
         }
-        match node.backends.presence.maintain(&node.node_id, &node.advertise_url()).await {
-            Ok(()) if !healthy => {
+        match node
+            .backends
+            .presence
+            .maintain(&node.node_id, &node.advertise_url())
+            .await
+        {
+            Ok(lost) => {
+                if lost || !healthy {
+                    node.resync_presence().await;
+                }
                 healthy = true;
-                node.resync_presence().await;
             }
-            Ok(()) => {}
             Err(e) => {
                 if healthy {
-                    tracing::error!("presence unreachable: {e}; delivering locally until it is back");
+                    tracing::error!(
+                        "presence unreachable: {e}; delivering locally until it is back"
+                    );
                 }
                 healthy = false;
                 Metrics::inc(&node.metrics.presence_failures);

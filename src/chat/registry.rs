@@ -170,7 +170,10 @@ impl Registry {
 
     /// Every local session (a snapshot).
     pub fn all(&self) -> Vec<SessionHandle> {
-        self.by_user.iter().flat_map(|e| e.value().clone()).collect()
+        self.by_user
+            .iter()
+            .flat_map(|e| e.value().clone())
+            .collect()
     }
 
     pub fn devices_of(&self, user_id: &str) -> usize {

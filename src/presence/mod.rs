@@ -46,9 +46,11 @@ pub trait Presence: Send + Sync {
     /// `Ok` when the backend answers.
     async fn health(&self) -> Result<(), PresenceError>;
     /// Called every third of the node lease: keeps this node's lease (with its REST URL) and
-    /// clears nodes whose lease lapsed. Nothing to do for a single process.
-    async fn maintain(&self, _node_id: &str, _url: &str) -> Result<(), PresenceError> {
-        Ok(())
+    /// clears nodes whose lease lapsed. Returns true when presence had lost this node (its
+    /// lease was gone), so the node registers its sessions again. Nothing to do for a single
+    /// process.
+    async fn maintain(&self, _node_id: &str, _url: &str) -> Result<bool, PresenceError> {
+        Ok(false)
     }
     /// Live nodes and their REST URLs (cluster backends; empty for a single process).
     async fn nodes(&self) -> Result<Vec<(String, String)>, PresenceError> {

@@ -130,7 +130,9 @@ pub fn url_with_password(url: &str, password: &str) -> String {
             let encoded: String = password
                 .bytes()
                 .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
                     _ => format!("%{b:02X}"),
                 })
                 .collect();
@@ -187,33 +189,42 @@ impl RedisPresence {
     }
 
     /// Refreshes this node's lease (with its REST URL as value) and its place in `chat:nodes`.
-    pub async fn refresh_lease(&self, node_id: &str, url: &str) -> Result<(), PresenceError> {
+    /// Returns whether the lease had to be created anew: Redis restarted empty, or the lease
+    /// lapsed and a janitor cleared this node's devices.
+    pub async fn refresh_lease(&self, node_id: &str, url: &str) -> Result<bool, PresenceError> {
         let lease_ms = self.lease.as_millis() as u64;
         let (key, url) = (lease_key(node_id), url.to_string());
-        self.call("lease", |mut c| async move {
-            redis::pipe()
-                .atomic()
-                .cmd("SET")
-                .arg(&key)
-                .arg(&url)
-                .arg("PX")
-                .arg(lease_ms)
-                .ignore()
-                .sadd(NODES, node_id)
-                .ignore()
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await
+        let (existed,): (bool,) = self
+            .call("lease", |mut c| async move {
+                redis::pipe()
+                    .atomic()
+                    .exists(&key)
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(&url)
+                    .arg("PX")
+                    .arg(lease_ms)
+                    .ignore()
+                    .sadd(NODES, node_id)
+                    .ignore()
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(!existed)
     }
 
     /// Live nodes and their REST URLs.
     pub async fn live_nodes(&self) -> Result<Vec<(String, String)>, PresenceError> {
-        let nodes: Vec<String> = self.call("nodes", |mut c| async move { c.smembers(NODES).await }).await?;
+        let nodes: Vec<String> = self
+            .call("nodes", |mut c| async move { c.smembers(NODES).await })
+            .await?;
         let mut live = Vec::new();
         for node in nodes {
             let key = lease_key(&node);
-            let url: Option<String> = self.call("lease", |mut c| async move { c.get(key).await }).await?;
+            let url: Option<String> = self
+                .call("lease", |mut c| async move { c.get(key).await })
+                .await?;
             if let Some(url) = url {
                 live.push((node, url));
             }
@@ -224,15 +235,22 @@ impl RedisPresence {
 
     /// Clears the devices of every node whose lease lapsed; returns the nodes cleared.
     pub async fn reap_dead_nodes(&self) -> Result<Vec<String>, PresenceError> {
-        let nodes: Vec<String> = self.call("nodes", |mut c| async move { c.smembers(NODES).await }).await?;
+        let nodes: Vec<String> = self
+            .call("nodes", |mut c| async move { c.smembers(NODES).await })
+            .await?;
         let mut reaped = Vec::new();
         for node in nodes {
             let key = lease_key(&node);
-            let alive: bool = self.call("lease", |mut c| async move { c.exists(key).await }).await?;
+            let alive: bool = self
+                .call("lease", |mut c| async move { c.exists(key).await })
+                .await?;
             if !alive {
                 self.clear_node(&node).await?;
                 let n = node.clone();
-                self.call("nodes", |mut c| async move { c.srem::<_, _, ()>(NODES, n).await }).await?;
+                self.call("nodes", |mut c| async move {
+                    c.srem::<_, _, ()>(NODES, n).await
+                })
+                .await?;
                 reaped.push(node);
             }
         }
@@ -303,7 +321,11 @@ impl Presence for RedisPresence {
         let script = &self.devices;
         let flat: Vec<String> = self
             .call("devices", |mut c| async move {
-                script.key(devices_key(user_id)).arg(LEASE_PREFIX).invoke_async(&mut c).await
+                script
+                    .key(devices_key(user_id))
+                    .arg(LEASE_PREFIX)
+                    .invoke_async(&mut c)
+                    .await
             })
             .await?;
         let now = now_ms();
@@ -322,7 +344,8 @@ impl Presence for RedisPresence {
     }
 
     async fn online_user_count(&self) -> Result<usize, PresenceError> {
-        self.call("count", |mut c| async move { c.scard(ONLINE_USERS).await }).await
+        self.call("count", |mut c| async move { c.scard(ONLINE_USERS).await })
+            .await
     }
 
     async fn clear_node(&self, node_id: &str) -> Result<usize, PresenceError> {
@@ -340,17 +363,19 @@ impl Presence for RedisPresence {
     }
 
     async fn health(&self) -> Result<(), PresenceError> {
-        self.call("PING", |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
-            .await
-            .map(|_| ())
+        self.call("PING", |mut c| async move {
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        })
+        .await
+        .map(|_| ())
     }
 
-    async fn maintain(&self, node_id: &str, url: &str) -> Result<(), PresenceError> {
-        self.refresh_lease(node_id, url).await?;
+    async fn maintain(&self, node_id: &str, url: &str) -> Result<bool, PresenceError> {
+        let lost = self.refresh_lease(node_id, url).await?;
         for dead in self.reap_dead_nodes().await? {
             tracing::warn!(node = %dead, "node lease lapsed: cleared its devices from presence");
         }
-        Ok(())
+        Ok(lost)
     }
 
     async fn nodes(&self) -> Result<Vec<(String, String)>, PresenceError> {
@@ -368,8 +393,14 @@ mod tests {
 
     #[test]
     fn password_goes_into_the_url() {
-        assert_eq!(url_with_password("redis://127.0.0.1:6379/0", ""), "redis://127.0.0.1:6379/0");
-        assert_eq!(url_with_password("redis://127.0.0.1:6379/0", "p@ss"), "redis://:p%40ss@127.0.0.1:6379/0");
+        assert_eq!(
+            url_with_password("redis://127.0.0.1:6379/0", ""),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            url_with_password("redis://127.0.0.1:6379/0", "p@ss"),
+            "redis://:p%40ss@127.0.0.1:6379/0"
+        );
         assert_eq!(url_with_password("redis://:x@h:1", "y"), "redis://:x@h:1");
     }
 }
