@@ -15,6 +15,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub presence: PresenceConfig,
     pub redis: RedisConfig,
+    pub kafka: KafkaConfig,
     pub store: StoreConfig,
     pub moderation: ModerationConfig,
 }
@@ -122,11 +123,47 @@ impl Default for RedisConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Broker list `host:port,...`. Empty: frames between nodes stay in this process (the
+    /// embedded single node). Set: cluster mode over the broker (needs Redis presence).
+    pub brokers: String,
+    /// Each node consumes `{topic_prefix}{node_id}`, created at start-up if missing.
+    pub topic_prefix: String,
+    /// Offline-push events (no device of the receiver online) go here.
+    pub offline_topic: String,
+    /// Each node's consumer group is `{group_prefix}{node_id}`.
+    pub group_prefix: String,
+    /// How long a publish may wait for the broker's ack before it counts as failed.
+    pub publish_timeout_ms: u64,
+    /// How long the broker may hold a fetch when there is nothing new (latency of an idle
+    /// topic; librdkafka's own default of 500 ms would delay every cross-node frame).
+    pub fetch_wait_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            topic_prefix: "chat.node.".into(),
+            offline_topic: "chat.offline-push".into(),
+            group_prefix: "chatd-node-".into(),
+            publish_timeout_ms: 5000,
+            fetch_wait_ms: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Empty: the in-process store. `grpc://host:port` arrives with the MessageService.
+    /// Empty: the in-process store. `redis://host:port/db`: a store in Redis shared by every
+    /// node (password, pool and deadline from `[redis]`). `grpc://host:port` arrives with the
+    /// MessageService.
     pub url: String,
     /// The in-process store keeps at most this many messages, dropping the oldest.
     pub memory_max_messages: usize,
+    /// The Redis store keeps a message this long.
+    pub retention_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -134,6 +171,7 @@ impl Default for StoreConfig {
         Self {
             url: String::new(),
             memory_max_messages: 100_000,
+            retention_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -327,20 +365,45 @@ impl Config {
         if self.redis.timeout_ms < 10 {
             return bad("redis.timeout_ms", "must be at least 10".into());
         }
+        let k = &self.kafka;
+        if !k.brokers.is_empty() && self.presence.backend == PresenceBackend::Memory {
+            return bad(
+                "kafka.brokers",
+                "cluster mode needs presence.backend = \"redis\" (nodes must see each other's devices)"
+                    .into(),
+            );
+        }
+        if k.topic_prefix.is_empty() || k.offline_topic.is_empty() || k.group_prefix.is_empty() {
+            return bad(
+                "kafka.topic_prefix",
+                "kafka.topic_prefix, kafka.offline_topic and kafka.group_prefix must not be empty"
+                    .into(),
+            );
+        }
+        if !(1..=1000).contains(&k.fetch_wait_ms) {
+            return bad("kafka.fetch_wait_ms", "must be between 1 and 1000".into());
+        }
+        if k.publish_timeout_ms < 100 {
+            return bad("kafka.publish_timeout_ms", "must be at least 100".into());
+        }
         if !s.advertise_url.is_empty() && !s.advertise_url.starts_with("http") {
             return bad(
                 "server.advertise_url",
                 format!("{:?} must be an http:// URL", s.advertise_url),
             );
         }
-        if !self.store.url.is_empty() {
+        let url = &self.store.url;
+        if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
             return bad(
                 "store.url",
                 format!(
-                    "{:?}: only the in-process store (empty url) is available in this build",
-                    self.store.url
+                    "{url:?}: expected empty (in-process store) or redis://host:port/db \
+                     (grpc:// is not available in this build)"
                 ),
             );
+        }
+        if self.store.retention_secs == 0 {
+            return bad("store.retention_secs", "must be at least 1".into());
         }
         if self.store.memory_max_messages == 0 {
             return bad("store.memory_max_messages", "must be at least 1".into());
@@ -591,6 +654,7 @@ mod tests {
             ("CHATD_SERVER__NODE_ID", "a b", "server.node_id"),
             ("CHATD_SERVER__HOST", "example.com", "server.host"),
             ("CHATD_STORE__URL", "grpc://127.0.0.1:20882", "store.url"),
+            ("CHATD_KAFKA__BROKERS", "127.0.0.1:9092", "kafka.brokers"),
         ] {
             s.env = vec![(name.into(), value.into())];
             let err = Config::load(&s).unwrap_err().to_string();

@@ -6,9 +6,10 @@
 //! - [`protocol`]: WebSocket frames: parse, validate, serialize; stable error codes
 //! - [`server`]: the axum app: WebSocket sessions, REST, test page, graceful shutdown
 //! - [`chat`]: the message path: ids, moderation, routing, local sessions, counters
-//! - [`presence`]: who is online where (trait + memory)
-//! - [`bus`]: frames between nodes and offline-push events (trait + in-process)
-//! - [`store`]: the message store (trait + memory)
+//! - [`presence`]: who is online where (trait + memory + redis)
+//! - [`bus`]: frames between nodes and offline-push events (trait + in-process + kafka)
+//! - [`store`]: the message store (trait + memory + redis)
+//! - [`redis_client`]: the Redis pool with a deadline on every call
 //! - [`client`]: the WebSocket client used by `connect`, `send` and the tests
 
 pub mod bus;
@@ -19,5 +20,6 @@ pub mod commands;
 pub mod config;
 pub mod presence;
 pub mod protocol;
+pub mod redis_client;
 pub mod server;
 pub mod store;

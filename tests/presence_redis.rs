@@ -40,7 +40,11 @@ fn redis_config(node_id: &str) -> Config {
 }
 
 fn redis_presence(c: &Config) -> Arc<RedisPresence> {
-    Arc::new(RedisPresence::new(&c.redis, c.presence.ttl_secs, c.presence.node_lease_secs).unwrap())
+    Arc::new(RedisPresence::new(
+        chatd::redis_client::RedisClient::new(&c.redis).unwrap(),
+        c.presence.ttl_secs,
+        c.presence.node_lease_secs,
+    ))
 }
 
 async fn require_redis(p: &RedisPresence) {

@@ -1,10 +1,12 @@
 //! The bus between nodes: a frame for users on another node goes to that node's own queue
 //! (targeted routing, never broadcast), and offline-push events go to their own sink. One
 //! trait; `local` routes between nodes in this process (the embedded default, and in-process
-//! clusters in tests); Kafka arrives with the cluster issue.
+//! clusters in tests); `kafka` between processes through a Kafka-compatible broker.
 
+mod kafka;
 mod local;
 
+pub use kafka::KafkaBus;
 pub use local::LocalBus;
 
 use async_trait::async_trait;

@@ -17,11 +17,12 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::watch;
 
-use crate::bus::{Bus, Envelope, FrameKind, LocalBus, OfflinePush, Recipient};
-use crate::config::{Config, PresenceBackend};
+use crate::bus::{Bus, Envelope, FrameKind, KafkaBus, LocalBus, OfflinePush, Recipient};
+use crate::config::{Config, PresenceBackend, RedisConfig};
 use crate::presence::{Device, MemoryPresence, Presence, PresenceError, RedisPresence};
 use crate::protocol::{ChatSend, ErrorCode, FrameError, Route, ServerFrame};
-use crate::store::{MemoryStore, SaveOutcome, Store, StoreError};
+use crate::redis_client::RedisClient;
+use crate::store::{MemoryStore, RedisStore, SaveOutcome, Store, StoreError};
 use ids::IdGenerator;
 use metrics::Metrics;
 use moderation::{Moderator, Rejected};
@@ -46,15 +47,32 @@ impl Backends {
         let presence: Arc<dyn Presence> = match config.presence.backend {
             PresenceBackend::Memory => Arc::new(MemoryPresence::new(config.presence.ttl_secs)),
             PresenceBackend::Redis => Arc::new(RedisPresence::new(
-                &config.redis,
+                RedisClient::new(&config.redis).map_err(NodeError::Redis)?,
                 config.presence.ttl_secs,
                 config.presence.node_lease_secs,
-            )?),
+            )),
+        };
+        let bus: Arc<dyn Bus> = if config.kafka.brokers.is_empty() {
+            Arc::new(LocalBus::new())
+        } else {
+            Arc::new(KafkaBus::new(&config.kafka)?)
+        };
+        let store: Arc<dyn Store> = if config.store.url.is_empty() {
+            Arc::new(MemoryStore::new(config.store.memory_max_messages))
+        } else {
+            let redis = RedisConfig {
+                url: config.store.url.clone(),
+                ..config.redis.clone()
+            };
+            Arc::new(RedisStore::new(
+                RedisClient::new(&redis).map_err(NodeError::Redis)?,
+                config.store.retention_secs,
+            ))
         };
         Ok(Backends {
             presence,
-            bus: Arc::new(LocalBus::new()),
-            store: Arc::new(MemoryStore::new(config.store.memory_max_messages)),
+            bus,
+            store,
         })
     }
 }
@@ -67,6 +85,8 @@ pub enum NodeError {
     Bus(#[from] crate::bus::BusError),
     #[error(transparent)]
     Presence(#[from] PresenceError),
+    #[error("{0}")]
+    Redis(String),
 }
 
 /// One chat node: config, backends, local sessions and counters.
@@ -457,7 +477,7 @@ impl Node {
             match self.backends.bus.publish(&node_id, envelope).await {
                 Ok(()) => {
                     Metrics::inc(&self.metrics.messages_routed_remote);
-                    tracing::debug!(node = %node_id, "frame sent to another node via the bus");
+                    tracing::info!(node = %node_id, kind = ?kind, "sent to another node via the {}", self.backends.bus.name());
                     for i in indices {
                         reach[i].remote_nodes += 1;
                     }
@@ -488,7 +508,7 @@ impl Node {
                     .messages_delivered_local
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            tracing::debug!(from = %envelope.from_node, user = %r.user_id, devices = n, "delivered frame from the bus");
+            tracing::info!(from = %envelope.from_node, kind = ?envelope.kind, user = %r.user_id, devices = n, "received from another node; delivered to user");
         }
     }
 

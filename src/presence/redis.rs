@@ -20,11 +20,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, AsyncCommands, Script};
-use deadpool_redis::{Pool, Runtime};
 
 use super::{Device, Presence, PresenceError};
 use crate::chat::ids::now_ms;
-use crate::config::RedisConfig;
+use crate::redis_client::RedisClient;
 
 pub const ONLINE_USERS: &str = "chat:online:users";
 pub const NODES: &str = "chat:nodes";
@@ -111,9 +110,7 @@ return n
 "#;
 
 pub struct RedisPresence {
-    pool: Pool,
-    /// Deadline of every call, pool wait included.
-    timeout: Duration,
+    redis: RedisClient,
     ttl_ms: i64,
     lease: Duration,
     connect: Script,
@@ -123,41 +120,10 @@ pub struct RedisPresence {
     clear_node: Script,
 }
 
-/// The URL with the password from config put in, unless the URL already carries credentials.
-pub fn url_with_password(url: &str, password: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) if !password.is_empty() && !rest.contains('@') => {
-            let encoded: String = password
-                .bytes()
-                .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                        (b as char).to_string()
-                    }
-                    _ => format!("%{b:02X}"),
-                })
-                .collect();
-            format!("{scheme}://:{encoded}@{rest}")
-        }
-        _ => url.to_string(),
-    }
-}
-
 impl RedisPresence {
-    pub fn new(redis: &RedisConfig, ttl_secs: u64, lease_secs: u64) -> Result<Self, PresenceError> {
-        let timeout = Duration::from_millis(redis.timeout_ms);
-        let pool = deadpool_redis::Config::from_url(url_with_password(&redis.url, &redis.password))
-            .builder()
-            .map_err(|e| PresenceError::Unavailable(format!("redis.url: {e}")))?
-            .max_size(redis.pool_size)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| PresenceError::Unavailable(format!("redis pool: {e}")))?;
-        Ok(Self {
-            pool,
-            timeout,
+    pub fn new(redis: RedisClient, ttl_secs: u64, lease_secs: u64) -> Self {
+        Self {
+            redis,
             ttl_ms: (ttl_secs as i64).saturating_mul(1000),
             lease: Duration::from_secs(lease_secs),
             connect: Script::new(CONNECT),
@@ -165,27 +131,18 @@ impl RedisPresence {
             heartbeat: Script::new(HEARTBEAT),
             devices: Script::new(DEVICES),
             clear_node: Script::new(CLEAR_NODE),
-        })
+        }
     }
 
-    /// Runs `f` on a pooled connection within the deadline.
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, PresenceError>
     where
         F: FnOnce(deadpool_redis::Connection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let work = async {
-            let conn = self.pool.get().await.map_err(|e| format!("{what}: {e}"))?;
-            f(conn).await.map_err(|e| format!("{what}: {e}"))
-        };
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(PresenceError::Unavailable(format!("redis {e}"))),
-            Err(_) => Err(PresenceError::Unavailable(format!(
-                "redis {what}: no answer within {} ms",
-                self.timeout.as_millis()
-            ))),
-        }
+        self.redis
+            .call(what, f)
+            .await
+            .map_err(PresenceError::Unavailable)
     }
 
     /// Refreshes this node's lease (with its REST URL as value) and its place in `chat:nodes`.
@@ -363,11 +320,7 @@ impl Presence for RedisPresence {
     }
 
     async fn health(&self) -> Result<(), PresenceError> {
-        self.call("PING", |mut c| async move {
-            redis::cmd("PING").query_async::<String>(&mut c).await
-        })
-        .await
-        .map(|_| ())
+        self.redis.ping().await.map_err(PresenceError::Unavailable)
     }
 
     async fn maintain(&self, node_id: &str, url: &str) -> Result<bool, PresenceError> {
@@ -384,23 +337,5 @@ impl Presence for RedisPresence {
 
     fn name(&self) -> &'static str {
         "redis"
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn password_goes_into_the_url() {
-        assert_eq!(
-            url_with_password("redis://127.0.0.1:6379/0", ""),
-            "redis://127.0.0.1:6379/0"
-        );
-        assert_eq!(
-            url_with_password("redis://127.0.0.1:6379/0", "p@ss"),
-            "redis://:p%40ss@127.0.0.1:6379/0"
-        );
-        assert_eq!(url_with_password("redis://:x@h:1", "y"), "redis://:x@h:1");
     }
 }

@@ -3,7 +3,9 @@
 //! issue.
 
 mod memory;
+pub mod redis;
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 
 use async_trait::async_trait;

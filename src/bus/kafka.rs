@@ -1,0 +1,217 @@
+//! The bus over a Kafka-compatible broker (rdkafka): one topic per node (`{topic_prefix}{nodeId}`,
+//! created at start-up), each node consuming only its own, in a consumer group of its own.
+//! The sender's node publishes once per node that holds a target device: targeted, never a
+//! broadcast. Offline-push events go to their own topic.
+//!
+//! The producer is idempotent with `acks=all`; a publish waits for the broker's ack (up to
+//! `kafka.publish_timeout_ms`), so a failure reaches the sender's `MESSAGE_ACK` route and the
+//! counters instead of vanishing. The consumer stores an offset only after the frame was
+//! handed to local delivery.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{Bus, BusError, Envelope, OfflinePush};
+use crate::config::KafkaConfig;
+
+/// Envelopes consumed but not yet delivered locally; a full queue pauses consumption.
+const QUEUE_LEN: usize = 4096;
+
+pub struct KafkaBus {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    /// The consuming task of this node, stopped by `unsubscribe`.
+    consumer: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("kafka {what}: {e}"))
+}
+
+impl KafkaBus {
+    pub fn new(config: &KafkaConfig) -> Result<Self, BusError> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", config.publish_timeout_ms.to_string())
+            .set("socket.keepalive.enable", "true")
+            .create()
+            .map_err(|e| unavailable("producer", e))?;
+        Ok(Self {
+            config: config.clone(),
+            producer,
+            consumer: Mutex::new(None),
+        })
+    }
+
+    pub fn node_topic(&self, node_id: &str) -> String {
+        format!("{}{node_id}", self.config.topic_prefix)
+    }
+
+    pub fn group(&self, node_id: &str) -> String {
+        format!("{}{node_id}", self.config.group_prefix)
+    }
+
+    /// Creates the topics if missing (an existing topic is fine).
+    async fn ensure_topics(&self, topics: &[String]) -> Result<(), BusError> {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .create()
+            .map_err(|e| unavailable("admin", e))?;
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+            .collect();
+        let options = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_millis(self.config.publish_timeout_ms)))
+            .request_timeout(Some(Duration::from_millis(self.config.publish_timeout_ms)));
+        for result in admin
+            .create_topics(&new, &options)
+            .await
+            .map_err(|e| unavailable("create topics", e))?
+        {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => {
+                    return Err(unavailable(&format!("create topic {topic}"), code))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn produce(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), BusError> {
+        let record = FutureRecord::to(topic).key(key).payload(payload);
+        let wait = Timeout::After(Duration::from_millis(self.config.publish_timeout_ms));
+        self.producer
+            .send(record, wait)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| unavailable(&format!("publish to {topic}"), e))
+    }
+}
+
+#[async_trait]
+impl Bus for KafkaBus {
+    async fn publish(&self, node_id: &str, envelope: Envelope) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(&envelope).map_err(|e| unavailable("encode", e))?;
+        let key = envelope
+            .recipients
+            .first()
+            .map(|r| r.user_id.as_str())
+            .unwrap_or("");
+        self.produce(&self.node_topic(node_id), key, &payload).await
+    }
+
+    async fn offline_push(&self, event: OfflinePush) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(&event).map_err(|e| unavailable("encode", e))?;
+        self.produce(&self.config.offline_topic, &event.user_id, &payload)
+            .await
+    }
+
+    async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Envelope>, BusError> {
+        let topic = self.node_topic(node_id);
+        self.ensure_topics(&[topic.clone(), self.config.offline_topic.clone()])
+            .await?;
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", self.group(node_id))
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "latest")
+            .set("fetch.wait.max.ms", self.config.fetch_wait_ms.to_string())
+            .set("socket.keepalive.enable", "true")
+            .create()
+            .map_err(|e| unavailable("consumer", e))?;
+        consumer
+            .subscribe(&[&topic])
+            .map_err(|e| unavailable(&format!("subscribe {topic}"), e))?;
+        tracing::info!(%topic, group = %self.group(node_id), "consuming this node's topic");
+
+        let (tx, rx) = mpsc::channel(QUEUE_LEN);
+        let task = tokio::spawn(async move {
+            loop {
+                let message = match consumer.recv().await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::warn!("kafka receive failed: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                match message.payload().map(serde_json::from_slice::<Envelope>) {
+                    Some(Ok(envelope)) => {
+                        tracing::debug!(from = %envelope.from_node, "received a frame from the broker");
+                        if tx.send(envelope).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => tracing::error!(
+                        offset = message.offset(),
+                        "skipping an unreadable envelope: {e}"
+                    ),
+                    None => {
+                        tracing::error!(offset = message.offset(), "skipping an empty envelope")
+                    }
+                }
+                if let Err(e) = consumer.store_offset_from_message(&message) {
+                    tracing::warn!("cannot store offset {}: {e}", message.offset());
+                }
+            }
+        });
+        if let Some(old) = self
+            .consumer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(task)
+        {
+            old.abort();
+        }
+        Ok(rx)
+    }
+
+    async fn unsubscribe(&self, _node_id: &str) {
+        if let Some(task) = self
+            .consumer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+        // Whatever is still queued goes out before the node exits.
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            producer.flush(Timeout::After(Duration::from_secs(2)))
+        })
+        .await;
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        let producer = self.producer.clone();
+        let wait = Duration::from_millis(self.config.publish_timeout_ms.min(2000));
+        tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, wait).map(|_| ())
+        })
+        .await
+        .map_err(|e| unavailable("health", e))?
+        .map_err(|e| unavailable("metadata", e))
+    }
+
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+}
