@@ -22,6 +22,9 @@ _chatd() {
             chatd,connect)
                 cmd="chatd__subcmd__connect"
                 ;;
+            chatd,crossnode-test)
+                cmd="chatd__subcmd__crossnode__subcmd__test"
+                ;;
             chatd,help)
                 cmd="chatd__subcmd__help"
                 ;;
@@ -36,6 +39,9 @@ _chatd() {
                 ;;
             chatd__subcmd__help,connect)
                 cmd="chatd__subcmd__help__subcmd__connect"
+                ;;
+            chatd__subcmd__help,crossnode-test)
+                cmd="chatd__subcmd__help__subcmd__crossnode__subcmd__test"
                 ;;
             chatd__subcmd__help,help)
                 cmd="chatd__subcmd__help__subcmd__help"
@@ -53,7 +59,7 @@ _chatd() {
 
     case "${cmd}" in
         chatd)
-            opts="-h -V --help --version serve connect send completions help"
+            opts="-h -V --help --version serve connect send crossnode-test completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -110,8 +116,34 @@ _chatd() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        chatd__subcmd__crossnode__subcmd__test)
+            opts="-h -V --node --spawn --profile --config-dir --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --node)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         chatd__subcmd__help)
-            opts="serve connect send completions help"
+            opts="serve connect send crossnode-test completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -139,6 +171,20 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__help__subcmd__connect)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__help__subcmd__crossnode__subcmd__test)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )

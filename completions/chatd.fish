@@ -29,6 +29,7 @@ complete -c chatd -n "__fish_chatd_needs_command" -s V -l version -d 'Print vers
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "completions" -d 'Print shell completions'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
@@ -56,10 +57,18 @@ complete -c chatd -n "__fish_chatd_using_subcommand send" -l timeout -d 'Seconds
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l json -d 'One JSON line per ack instead of text'
 complete -c chatd -n "__fish_chatd_using_subcommand send" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand send" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l node -d 'The two nodes (default: the node1 and node2 profiles on this machine)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l profile -d 'Where Redis is read from, to check presence directly: this profile\'s [redis]' -r
+complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l config-dir -d 'Directory of the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l spawn -d 'Start two nodes (profiles node1 and node2 on free ports) and stop them afterwards'
+complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l json -d 'Machine output: one JSON object with every check'
+complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "completions" -d 'Print shell completions'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "completions" -d 'Print shell completions'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

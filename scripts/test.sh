@@ -43,3 +43,7 @@ if cargo fmt --version >/dev/null 2>&1; then
 fi
 cargo build --release --locked
 cargo test --release --locked "$@"
+
+# The seed's cross-node scenarios, as an operator runs them: two node processes, real Redis,
+# real broker; the table shows every check and its latency.
+target/release/chatd crossnode-test --spawn

@@ -26,6 +26,9 @@ pub enum Command {
     Connect(commands::connect::ConnectArgs),
     /// Send one message (or --count N), wait for the server's ack, exit non-zero on error
     Send(commands::send::SendArgs),
+    /// Run the seed's cross-node scenarios against two nodes; non-zero exit on any failure
+    #[command(name = "crossnode-test")]
+    CrossnodeTest(commands::crossnode::CrossnodeArgs),
     /// Print shell completions
     Completions(commands::completions::CompletionsArgs),
 }
@@ -45,6 +48,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => commands::serve::run(args).await,
         Command::Connect(args) => commands::connect::run(args).await,
         Command::Send(args) => commands::send::run(args).await,
+        Command::CrossnodeTest(args) => commands::crossnode::run(args).await,
         Command::Completions(args) => commands::completions::run(args),
     }
 }

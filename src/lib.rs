@@ -11,6 +11,7 @@
 //! - [`store`]: the message store (trait + memory + redis)
 //! - [`redis_client`]: the Redis pool with a deadline on every call
 //! - [`client`]: the WebSocket client used by `connect`, `send` and the tests
+//! - [`http`]: the small HTTP GET the operator commands use on the REST API
 
 pub mod bus;
 pub mod chat;
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod http;
 pub mod presence;
 pub mod protocol;
 pub mod redis_client;

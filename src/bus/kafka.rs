@@ -19,6 +19,7 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -65,8 +66,8 @@ impl KafkaBus {
         format!("{}{node_id}", self.config.group_prefix)
     }
 
-    /// Creates the topics if missing (an existing topic is fine).
-    async fn ensure_topics(&self, topics: &[String]) -> Result<(), BusError> {
+    /// Creates the topics if missing; returns those that were created now (empty ones).
+    async fn ensure_topics(&self, topics: &[String]) -> Result<Vec<String>, BusError> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.config.brokers)
             .create()
@@ -78,19 +79,46 @@ impl KafkaBus {
         let options = AdminOptions::new()
             .operation_timeout(Some(Duration::from_millis(self.config.publish_timeout_ms)))
             .request_timeout(Some(Duration::from_millis(self.config.publish_timeout_ms)));
+        let mut created = Vec::new();
         for result in admin
             .create_topics(&new, &options)
             .await
             .map_err(|e| unavailable("create topics", e))?
         {
             match result {
-                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Ok(topic) => created.push(topic),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((topic, code)) => {
                     return Err(unavailable(&format!("create topic {topic}"), code))
                 }
             }
         }
-        Ok(())
+        Ok(created)
+    }
+
+    /// Where this node starts reading its topic. A topic made just now starts at its
+    /// beginning; an older one where the group left off (a restarted node picks up what was
+    /// routed to it meanwhile), else at its end. Deciding this before the node accepts
+    /// connections means nothing routed to it can be skipped: no device is here before.
+    fn start_offset(
+        consumer: &StreamConsumer,
+        topic: &str,
+        fresh: bool,
+    ) -> Result<Offset, BusError> {
+        if fresh {
+            return Ok(Offset::Beginning);
+        }
+        let mut wanted = TopicPartitionList::new();
+        wanted.add_partition(topic, 0);
+        let committed = consumer
+            .committed_offsets(wanted, Duration::from_secs(5))
+            .map_err(|e| unavailable(&format!("committed offset of {topic}"), e))?;
+        Ok(
+            match committed.find_partition(topic, 0).map(|p| p.offset()) {
+                Some(Offset::Offset(n)) => Offset::Offset(n),
+                _ => Offset::End,
+            },
+        )
     }
 
     async fn produce(&self, topic: &str, key: &str, payload: &[u8]) -> Result<(), BusError> {
@@ -124,22 +152,37 @@ impl Bus for KafkaBus {
 
     async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Envelope>, BusError> {
         let topic = self.node_topic(node_id);
-        self.ensure_topics(&[topic.clone(), self.config.offline_topic.clone()])
+        let created = self
+            .ensure_topics(&[topic.clone(), self.config.offline_topic.clone()])
             .await?;
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.config.brokers)
             .set("group.id", self.group(node_id))
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "latest")
             .set("fetch.wait.max.ms", self.config.fetch_wait_ms.to_string())
             .set("socket.keepalive.enable", "true")
             .create()
             .map_err(|e| unavailable("consumer", e))?;
-        consumer
-            .subscribe(&[&topic])
-            .map_err(|e| unavailable(&format!("subscribe {topic}"), e))?;
-        tracing::info!(%topic, group = %self.group(node_id), "consuming this node's topic");
+        // One partition, one consumer: assigned directly, so there is no group rebalance to
+        // wait for before frames flow (a subscribe would join the group first, and frames
+        // published meanwhile could be skipped).
+        let fresh = created.contains(&topic);
+        let (consumer, offset) = tokio::task::spawn_blocking(move || {
+            let offset = Self::start_offset(&consumer, &topic, fresh)?;
+            let mut assignment = TopicPartitionList::new();
+            assignment
+                .add_partition_offset(&topic, 0, offset)
+                .map_err(|e| unavailable("assign", e))?;
+            consumer
+                .assign(&assignment)
+                .map_err(|e| unavailable(&format!("assign {topic}"), e))?;
+            Ok::<_, BusError>((consumer, offset))
+        })
+        .await
+        .map_err(|e| unavailable("assign", e))??;
+        let topic = self.node_topic(node_id);
+        tracing::info!(%topic, group = %self.group(node_id), start = ?offset, "consuming this node's topic");
 
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
         let task = tokio::spawn(async move {

@@ -2,6 +2,7 @@
 
 pub mod completions;
 pub mod connect;
+pub mod crossnode;
 pub mod send;
 pub mod serve;
 

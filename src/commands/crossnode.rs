@@ -1,0 +1,480 @@
+//! `chatd crossnode-test`: the seed's cross-node scenarios, and more, against two running
+//! nodes (or two it spawns with `--spawn`); a table of every check with its latency; exit
+//! non-zero on any failure. Made for CI.
+
+use std::collections::BTreeSet;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use comfy_table::Table;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::chat::ids::now_ms;
+use crate::client::{Client, ClientError};
+use crate::config::{chatd_env, Config, Overrides, Sources};
+use crate::presence::{Presence, RedisPresence};
+use crate::redis_client::RedisClient;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Args)]
+pub struct CrossnodeArgs {
+    /// The two nodes (default: the node1 and node2 profiles on this machine)
+    #[arg(long = "node", value_name = "URL", num_args = 1)]
+    pub nodes: Vec<String>,
+    /// Start two nodes (profiles node1 and node2 on free ports) and stop them afterwards
+    #[arg(long, conflicts_with = "nodes")]
+    pub spawn: bool,
+    /// Where Redis is read from, to check presence directly: this profile's [redis]
+    #[arg(long, default_value = "node1")]
+    pub profile: String,
+    /// Directory of the profiles
+    #[arg(long, value_name = "DIR", default_value = "config")]
+    pub config_dir: PathBuf,
+    /// Machine output: one JSON object with every check
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Check {
+    name: &'static str,
+    ok: bool,
+    latency_ms: f64,
+    detail: String,
+}
+
+/// Two spawned nodes, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Spawned(Vec<Child>);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        for child in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_node(
+    args: &CrossnodeArgs,
+    profile: &str,
+    node_id: &str,
+) -> anyhow::Result<(Child, String)> {
+    use std::io::BufRead;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "serve",
+            "--profile",
+            profile,
+            "--port",
+            "0",
+            "--node-id",
+            node_id,
+        ])
+        .arg("--config-dir")
+        .arg(&args.config_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start chatd serve")?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            match line.split("listening on ").nth(1) {
+                Some(rest) if tx.is_some() => {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.take().map(|tx| tx.send(Ok(addr)));
+                }
+                _ if line.contains("error") => {
+                    let _ = tx.as_ref().map(|tx| tx.send(Err(line.clone())));
+                }
+                _ => {}
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(addr)) => Ok((child, format!("ws://{addr}"))),
+        Ok(Err(line)) => {
+            let _ = child.kill();
+            bail!("node {node_id} (profile {profile}) failed to start: {line}")
+        }
+        Err(_) => {
+            let _ = child.kill();
+            bail!("node {node_id} (profile {profile}) did not start within 30 s")
+        }
+    }
+}
+
+pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
+    let mut sources = Sources::defaults_only(&args.config_dir);
+    sources.profile = Some(args.profile.clone());
+    sources.env = chatd_env();
+    sources.overrides = Overrides::default();
+    let config = Config::load(&sources)?;
+    let presence = RedisPresence::new(
+        RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?,
+        config.presence.ttl_secs,
+        config.presence.node_lease_secs,
+    );
+
+    let run_id = now_ms() % 1_000_000_000;
+    let (_spawned, nodes) = if args.spawn {
+        let (c1, u1) = spawn_node(&args, "node1", &format!("xn{run_id}-1"))?;
+        let (c2, u2) = spawn_node(&args, "node2", &format!("xn{run_id}-2"))?;
+        (Some(Spawned(vec![c1, c2])), vec![u1, u2])
+    } else if args.nodes.is_empty() {
+        (
+            None,
+            vec![
+                "ws://127.0.0.1:9430".to_string(),
+                "ws://127.0.0.1:9431".to_string(),
+            ],
+        )
+    } else if args.nodes.len() == 2 {
+        (None, args.nodes.clone())
+    } else {
+        bail!("give exactly two --node URLs (or none for the node1/node2 profiles, or --spawn)");
+    };
+
+    let bar = if std::io::stderr().is_terminal() && std::env::var_os("CI").is_none() && !args.json {
+        let bar = ProgressBar::new(STEPS as u64);
+        if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}") {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let checks = scenarios(&nodes, &presence, &format!("xn{run_id}"), &bar).await;
+    bar.finish_and_clear();
+
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if args.json {
+        println!(
+            "{}",
+            json!({ "nodes": nodes, "passed": failed == 0, "checks": checks })
+        );
+    } else {
+        println!("{}", table(&checks));
+        println!("nodes: {} and {}", nodes[0], nodes[1]);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} cross-node checks failed", checks.len());
+    }
+    Ok(())
+}
+
+fn table(checks: &[Check]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    if !std::io::stdout().is_terminal() {
+        table.force_no_tty();
+    } else {
+        table.enforce_styling();
+    }
+    table.set_header(["check", "result", "latency", "detail"]);
+    for c in checks {
+        let result = if c.ok {
+            comfy_table::Cell::new("pass").fg(comfy_table::Color::Green)
+        } else {
+            comfy_table::Cell::new("FAIL").fg(comfy_table::Color::Red)
+        };
+        table.add_row(vec![
+            comfy_table::Cell::new(c.name),
+            result,
+            comfy_table::Cell::new(format!("{:.1} ms", c.latency_ms)),
+            comfy_table::Cell::new(&c.detail),
+        ]);
+    }
+    table
+}
+
+const STEPS: usize = 8;
+
+/// Records one check: `f` returns the detail on success or the reason on failure.
+async fn check<F, Fut>(checks: &mut Vec<Check>, bar: &ProgressBar, name: &'static str, f: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    bar.set_message(name);
+    let started = Instant::now();
+    let result = f().await;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (ok, detail) = match result {
+        Ok(d) => (true, d),
+        Err(e) => (false, e),
+    };
+    checks.push(Check {
+        name,
+        ok,
+        latency_ms,
+        detail,
+    });
+    bar.inc(1);
+}
+
+async fn connect(node: &str, user: &str) -> Result<Client, String> {
+    Client::connect(node, user, WAIT)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The next frame of `kind`, skipping heartbeat acks and other frames.
+async fn frame(client: &mut Client, kind: &str) -> Result<Value, String> {
+    client
+        .wait_for(kind, WAIT, |_| {})
+        .await
+        .map_err(|e| match e {
+            ClientError::Timeout(_) => format!("no {kind} within {WAIT:?}"),
+            e => e.to_string(),
+        })
+}
+
+fn chat(to: &str, content: &str, temp: &str) -> Value {
+    json!({"type": "CHAT_MESSAGE", "receiverId": to, "chatId": "crossnode", "content": content, "tempMessageId": temp})
+}
+
+async fn node_ids(presence: &RedisPresence, user: &str) -> Result<BTreeSet<String>, String> {
+    let devices = presence.devices(user).await.map_err(|e| e.to_string())?;
+    Ok(devices.into_iter().map(|d| d.node_id).collect())
+}
+
+async fn scenarios(
+    nodes: &[String],
+    presence: &RedisPresence,
+    prefix: &str,
+    bar: &ProgressBar,
+) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let (alice, bob, carol) = (
+        format!("{prefix}-alice"),
+        format!("{prefix}-bob"),
+        format!("{prefix}-carol"),
+    );
+
+    let mut clients = Vec::new();
+    let mut node_names = Vec::new();
+    check(
+        &mut checks,
+        bar,
+        "connect: alice on node 1, bob on node 2",
+        || async {
+            let a = connect(&nodes[0], &alice).await?;
+            let b = connect(&nodes[1], &bob).await?;
+            let (n1, n2) = (
+                a.welcome["nodeId"].as_str().unwrap_or("").to_string(),
+                b.welcome["nodeId"].as_str().unwrap_or("").to_string(),
+            );
+            if n1 == n2 {
+                return Err(format!("both URLs are the same node {n1:?}"));
+            }
+            node_names = vec![n1.clone(), n2.clone()];
+            clients.push(a);
+            clients.push(b);
+            Ok(format!("node 1 is {n1}, node 2 is {n2}"))
+        },
+    )
+    .await;
+    if clients.len() < 2 {
+        return checks;
+    }
+    let (mut a, mut b) = (clients.remove(0), clients.remove(0));
+    let (n1, n2) = (node_names[0].clone(), node_names[1].clone());
+
+    let mut message_id = Value::Null;
+    check(
+        &mut checks,
+        bar,
+        "scenario 1: message node 1 -> node 2 through the broker",
+        || async {
+            a.send_json(&chat(&bob, "hello across nodes", "x1"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let ack = frame(&mut a, "MESSAGE_ACK").await?;
+            let m = frame(&mut b, "CHAT_MESSAGE").await?;
+            if ack["route"] != "remote" {
+                return Err(format!("route is {} (expected remote)", ack["route"]));
+            }
+            if m["messageId"] != ack["messageId"] || m["content"] != "hello across nodes" {
+                return Err(format!("bob got {m}"));
+            }
+            message_id = ack["messageId"].clone();
+            Ok(format!(
+                "route remote, message {}",
+                ack["messageId"].as_str().unwrap_or("")
+            ))
+        },
+    )
+    .await;
+
+    check(&mut checks, bar, "scenario 2: read receipt node 2 -> node 1", || async {
+        if message_id.is_null() {
+            return Err("no message from scenario 1 to mark read".into());
+        }
+        b.send_json(&json!({"type": "READ_RECEIPT", "chatId": "crossnode", "messageId": message_id, "receiverId": alice}))
+            .await
+            .map_err(|e| e.to_string())?;
+        let r = frame(&mut a, "READ_RECEIPT").await?;
+        if r["messageId"] != message_id || r["readerId"] != bob.as_str() {
+            return Err(format!("alice got {r}"));
+        }
+        Ok("alice was told bob read it".into())
+    })
+    .await;
+
+    let mut carol_devices = Vec::new();
+    check(
+        &mut checks,
+        bar,
+        "scenario 3: one user with devices on both nodes gets it on both",
+        || async {
+            carol_devices.push(connect(&nodes[0], &carol).await?);
+            carol_devices.push(connect(&nodes[1], &carol).await?);
+            a.send_json(&chat(&carol, "to all your devices", "x3"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let ack = frame(&mut a, "MESSAGE_ACK").await?;
+            for (i, device) in carol_devices.iter_mut().enumerate() {
+                let m = frame(device, "CHAT_MESSAGE")
+                    .await
+                    .map_err(|e| format!("carol's device on node {}: {e}", i + 1))?;
+                if m["messageId"] != ack["messageId"] {
+                    return Err(format!("carol's device on node {} got {m}", i + 1));
+                }
+            }
+            if ack["route"] != "local+remote" {
+                return Err(format!("route is {} (expected local+remote)", ack["route"]));
+            }
+            Ok("both devices, route local+remote".into())
+        },
+    )
+    .await;
+
+    check(&mut checks, bar, "typing node 1 -> node 2", || async {
+        a.send_json(&json!({"type": "TYPING", "receiverId": bob, "chatId": "crossnode", "content": "typing"}))
+            .await
+            .map_err(|e| e.to_string())?;
+        let t = frame(&mut b, "TYPING").await?;
+        if t["senderId"] != alice.as_str() {
+            return Err(format!("bob got {t}"));
+        }
+        Ok("bob saw alice typing".into())
+    })
+    .await;
+
+    let mut alice2 = None;
+    check(
+        &mut checks,
+        bar,
+        "sender's other device on node 2 gets the copy",
+        || async {
+            let mut second = connect(&nodes[1], &alice).await?;
+            a.send_json(&chat(&bob, "copy me", "x5"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let ack = frame(&mut a, "MESSAGE_ACK").await?;
+            let copy = frame(&mut second, "CHAT_MESSAGE").await?;
+            frame(&mut b, "CHAT_MESSAGE").await?;
+            if copy["messageId"] != ack["messageId"] || copy["senderId"] != alice.as_str() {
+                return Err(format!("alice's second device got {copy}"));
+            }
+            alice2 = Some(second);
+            Ok("copy arrived on node 2".into())
+        },
+    )
+    .await;
+
+    check(
+        &mut checks,
+        bar,
+        "Redis records every user on the right nodes",
+        || async {
+            let want = |v: &[&String]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+            for (user, expected) in [
+                (&alice, want(&[&n1, &n2])),
+                (&bob, want(&[&n2])),
+                (&carol, want(&[&n1, &n2])),
+            ] {
+                let got = node_ids(presence, user).await?;
+                if got != expected {
+                    return Err(format!(
+                        "{user} is on {got:?} in Redis, expected {expected:?}"
+                    ));
+                }
+            }
+            Ok(format!(
+                "{alice}: {n1}+{n2}, {bob}: {n2}, {carol}: {n1}+{n2}"
+            ))
+        },
+    )
+    .await;
+
+    check(
+        &mut checks,
+        bar,
+        "a user who disconnects is offline everywhere",
+        || async {
+            b.close().await;
+            let path = format!("/api/chat/online/status/{bob}");
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let mut offline = 0;
+                for node in nodes {
+                    let (status, body) = crate::http::get(node, &path, WAIT)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    if status == 200 && v["online"] == false {
+                        offline += 1;
+                    }
+                }
+                if offline == nodes.len() && node_ids(presence, &bob).await?.is_empty() {
+                    return Ok("offline on both nodes and in Redis".into());
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{bob} still reads online {WAIT:?} after disconnecting"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+
+    a.close().await;
+    if let Some(c) = alice2 {
+        c.close().await;
+    }
+    for c in carol_devices {
+        c.close().await;
+    }
+    checks
+}
