@@ -28,11 +28,17 @@ _chatd() {
             chatd,help)
                 cmd="chatd__subcmd__help"
                 ;;
+            chatd,presence)
+                cmd="chatd__subcmd__presence"
+                ;;
             chatd,send)
                 cmd="chatd__subcmd__send"
                 ;;
             chatd,serve)
                 cmd="chatd__subcmd__serve"
+                ;;
+            chatd,stats)
+                cmd="chatd__subcmd__stats"
                 ;;
             chatd__subcmd__help,completions)
                 cmd="chatd__subcmd__help__subcmd__completions"
@@ -46,11 +52,17 @@ _chatd() {
             chatd__subcmd__help,help)
                 cmd="chatd__subcmd__help__subcmd__help"
                 ;;
+            chatd__subcmd__help,presence)
+                cmd="chatd__subcmd__help__subcmd__presence"
+                ;;
             chatd__subcmd__help,send)
                 cmd="chatd__subcmd__help__subcmd__send"
                 ;;
             chatd__subcmd__help,serve)
                 cmd="chatd__subcmd__help__subcmd__serve"
+                ;;
+            chatd__subcmd__help,stats)
+                cmd="chatd__subcmd__help__subcmd__stats"
                 ;;
             *)
                 ;;
@@ -59,7 +71,7 @@ _chatd() {
 
     case "${cmd}" in
         chatd)
-            opts="-h -V --help --version serve connect send crossnode-test completions help"
+            opts="-h -V --help --version serve connect send presence stats crossnode-test completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -143,7 +155,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__help)
-            opts="serve connect send crossnode-test completions help"
+            opts="serve connect send presence stats crossnode-test completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -212,6 +224,20 @@ _chatd() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        chatd__subcmd__help__subcmd__presence)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         chatd__subcmd__help__subcmd__send)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -233,6 +259,50 @@ _chatd() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__help__subcmd__stats)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__presence)
+            opts="-h -V --redis --profile --config --config-dir --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --redis)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -302,6 +372,40 @@ _chatd() {
                     return 0
                     ;;
                 --node-id)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__stats)
+            opts="-h -V --node --redis --profile --config --config-dir --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --node)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --redis)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -29,6 +29,8 @@ complete -c chatd -n "__fish_chatd_needs_command" -s V -l version -d 'Print vers
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "completions" -d 'Print shell completions'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -57,6 +59,21 @@ complete -c chatd -n "__fish_chatd_using_subcommand send" -l timeout -d 'Seconds
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l json -d 'One JSON line per ack instead of text'
 complete -c chatd -n "__fish_chatd_using_subcommand send" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand send" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand presence" -l redis -d 'Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand presence" -l profile -d 'Read [redis] from this profile (e.g. node1)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand presence" -l config -d 'A config file read over the profile' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand presence" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand presence" -l json -d 'Machine output'
+complete -c chatd -n "__fish_chatd_using_subcommand presence" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand presence" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -l node -d 'A node\'s URL (repeatable; default: every node holding a lease in Redis)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -l redis -d 'Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -l profile -d 'Read [redis] from this profile (e.g. node1)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -l config -d 'A config file read over the profile' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -l json -d 'Machine output'
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l node -d 'The two nodes (default: the node1 and node2 profiles on this machine)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l profile -d 'Where Redis is read from, to check presence directly: this profile\'s [redis]' -r
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l config-dir -d 'Directory of the profiles' -r -F
@@ -66,9 +83,11 @@ complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -s h -l help
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "completions" -d 'Print shell completions'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send crossnode-test completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "completions" -d 'Print shell completions'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

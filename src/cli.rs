@@ -26,6 +26,10 @@ pub enum Command {
     Connect(commands::connect::ConnectArgs),
     /// Send one message (or --count N), wait for the server's ack, exit non-zero on error
     Send(commands::send::SendArgs),
+    /// Where users are online: nodes, devices, last heartbeat (reads Redis)
+    Presence(commands::presence::PresenceArgs),
+    /// The cluster at a glance: nodes, sessions, users, message counters, broker lag
+    Stats(commands::stats::StatsArgs),
     /// Run the seed's cross-node scenarios against two nodes; non-zero exit on any failure
     #[command(name = "crossnode-test")]
     CrossnodeTest(commands::crossnode::CrossnodeArgs),
@@ -48,6 +52,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => commands::serve::run(args).await,
         Command::Connect(args) => commands::connect::run(args).await,
         Command::Send(args) => commands::send::run(args).await,
+        Command::Presence(args) => commands::presence::run(args).await,
+        Command::Stats(args) => commands::stats::run(args).await,
         Command::CrossnodeTest(args) => commands::crossnode::run(args).await,
         Command::Completions(args) => commands::completions::run(args),
     }

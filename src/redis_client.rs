@@ -64,7 +64,10 @@ impl RedisClient {
                 .map_err(|e| format!("redis {what}: {e}"))?;
             f(conn).await.map_err(|e| format!("redis {what}: {e}"))
         };
-        match tokio::time::timeout(self.timeout, work).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.timeout, work).await;
+        crate::chat::metrics::REDIS_CALLS.observe(started.elapsed());
+        match result {
             Ok(result) => result,
             Err(_) => Err(format!(
                 "redis {what}: no answer within {} ms",

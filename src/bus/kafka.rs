@@ -258,3 +258,31 @@ impl Bus for KafkaBus {
         "kafka"
     }
 }
+
+/// How far node `node_id`'s consumer group is behind on its topic: (high watermark, committed
+/// offset). Blocking; call from `spawn_blocking`. Tansu has been seen to report a high
+/// watermark that counts batches rather than records, so treat the difference as a hint.
+pub fn topic_lag(config: &KafkaConfig, node_id: &str) -> Result<(i64, Option<i64>), BusError> {
+    use rdkafka::consumer::BaseConsumer;
+    let topic = format!("{}{node_id}", config.topic_prefix);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", format!("{}{node_id}", config.group_prefix))
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| unavailable("consumer", e))?;
+    let wait = Duration::from_secs(3);
+    let (_, high) = consumer
+        .fetch_watermarks(&topic, 0, wait)
+        .map_err(|e| unavailable(&format!("watermarks of {topic}"), e))?;
+    let mut wanted = TopicPartitionList::new();
+    wanted.add_partition(&topic, 0);
+    let committed = consumer
+        .committed_offsets(wanted, wait)
+        .map_err(|e| unavailable(&format!("committed offset of {topic}"), e))?;
+    let committed = match committed.find_partition(&topic, 0).map(|p| p.offset()) {
+        Some(Offset::Offset(n)) => Some(n),
+        _ => None,
+    };
+    Ok((high, committed))
+}

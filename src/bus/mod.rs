@@ -6,7 +6,7 @@
 mod kafka;
 mod local;
 
-pub use kafka::KafkaBus;
+pub use kafka::{topic_lag, KafkaBus};
 pub use local::LocalBus;
 
 use async_trait::async_trait;

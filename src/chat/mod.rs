@@ -343,6 +343,7 @@ impl Node {
             };
             Route::from_parts(local, remote)
         };
+        self.metrics.count_route(route);
         tracing::debug!(message = %stored.message_id, route = route.as_str(), "message acknowledged");
         self.reply(
             from,
@@ -474,7 +475,10 @@ impl Node {
                 recipients: recipients.into_iter().map(|(_, r)| r).collect(),
                 frame: frame.as_str().to_string(),
             };
-            match self.backends.bus.publish(&node_id, envelope).await {
+            let started = std::time::Instant::now();
+            let published = self.backends.bus.publish(&node_id, envelope).await;
+            self.metrics.publish_latency.observe(started.elapsed());
+            match published {
                 Ok(()) => {
                     Metrics::inc(&self.metrics.messages_routed_remote);
                     tracing::info!(node = %node_id, kind = ?kind, "sent to another node via the {}", self.backends.bus.name());

@@ -3,8 +3,10 @@
 pub mod completions;
 pub mod connect;
 pub mod crossnode;
+pub mod presence;
 pub mod send;
 pub mod serve;
+pub mod stats;
 
 /// Default node URL of the client commands: the embedded node on this machine.
 pub const DEFAULT_URL: &str = "ws://127.0.0.1:9430";

@@ -74,6 +74,7 @@ pub fn router(state: AppState) -> Router {
             get(rest::online_status),
         )
         .route("/api/chat/online/stats", get(rest::online_stats))
+        .route("/metrics", get(rest::metrics))
         .route("/test.html", get(rest::test_page))
         .route("/favicon.ico", get(rest::favicon))
         .fallback(rest::not_found)

@@ -101,6 +101,22 @@ pub async fn online_stats(State(state): State<AppState>) -> Response {
     .into_response()
 }
 
+/// Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let node = &state.node;
+    let body = node
+        .metrics
+        .render_prometheus(node.sessions.session_count(), node.sessions.user_count());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
 pub async fn test_page() -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],

@@ -49,12 +49,14 @@ pub fn shared_backends() -> Backends {
     }
 }
 
-pub async fn start_with(config: Config, backends: Backends) -> TestNode {
+pub async fn start_with(mut config: Config, backends: Backends) -> TestNode {
     config.validate().expect("test config is valid");
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a free port");
     let addr = listener.local_addr().unwrap();
+    // As `chatd serve` does: the port actually bound goes into the lease URL.
+    config.server.port = addr.port();
     let node = Node::start(config, backends).await.expect("node starts");
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(chatd::server::run(listener, node.clone(), async move {

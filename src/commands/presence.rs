@@ -1,0 +1,126 @@
+//! `chatd presence USER...`: where each user is online, read straight from Redis: each node
+//! with its device count and the age of the freshest heartbeat. A table, or `--json`.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::Args;
+use comfy_table::Table;
+use serde_json::json;
+
+use crate::chat::ids::now_ms;
+use crate::config::{chatd_env, Config, Overrides, Sources};
+use crate::presence::{Presence, RedisPresence};
+use crate::redis_client::RedisClient;
+
+/// Where the operator commands find Redis: `--redis URL`, else the layered config.
+#[derive(Debug, Args)]
+pub struct RedisArgs {
+    /// Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Read [redis] from this profile (e.g. node1)
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// A config file read over the profile
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of default.toml and the profiles
+    #[arg(long, value_name = "DIR", default_value = "config")]
+    pub config_dir: PathBuf,
+}
+
+impl RedisArgs {
+    /// The layered config with `--redis` applied.
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(&Sources {
+            config_dir: self.config_dir.clone(),
+            profile: self.profile.clone(),
+            file: self.config.clone(),
+            env: chatd_env(),
+            overrides: Overrides::default(),
+        })?;
+        if let Some(url) = &self.redis {
+            config.redis.url = url.clone();
+            config.validate()?;
+        }
+        Ok(config)
+    }
+
+    pub fn presence(&self, config: &Config) -> anyhow::Result<RedisPresence> {
+        Ok(RedisPresence::new(
+            RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?,
+            config.presence.ttl_secs,
+            config.presence.node_lease_secs,
+        ))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PresenceArgs {
+    /// The users to look up
+    #[arg(required = true, value_name = "USER")]
+    pub users: Vec<String>,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Machine output
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
+    let config = args.redis.load()?;
+    let presence = args.redis.presence(&config)?;
+    presence
+        .health()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (url {})", config.redis.url))?;
+    let now = now_ms();
+    let mut report = Vec::new();
+    for user in &args.users {
+        let devices = presence.devices(user).await?;
+        let mut nodes: BTreeMap<String, (usize, i64)> = BTreeMap::new();
+        for d in &devices {
+            let entry = nodes.entry(d.node_id.clone()).or_insert((0, 0));
+            entry.0 += 1;
+            entry.1 = entry.1.max(d.last_seen_ms);
+        }
+        let nodes: Vec<_> = nodes
+            .into_iter()
+            .map(|(node, (devices, seen))| {
+                json!({"nodeId": node, "devices": devices, "lastHeartbeatAgeMs": now - seen})
+            })
+            .collect();
+        report.push(json!({"userId": user, "online": !devices.is_empty(), "nodes": nodes}));
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Array(report));
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    if !std::io::stdout().is_terminal() {
+        table.force_no_tty();
+    }
+    table.set_header(["user", "online", "node", "devices", "last heartbeat"]);
+    for user in &report {
+        let id = user["userId"].as_str().unwrap_or("");
+        let nodes = user["nodes"].as_array().cloned().unwrap_or_default();
+        if nodes.is_empty() {
+            table.add_row([id, "no", "-", "0", "-"]);
+        }
+        for n in nodes {
+            let age = n["lastHeartbeatAgeMs"].as_i64().unwrap_or(0);
+            table.add_row([
+                id.to_string(),
+                "yes".into(),
+                n["nodeId"].as_str().unwrap_or("").to_string(),
+                n["devices"].to_string(),
+                format!("{:.1} s ago", age as f64 / 1000.0),
+            ]);
+        }
+    }
+    println!("{table}");
+    Ok(())
+}
