@@ -394,6 +394,10 @@ pub enum ServerFrame<'a> {
         temp_message_id: Option<&'a str>,
         timestamp: i64,
         route: Route,
+        /// Other nodes holding a target device that the broker could not reach; the message
+        /// is stored either way. Omitted when 0.
+        #[serde(skip_serializing_if = "is_zero")]
+        remote_failed: usize,
     },
     HeartbeatAck {
         content: &'a str,
@@ -414,6 +418,10 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         temp_message_id: Option<&'a str>,
     },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl ServerFrame<'_> {
@@ -616,6 +624,7 @@ mod tests {
                 temp_message_id: Some("t"),
                 timestamp: 5,
                 route: Route::LocalRemote,
+                remote_failed: 0,
             }
             .encode(),
         )

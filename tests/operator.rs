@@ -218,3 +218,45 @@ async fn metrics_are_prometheus_text_with_the_counters_that_matter() {
     }
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_push_events_go_to_their_own_topic() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+    let node = cluster_node(&unique("off")).await;
+    let (alice, ghost) = (unique("oal"), unique("ghost"));
+    let mut a = node.client(&alice).await;
+    a.send_json(&chat(&ghost, "wake up", "t1")).await.unwrap();
+    let ack = expect(&mut a, "MESSAGE_ACK").await;
+    assert_eq!(ack["route"], "offline");
+
+    // A Kafka client of the test's own reads the offline-push topic from its beginning.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:9092")
+        .set("group.id", unique("test-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("chat.offline-push", 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let found = tokio::time::timeout(WAIT, async {
+        loop {
+            let m = consumer.recv().await.expect("consume chat.offline-push");
+            let event: Value =
+                serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null);
+            if event["userId"] == ghost.as_str() {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("the offline-push event is on chat.offline-push");
+    assert_eq!(
+        (&found["senderId"], &found["messageId"]),
+        (&json!(alice), &ack["messageId"])
+    );
+    node.stop().await;
+}

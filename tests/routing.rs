@@ -134,3 +134,31 @@ async fn status_shows_every_node_of_a_user() {
     assert_eq!((&s["devices"], &s["nodes"]), (&json!(1), &json!(["node1"])));
     n1.stop().await;
 }
+
+#[tokio::test]
+async fn a_failed_publish_is_counted_and_told_in_the_ack() {
+    use chatd::presence::Device;
+    let shared = shared_backends();
+    let n1 = start_with(config("node1"), shared.clone()).await;
+    // Presence says bob has a device on a node that consumes nothing (its process is gone
+    // and its lease has not lapsed yet): the publish fails.
+    let ghost = Device {
+        connection_id: "c-ghost".into(),
+        node_id: "ghost".into(),
+        last_seen_ms: chatd::chat::ids::now_ms(),
+    };
+    shared.presence.connect("bob", ghost).await.unwrap();
+    let mut alice = n1.client("alice").await;
+    alice
+        .send_json(&chat("bob", "into the void", "t1"))
+        .await
+        .unwrap();
+    let ack = expect(&mut alice, "MESSAGE_ACK").await;
+    assert_eq!(
+        (&ack["route"], &ack["remoteFailed"]),
+        (&json!("offline"), &json!(1))
+    );
+    let snapshot = n1.node.metrics.snapshot();
+    assert_eq!((snapshot.bus_failures, snapshot.offline_pushes), (1, 1));
+    n1.stop().await;
+}

@@ -113,6 +113,8 @@ struct Target<'a> {
 struct Reach {
     local: usize,
     remote_nodes: usize,
+    /// Nodes holding a device of this target that the publish failed for.
+    failed_nodes: usize,
 }
 
 impl Node {
@@ -287,7 +289,7 @@ impl Node {
             }
         };
 
-        let route = if fresh {
+        let (route, remote_failed) = if fresh {
             Metrics::inc(&self.metrics.messages_received);
             let frame: Utf8Bytes = ServerFrame::ChatMessage {
                 message_id: &stored.message_id,
@@ -329,10 +331,12 @@ impl Node {
                 .await
             };
             let route = Route::from_parts(reach[0].local > 0, reach[0].remote_nodes > 0);
+            // No device got it (none online, or the publish to their node failed): the
+            // receiver must be woken up; the message waits in the store.
             if route == Route::Offline {
                 self.offline_push(&stored).await;
             }
-            route
+            (route, reach.iter().map(|r| r.failed_nodes).sum())
         } else {
             // A retry of a stored message: acknowledge it again, deliver nothing twice; the
             // route says where the receiver's devices are now.
@@ -341,7 +345,7 @@ impl Node {
                 Ok(devices) => devices.iter().any(|d| d.node_id != self.node_id),
                 Err(_) => false,
             };
-            Route::from_parts(local, remote)
+            (Route::from_parts(local, remote), 0)
         };
         self.metrics.count_route(route);
         tracing::debug!(message = %stored.message_id, route = route.as_str(), "message acknowledged");
@@ -352,6 +356,7 @@ impl Node {
                 temp_message_id: stored.temp_message_id.as_deref(),
                 timestamp: stored.timestamp,
                 route,
+                remote_failed,
             },
         )
         .await;
@@ -489,6 +494,9 @@ impl Node {
                 Err(e) => {
                     Metrics::inc(&self.metrics.bus_failures);
                     tracing::error!(node = %node_id, "publish to another node failed: {e}");
+                    for i in indices {
+                        reach[i].failed_nodes += 1;
+                    }
                 }
             }
         }
