@@ -39,7 +39,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand serve" -l config -d 'A confi
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -l port -d 'Port to listen on (overrides every config layer; 0 picks a free port)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -l node-id -d 'Node id (overrides every config layer)' -r
-complete -c chatd -n "__fish_chatd_using_subcommand serve" -l print-config -d 'Print the effective configuration and exit'
+complete -c chatd -n "__fish_chatd_using_subcommand serve" -l print-config -d 'Print the effective configuration (secrets redacted) and exit'
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l user -d 'Your user id' -r
@@ -60,7 +60,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand send" -l json -d 'One JSON l
 complete -c chatd -n "__fish_chatd_using_subcommand send" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand send" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -l redis -d 'Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)' -r
-complete -c chatd -n "__fish_chatd_using_subcommand presence" -l profile -d 'Read [redis] from this profile (e.g. node1)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand presence" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -l config -d 'A config file read over the profile' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -l json -d 'Machine output'
@@ -68,7 +68,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand presence" -s h -l help -d 'P
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -l node -d 'A node\'s URL (repeatable; default: every node holding a lease in Redis)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -l redis -d 'Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)' -r
-complete -c chatd -n "__fish_chatd_using_subcommand stats" -l profile -d 'Read [redis] from this profile (e.g. node1)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -l config -d 'A config file read over the profile' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -l json -d 'Machine output'

@@ -31,24 +31,7 @@ fn spawn_serve(extra: &[&str]) -> (Child, String) {
         .spawn()
         .expect("spawn chatd serve");
     let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent {
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    let _ = tx.send(addr);
-                    sent = true;
-                }
-            }
-        }
-    });
-    let addr = rx.recv_timeout(WAIT).expect("chatd serve logs its address");
+    let addr = chatd::commands::serve::listening_address(stderr, WAIT).expect("chatd serve starts");
     (child, addr)
 }
 

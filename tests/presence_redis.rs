@@ -237,7 +237,8 @@ async fn a_node_killed_with_sigkill_has_its_users_read_offline() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let addr = listening_addr(child.stderr.take().unwrap());
+    let addr = chatd::commands::serve::listening_address(child.stderr.take().unwrap(), WAIT)
+        .expect("chatd serve starts");
     let _client = chatd::client::Client::connect(&format!("ws://{addr}"), &user, WAIT)
         .await
         .unwrap();
@@ -259,31 +260,6 @@ async fn a_node_killed_with_sigkill_has_its_users_read_offline() {
     )
     .await;
     observer.stop().await;
-}
-
-/// Reads `chatd serve` stderr until it logs its address; keeps draining it afterwards.
-fn listening_addr(stderr: std::process::ChildStderr) -> String {
-    use std::io::BufRead;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(
-                        rest.split_whitespace()
-                            .next()
-                            .unwrap_or_default()
-                            .to_string(),
-                    );
-                }
-            }
-        }
-    });
-    rx.recv_timeout(WAIT).expect("chatd serve logs its address")
 }
 
 #[tokio::test]

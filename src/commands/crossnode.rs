@@ -77,7 +77,6 @@ fn spawn_node(
     profile: &str,
     node_id: &str,
 ) -> anyhow::Result<(Child, String)> {
-    use std::io::BufRead;
     let mut child = Command::new(std::env::current_exe()?)
         .args([
             "serve",
@@ -95,38 +94,12 @@ fn spawn_node(
         .spawn()
         .context("cannot start chatd serve")?;
     let stderr = child.stderr.take().context("no stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            match line.split("listening on ").nth(1) {
-                Some(rest) if tx.is_some() => {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    let _ = tx.take().map(|tx| tx.send(Ok(addr)));
-                }
-                _ if line.contains("error") => {
-                    let _ = tx.as_ref().map(|tx| tx.send(Err(line.clone())));
-                }
-                _ => {}
-            }
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(Ok(addr)) => Ok((child, format!("ws://{addr}"))),
-        Ok(Err(line)) => {
+    match super::serve::listening_address(stderr, Duration::from_secs(30)) {
+        Ok(addr) => Ok((child, format!("ws://{addr}"))),
+        Err(why) => {
             let _ = child.kill();
-            bail!("node {node_id} (profile {profile}) failed to start: {line}")
-        }
-        Err(_) => {
-            let _ = child.kill();
-            bail!("node {node_id} (profile {profile}) did not start within 30 s")
+            let _ = child.wait();
+            bail!("node {node_id} (profile {profile}) failed to start: {why}")
         }
     }
 }

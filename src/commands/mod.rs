@@ -8,6 +8,39 @@ pub mod send;
 pub mod serve;
 pub mod stats;
 
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::{chatd_env, Config, ConfigError, Overrides, Sources};
+
+/// The config layers a command reads: `--profile`, `--config`, `--config-dir`, and the
+/// `CHATD_*` environment.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// A config file read over the profile
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of default.toml and the profiles
+    #[arg(long, value_name = "DIR", default_value = "config")]
+    pub config_dir: PathBuf,
+}
+
+impl ConfigArgs {
+    pub fn load(&self, overrides: Overrides) -> Result<Config, ConfigError> {
+        Config::load(&Sources {
+            config_dir: self.config_dir.clone(),
+            profile: self.profile.clone(),
+            file: self.config.clone(),
+            env: chatd_env(),
+            overrides,
+        })
+    }
+}
+
 /// Default node URL of the client commands: the embedded node on this machine.
 pub const DEFAULT_URL: &str = "ws://127.0.0.1:9430";
 

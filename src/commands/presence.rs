@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
 
 use clap::Args;
 use comfy_table::Table;
 use serde_json::json;
 
+use super::ConfigArgs;
 use crate::chat::ids::now_ms;
-use crate::config::{chatd_env, Config, Overrides, Sources};
+use crate::config::{Config, Overrides};
 use crate::presence::{Presence, RedisPresence};
 use crate::redis_client::RedisClient;
 
@@ -20,27 +20,14 @@ pub struct RedisArgs {
     /// Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
-    /// Read [redis] from this profile (e.g. node1)
-    #[arg(long)]
-    pub profile: Option<String>,
-    /// A config file read over the profile
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Directory of default.toml and the profiles
-    #[arg(long, value_name = "DIR", default_value = "config")]
-    pub config_dir: PathBuf,
+    #[command(flatten)]
+    pub layers: ConfigArgs,
 }
 
 impl RedisArgs {
     /// The layered config with `--redis` applied.
     pub fn load(&self) -> anyhow::Result<Config> {
-        let mut config = Config::load(&Sources {
-            config_dir: self.config_dir.clone(),
-            profile: self.profile.clone(),
-            file: self.config.clone(),
-            env: chatd_env(),
-            overrides: Overrides::default(),
-        })?;
+        let mut config = self.layers.load(Overrides::default())?;
         if let Some(url) = &self.redis {
             config.redis.url = url.clone();
             config.validate()?;

@@ -1,54 +1,35 @@
 //! `chatd serve`: loads the layered config, builds the backends it names, and runs a node
 //! until SIGINT or SIGTERM.
 
-use std::path::PathBuf;
-
 use anyhow::Context;
 use clap::Args;
 use tokio::net::TcpListener;
 
+use super::ConfigArgs;
 use crate::chat::{Backends, Node};
-use crate::config::{chatd_env, Config, Overrides, Sources};
+use crate::config::Overrides;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)
-    #[arg(long)]
-    pub profile: Option<String>,
-    /// A config file read over the profile
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Directory of default.toml and the profiles
-    #[arg(long, value_name = "DIR", default_value = "config")]
-    pub config_dir: PathBuf,
+    #[command(flatten)]
+    pub layers: ConfigArgs,
     /// Port to listen on (overrides every config layer; 0 picks a free port)
     #[arg(long)]
     pub port: Option<u16>,
     /// Node id (overrides every config layer)
     #[arg(long)]
     pub node_id: Option<String>,
-    /// Print the effective configuration and exit
+    /// Print the effective configuration (secrets redacted) and exit
     #[arg(long)]
     pub print_config: bool,
 }
 
-impl ServeArgs {
-    pub fn load_config(&self) -> Result<Config, crate::config::ConfigError> {
-        Config::load(&Sources {
-            config_dir: self.config_dir.clone(),
-            profile: self.profile.clone(),
-            file: self.config.clone(),
-            env: chatd_env(),
-            overrides: Overrides {
-                port: self.port,
-                node_id: self.node_id.clone(),
-            },
-        })
-    }
-}
-
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = args.load_config()?;
+    let overrides = Overrides {
+        port: args.port,
+        node_id: args.node_id.clone(),
+    };
+    let mut config = args.layers.load(overrides)?;
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
@@ -67,7 +48,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         presence = node.backends.presence.name(),
         bus = node.backends.bus.name(),
         store = node.backends.store.name(),
-        "chatd listening on {local} (ws://{local}/ws/chat?userId=U, http://{local}/test.html)"
+        "{LISTENING}{local} (ws://{local}/ws/chat?userId=U, http://{local}/test.html)"
     );
     if !local.ip().is_loopback() {
         tracing::warn!(
@@ -104,5 +85,46 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// What `chatd serve` logs once it listens; [`listening_address`] looks for it.
+pub const LISTENING: &str = "chatd listening on ";
+
+/// Reads a spawned `chatd serve`'s stderr until it logs its address (`host:port`), or until an
+/// `error` line or `within` passes. Keeps draining stderr afterwards so the child never blocks
+/// on a full pipe.
+pub fn listening_address(
+    stderr: std::process::ChildStderr,
+    within: std::time::Duration,
+) -> Result<String, String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let Some(sender) = &tx else { continue };
+            if let Some(rest) = line.split(LISTENING).nth(1) {
+                let _ = sender.send(Ok(rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()));
+                tx = None;
+            } else if line.contains("error") {
+                let _ = sender.send(Err(line));
+                tx = None;
+            }
+        }
+    });
+    match rx.recv_timeout(within) {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no \"{}\" line within {within:?}",
+            LISTENING.trim()
+        )),
     }
 }
