@@ -40,6 +40,9 @@ _chatd() {
             chatd,stats)
                 cmd="chatd__subcmd__stats"
                 ;;
+            chatd,token)
+                cmd="chatd__subcmd__token"
+                ;;
             chatd__subcmd__help,completions)
                 cmd="chatd__subcmd__help__subcmd__completions"
                 ;;
@@ -64,6 +67,9 @@ _chatd() {
             chatd__subcmd__help,stats)
                 cmd="chatd__subcmd__help__subcmd__stats"
                 ;;
+            chatd__subcmd__help,token)
+                cmd="chatd__subcmd__help__subcmd__token"
+                ;;
             *)
                 ;;
         esac
@@ -71,7 +77,7 @@ _chatd() {
 
     case "${cmd}" in
         chatd)
-            opts="-h -V --help --version serve connect send presence stats crossnode-test completions help"
+            opts="-h -V --help --version serve connect send presence stats crossnode-test token completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -99,7 +105,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__connect)
-            opts="-h -V --user --url --json --interactive --chat --linger --help --version"
+            opts="-h -V --user --url --token --json --interactive --chat --linger --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -110,6 +116,10 @@ _chatd() {
                     return 0
                     ;;
                 --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --token)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -155,7 +165,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__help)
-            opts="serve connect send presence stats crossnode-test completions help"
+            opts="serve connect send presence stats crossnode-test token completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -280,6 +290,20 @@ _chatd() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        chatd__subcmd__help__subcmd__token)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         chatd__subcmd__presence)
             opts="-h -V --redis --profile --config --config-dir --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -311,7 +335,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__send)
-            opts="-h -V --from --to --chat --count --url --timeout --json --help --version"
+            opts="-h -V --from --to --chat --count --url --token --timeout --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -334,6 +358,10 @@ _chatd() {
                     return 0
                     ;;
                 --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --token)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -394,6 +422,40 @@ _chatd() {
                     return 0
                     ;;
                 --redis)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__token)
+            opts="-h -V --user --ttl --profile --config --config-dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --user)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --ttl)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -32,6 +32,7 @@ complete -c chatd -n "__fish_chatd_needs_command" -f -a "send" -d 'Send one mess
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "completions" -d 'Print shell completions'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
@@ -44,6 +45,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand serve" -s h -l help -d 'Prin
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l user -d 'Your user id' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l url -d 'The node to connect to' -r
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l token -d 'A token for nodes in auth mode token (see `chatd token`)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l chat -d 'Chat id for messages you send (default: the two user ids, sorted, joined by _)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l linger -d 'After stdin ends, keep printing received frames this many seconds before closing' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l json -d 'Raw JSON frames in on stdin, one JSON line out per received frame (the default when stdin is not a terminal)'
@@ -55,6 +57,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand send" -l to -d 'Receiver use
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l chat -d 'Chat id (default: the two user ids, sorted, joined by _)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l count -d 'How many messages to send (each gets " #i" appended when more than one)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l url -d 'The node to connect to' -r
+complete -c chatd -n "__fish_chatd_using_subcommand send" -l token -d 'A token for nodes in auth mode token (see `chatd token`)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l timeout -d 'Seconds to wait for the connection and for each ack' -r
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l json -d 'One JSON line per ack instead of text'
 complete -c chatd -n "__fish_chatd_using_subcommand send" -s h -l help -d 'Print help'
@@ -75,19 +78,27 @@ complete -c chatd -n "__fish_chatd_using_subcommand stats" -l json -d 'Machine o
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l node -d 'The two nodes (default: the node1 and node2 profiles on this machine)' -r
-complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l profile -d 'Where Redis is read from, to check presence directly: this profile\'s [redis]' -r
+complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l profile -d 'Where Redis (to check presence directly) and the token secret (for nodes in auth mode token) are read from: this profile' -r
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l config-dir -d 'Directory of the profiles' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l spawn -d 'Start two nodes (profiles node1 and node2 on free ports) and stop them afterwards'
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l json -d 'Machine output: one JSON object with every check'
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand token" -l user -d 'The user the token names (its `sub`)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand token" -l ttl -d 'How long the token is valid: 90s, 15m, 1h, 7d' -r
+complete -c chatd -n "__fish_chatd_using_subcommand token" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand token" -l config -d 'A config file read over the profile' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand token" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand token" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand token" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "completions" -d 'Print shell completions'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "completions" -d 'Print shell completions'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

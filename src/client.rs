@@ -49,6 +49,11 @@ pub enum Incoming {
 
 /// The endpoint URL for `user_id` on a node given as `ws://host:port` (or already with a path).
 pub fn chat_url(base: &str, user_id: &str) -> String {
+    chat_url_with_token(base, user_id, None)
+}
+
+/// The endpoint URL with a token (auth mode token) as well as the user id.
+pub fn chat_url_with_token(base: &str, user_id: &str, token: Option<&str>) -> String {
     let base = base.trim_end_matches('/');
     let path = if base.contains("/ws/chat") {
         base.to_string()
@@ -56,7 +61,27 @@ pub fn chat_url(base: &str, user_id: &str) -> String {
         format!("{base}/ws/chat")
     };
     let sep = if path.contains('?') { '&' } else { '?' };
-    format!("{path}{sep}userId={}", encode_query_value(user_id))
+    let mut url = format!("{path}{sep}userId={}", encode_query_value(user_id));
+    if let Some(token) = token {
+        url.push_str("&token=");
+        url.push_str(&encode_query_value(token));
+    }
+    url
+}
+
+/// The URL with the value of a `token=` parameter replaced, for messages and logs.
+pub fn redact_token(url: &str) -> String {
+    match url.find("token=") {
+        Some(i) => {
+            let start = i + "token=".len();
+            let end = url[start..]
+                .find('&')
+                .map(|j| start + j)
+                .unwrap_or(url.len());
+            format!("{}<redacted>{}", &url[..start], &url[end..])
+        }
+        None => url.to_string(),
+    }
 }
 
 fn encode_query_value(v: &str) -> String {
@@ -93,8 +118,20 @@ impl Client {
         Self::connect_url(&chat_url(base, user_id), wait).await
     }
 
-    /// Connects to a full endpoint URL and waits for `CONNECTED`.
+    /// Connects with a token, for nodes in auth mode token.
+    pub async fn connect_with_token(
+        base: &str,
+        user_id: &str,
+        token: Option<&str>,
+        wait: Duration,
+    ) -> Result<Client, ClientError> {
+        Self::connect_url(&chat_url_with_token(base, user_id, token), wait).await
+    }
+
+    /// Connects to a full endpoint URL and waits for `CONNECTED`. Errors show the URL with
+    /// any token redacted.
     pub async fn connect_url(url: &str, wait: Duration) -> Result<Client, ClientError> {
+        let shown = redact_token(url);
         let socket = match tokio::time::timeout(wait, tokio_tungstenite::connect_async(url)).await {
             Err(_) => return Err(ClientError::Timeout(wait)),
             Ok(Ok((socket, _))) => socket,
@@ -106,17 +143,12 @@ impl Client {
                     .map(|b| String::from_utf8_lossy(b).into_owned())
                     .unwrap_or_default();
                 return Err(ClientError::Refused {
-                    url: url.to_string(),
+                    url: shown,
                     status,
                     body,
                 });
             }
-            Ok(Err(source)) => {
-                return Err(ClientError::Connect {
-                    url: url.to_string(),
-                    source,
-                })
-            }
+            Ok(Err(source)) => return Err(ClientError::Connect { url: shown, source }),
         };
         let (sink, stream) = socket.split();
         let mut client = Client {

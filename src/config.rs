@@ -17,6 +17,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub kafka: KafkaConfig,
     pub store: StoreConfig,
+    pub auth: AuthConfig,
     pub moderation: ModerationConfig,
 }
 
@@ -48,6 +49,19 @@ pub struct ServerConfig {
     /// This node's REST base URL as other nodes and `chatd stats` should reach it (stored
     /// with its lease). Empty: `http://<bound address>`.
     pub advertise_url: String,
+    /// Browser origins allowed to open a WebSocket (checked before the upgrade, 403 else).
+    /// Empty: any. Requests without an Origin header (native clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// WebSocket sessions this node holds at most; more are refused with 503.
+    pub max_connections: usize,
+    /// Devices one user may have online at once (cluster-wide); more are refused with 429.
+    pub max_devices_per_user: usize,
+    /// Frames a connection may send per second, on average (token bucket).
+    pub rate_limit_per_sec: u32,
+    /// Frames a connection may send in a burst above the average.
+    pub rate_limit_burst: u32,
+    /// Frames refused in a row (`ERROR RATE_LIMITED`) before the connection is closed (1008).
+    pub rate_limit_strikes: u32,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +77,12 @@ impl Default for ServerConfig {
             send_queue_len: 256,
             shutdown_grace_ms: 5_000,
             advertise_url: String::new(),
+            allowed_origins: Vec::new(),
+            max_connections: 10_000,
+            max_devices_per_user: 10,
+            rate_limit_per_sec: 20,
+            rate_limit_burst: 40,
+            rate_limit_strikes: 20,
         }
     }
 }
@@ -174,6 +194,24 @@ impl Default for StoreConfig {
             retention_secs: 7 * 24 * 3600,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// `?userId=` is trusted: for local use (a warning at start-up off loopback).
+    #[default]
+    None,
+    /// A signed token (HS256 JWT) names the user.
+    Token,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub mode: AuthMode,
+    /// HS256 key of the tokens, at least 32 bytes; redacted when printed.
+    pub secret: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -408,6 +446,33 @@ impl Config {
         if self.store.memory_max_messages == 0 {
             return bad("store.memory_max_messages", "must be at least 1".into());
         }
+        if self.auth.mode == AuthMode::Token && self.auth.secret.len() < 32 {
+            return bad(
+                "auth.secret",
+                "auth.mode = \"token\" needs a secret of at least 32 bytes \
+                 (e.g. CHATD_AUTH__SECRET=$(openssl rand -hex 32))"
+                    .into(),
+            );
+        }
+        if s.max_connections == 0 || s.max_devices_per_user == 0 {
+            return bad(
+                "server.max_connections",
+                "server.max_connections and server.max_devices_per_user must be at least 1".into(),
+            );
+        }
+        if s.rate_limit_per_sec == 0 || s.rate_limit_burst == 0 || s.rate_limit_strikes == 0 {
+            return bad(
+                "server.rate_limit_per_sec",
+                "server.rate_limit_per_sec, rate_limit_burst and rate_limit_strikes must be at least 1"
+                    .into(),
+            );
+        }
+        if let Some(o) = s.allowed_origins.iter().find(|o| !o.starts_with("http")) {
+            return bad(
+                "server.allowed_origins",
+                format!("{o:?} is not an origin like \"https://app.example\""),
+            );
+        }
         if self.moderation.words.iter().any(|w| w.trim().is_empty()) {
             return bad("moderation.words", "contains an empty word".into());
         }
@@ -417,8 +482,10 @@ impl Config {
     /// The effective configuration as TOML with secrets redacted, for `--print-config`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        if !shown.redis.password.is_empty() {
-            shown.redis.password = "<redacted>".into();
+        for secret in [&mut shown.redis.password, &mut shown.auth.secret] {
+            if !secret.is_empty() {
+                *secret = "<redacted>".into();
+            }
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }

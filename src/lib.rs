@@ -3,6 +3,7 @@
 //! Module map:
 //! - [`cli`]: clap definitions and dispatch; [`commands`]: one module per subcommand
 //! - [`config`]: layered configuration and its validation
+//! - [`auth`]: who may connect: HS256 tokens
 //! - [`protocol`]: WebSocket frames: parse, validate, serialize; stable error codes
 //! - [`server`]: the axum app: WebSocket sessions, REST, test page, graceful shutdown
 //! - [`chat`]: the message path: ids, moderation, routing, local sessions, counters
@@ -13,6 +14,7 @@
 //! - [`client`]: the WebSocket client used by `connect`, `send` and the tests
 //! - [`http`]: the small HTTP GET the operator commands use on the REST API
 
+pub mod auth;
 pub mod bus;
 pub mod chat;
 pub mod cli;

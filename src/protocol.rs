@@ -37,6 +37,8 @@ pub enum ErrorCode {
     StoreUnavailable,
     /// A read receipt names a message the store does not know.
     UnknownMessage,
+    /// The connection sends faster than `server.rate_limit_per_sec`; the frame was dropped.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -53,6 +55,7 @@ impl ErrorCode {
             ErrorCode::ContentRejected => "CONTENT_REJECTED",
             ErrorCode::StoreUnavailable => "STORE_UNAVAILABLE",
             ErrorCode::UnknownMessage => "UNKNOWN_MESSAGE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
         }
     }
 }

@@ -427,3 +427,43 @@ async fn connect_sends_heartbeats_by_itself() {
     );
     node.stop().await;
 }
+
+#[tokio::test]
+async fn send_count_paces_itself_under_the_rate_limit() {
+    let mut c = config("n1");
+    c.server.rate_limit_per_sec = 20;
+    c.server.rate_limit_burst = 10;
+    let node = start(c).await;
+    let url = node.ws();
+    let out = tokio::task::spawn_blocking(move || {
+        chatd()
+            .args([
+                "send", "--url", &url, "--from", "alice", "--to", "bob", "--count", "40", "--json",
+                "n",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 40, "every message acknowledged once");
+    assert!(
+        node.node.metrics.snapshot().frames_rejected > 0,
+        "the limit was hit and retried"
+    );
+    assert_eq!(
+        node.node.metrics.snapshot().messages_received,
+        40,
+        "retries stored nothing twice"
+    );
+    node.stop().await;
+}

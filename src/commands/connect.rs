@@ -25,6 +25,9 @@ pub struct ConnectArgs {
     /// The node to connect to
     #[arg(long, default_value = DEFAULT_URL)]
     pub url: String,
+    /// A token for nodes in auth mode token (see `chatd token`)
+    #[arg(long)]
+    pub token: Option<String>,
     /// Raw JSON frames in on stdin, one JSON line out per received frame (the default when
     /// stdin is not a terminal)
     #[arg(long, conflicts_with = "interactive")]
@@ -48,7 +51,8 @@ struct Seen {
 
 pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let json_mode = args.json || (!args.interactive && !std::io::stdin().is_terminal());
-    let mut client = Client::connect(&args.url, &args.user, Duration::from_secs(10))
+    let wait = Duration::from_secs(10);
+    let mut client = Client::connect_with_token(&args.url, &args.user, args.token.as_deref(), wait)
         .await
         .context("connect failed")?;
     if json_mode {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::chat::ids::now_ms;
 use crate::client::{Client, ClientError};
-use crate::config::{chatd_env, Config, Overrides, Sources};
+use crate::config::{chatd_env, AuthMode, Config, Overrides, Sources};
 use crate::presence::{Presence, RedisPresence};
 use crate::redis_client::RedisClient;
 
@@ -31,7 +31,8 @@ pub struct CrossnodeArgs {
     /// Start two nodes (profiles node1 and node2 on free ports) and stop them afterwards
     #[arg(long, conflicts_with = "nodes")]
     pub spawn: bool,
-    /// Where Redis is read from, to check presence directly: this profile's [redis]
+    /// Where Redis (to check presence directly) and the token secret (for nodes in auth mode
+    /// token) are read from: this profile
     #[arg(long, default_value = "node1")]
     pub profile: String,
     /// Directory of the profiles
@@ -110,6 +111,7 @@ pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
     sources.env = chatd_env();
     sources.overrides = Overrides::default();
     let config = Config::load(&sources)?;
+    let _ = SECRET.set((config.auth.mode == AuthMode::Token).then(|| config.auth.secret.clone()));
     let presence = RedisPresence::new(
         RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?,
         config.presence.ttl_secs,
@@ -213,8 +215,16 @@ where
     bar.inc(1);
 }
 
+/// The secret to mint tokens with when the nodes run in auth mode token.
+static SECRET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
 async fn connect(node: &str, user: &str) -> Result<Client, String> {
-    Client::connect(node, user, WAIT)
+    let token = SECRET
+        .get()
+        .cloned()
+        .flatten()
+        .map(|secret| super::token::mint(&secret, user, 600, now_ms() / 1000));
+    Client::connect_with_token(node, user, token.as_deref(), WAIT)
         .await
         .map_err(|e| e.to_string())
 }

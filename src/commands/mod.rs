@@ -7,6 +7,7 @@ pub mod presence;
 pub mod send;
 pub mod serve;
 pub mod stats;
+pub mod token;
 
 use std::path::PathBuf;
 

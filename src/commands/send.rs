@@ -15,8 +15,10 @@ use super::{default_chat_id, DEFAULT_URL};
 use crate::chat::ids::now_ms;
 use crate::client::Client;
 
-/// Messages sent ahead of their acks.
-const WINDOW: usize = 64;
+/// Messages sent ahead of their acks, at most; the window starts smaller, grows with acks and
+/// halves on `RATE_LIMITED` (so a run of refusals never looks like a flood to the node).
+const MAX_WINDOW: usize = 64;
+const START_WINDOW: usize = 8;
 
 #[derive(Debug, Args)]
 pub struct SendArgs {
@@ -35,6 +37,9 @@ pub struct SendArgs {
     /// The node to connect to
     #[arg(long, default_value = DEFAULT_URL)]
     pub url: String,
+    /// A token for nodes in auth mode token (see `chatd token`)
+    #[arg(long)]
+    pub token: Option<String>,
     /// Seconds to wait for the connection and for each ack
     #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     pub timeout: f64,
@@ -50,7 +55,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
         bail!("the message text is empty: give the text to send as the last argument");
     }
     let wait = Duration::from_secs_f64(args.timeout.max(0.1));
-    let mut client = Client::connect(&args.url, &args.from, wait)
+    let mut client = Client::connect_with_token(&args.url, &args.from, args.token.as_deref(), wait)
         .await
         .context("connect failed")?;
     let chat = args
@@ -65,24 +70,13 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     let mut sent = 0usize;
     let mut routes: HashMap<String, usize> = HashMap::new();
     let mut latencies = Vec::with_capacity(count);
+    let mut window = START_WINDOW;
     while sent < count || !pending.is_empty() {
-        while sent < count && pending.len() < WINDOW {
+        while sent < count && pending.len() < window {
             sent += 1;
             let temp = format!("send-{run_id}-{sent}");
-            let content = if count > 1 {
-                format!("{} #{sent}", args.text)
-            } else {
-                args.text.clone()
-            };
             client
-                .send_json(&json!({
-                    "type": "CHAT_MESSAGE",
-                    "receiverId": args.to,
-                    "chatId": chat,
-                    "content": content,
-                    "timestamp": now_ms(),
-                    "tempMessageId": temp,
-                }))
+                .send_json(&message(&args, &chat, sent, &temp))
                 .await?;
             pending.insert(temp, (sent, Instant::now()));
         }
@@ -96,6 +90,7 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
                 let Some((n, at)) = pending.remove(temp) else {
                     continue;
                 };
+                window = (window + 1).min(MAX_WINDOW);
                 let route = frame["route"].as_str().unwrap_or("?").to_string();
                 latencies.push(at.elapsed());
                 if args.json {
@@ -114,6 +109,14 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
                 }
                 *routes.entry(route).or_default() += 1;
                 bar.inc(1);
+            }
+            Some("ERROR") if frame["code"] == "RATE_LIMITED" && pending.contains_key(temp) => {
+                // Over the node's rate limit: send the same message again (same
+                // tempMessageId, so never twice) after a pause.
+                let (n, _) = pending[temp];
+                window = (window / 2).max(1);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                client.send_json(&message(&args, &chat, n, temp)).await?;
             }
             Some("ERROR") => {
                 bar.abandon();
@@ -136,6 +139,23 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     }
     client.close().await;
     Ok(())
+}
+
+/// The `n`th message of the run (" #n" appended when there are several).
+fn message(args: &SendArgs, chat: &str, n: usize, temp: &str) -> serde_json::Value {
+    let content = if args.count > 1 {
+        format!("{} #{n}", args.text)
+    } else {
+        args.text.clone()
+    };
+    json!({
+        "type": "CHAT_MESSAGE",
+        "receiverId": args.to,
+        "chatId": chat,
+        "content": content,
+        "timestamp": now_ms(),
+        "tempMessageId": temp,
+    })
 }
 
 /// Routes and ack latency of a `--count` run, as a table.

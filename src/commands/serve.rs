@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 
 use super::ConfigArgs;
 use crate::chat::{Backends, Node};
-use crate::config::Overrides;
+use crate::config::{AuthMode, Overrides};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -50,10 +50,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         store = node.backends.store.name(),
         "{LISTENING}{local} (ws://{local}/ws/chat?userId=U, http://{local}/test.html)"
     );
-    if !local.ip().is_loopback() {
+    if node.config.auth.mode == AuthMode::None && !local.ip().is_loopback() {
         tracing::warn!(
-            "listening on {local} without authentication: anyone who reaches this port can \
-             connect as any user"
+            "AUTH IS OFF: listening on {local} with auth.mode = \"none\": anyone who reaches \
+             this port can connect as any user; set auth.mode = \"token\" and auth.secret"
         );
     }
     crate::server::run(listener, node, shutdown_signal()).await?;

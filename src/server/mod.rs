@@ -4,6 +4,7 @@
 //! axum's graceful shutdown does not wait for upgraded WebSockets, so sessions are counted
 //! here ([`SessionTracker`]) and closed by the node itself (1001) before `run` returns.
 
+pub mod handshake;
 mod rest;
 mod ws;
 

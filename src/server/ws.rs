@@ -5,23 +5,25 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite;
 
+use super::handshake::{self, Identity};
 use super::rest::json_error;
 use super::AppState;
+use crate::chat::ids::now_ms;
 use crate::chat::metrics::Metrics;
 use crate::chat::registry::{CloseReason, SessionHandle};
 use crate::chat::Node;
 use crate::protocol::{
-    is_valid_user_id, parse_client_frame, ClientFrame, ParseContext, ServerFrame,
+    parse_client_frame, ClientFrame, ErrorCode, FrameError, ParseContext, ServerFrame,
 };
 
 /// Longest a single write to a socket may take before the connection counts as dead.
@@ -31,42 +33,18 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Frames written before one flush when several are queued.
 const WRITE_BATCH: usize = 64;
 
-/// `GET /ws/chat?userId=U`: refuses a bad user id with 400 and a JSON body before upgrading.
+/// `GET /ws/chat`: the handshake checks ([`handshake::admit`]), then the node's limits, all
+/// before the upgrade, each refusal an HTTP status with a JSON body.
 pub async fn upgrade(
     State(state): State<AppState>,
-    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    uri: Uri,
+    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let params = match query {
-        Ok(Query(params)) => params,
-        Err(e) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "INVALID_QUERY",
-                &format!("cannot read query: {e}"),
-            )
-        }
-    };
-    let user_id = match params
-        .iter()
-        .find(|(k, _)| k == "userId")
-        .map(|(_, v)| v.as_str())
-    {
-        None | Some("") => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "INVALID_USER_ID",
-                "missing userId: connect to /ws/chat?userId=<id>",
-            )
-        }
-        Some(id) if !is_valid_user_id(id) => {
-            return json_error(
-                StatusCode::BAD_REQUEST,
-                "INVALID_USER_ID",
-                "userId must be 1-64 characters of A-Z a-z 0-9 _ . : @ -",
-            )
-        }
-        Some(id) => id.to_string(),
+    let node = &state.node;
+    let identity = match handshake::admit(&node.config, uri.query(), &headers, now_ms() / 1000) {
+        Ok(identity) => identity,
+        Err(refusal) => return refusal.into_response(),
     };
     let ws = match ws {
         Ok(ws) => ws,
@@ -78,33 +56,96 @@ pub async fn upgrade(
             )
         }
     };
-    if state.node.is_shutting_down() {
+    if node.is_shutting_down() {
         return json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "SHUTTING_DOWN",
             "this node is shutting down; connect to another node",
         );
     }
-    let max = state.node.config.server.max_frame_bytes;
+    let server = &node.config.server;
+    if state.tracker.live() >= server.max_connections {
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NODE_FULL",
+            &format!(
+                "this node holds its maximum of {} connections; try another node",
+                server.max_connections
+            ),
+        );
+    }
+    let devices = match node.backends.presence.devices(&identity.user_id).await {
+        Ok(d) => d.len(),
+        Err(_) => node.sessions.devices_of(&identity.user_id),
+    };
+    if devices >= server.max_devices_per_user {
+        return json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOO_MANY_DEVICES",
+            &format!(
+                "this user already has {devices} devices online (the limit is {})",
+                server.max_devices_per_user
+            ),
+        );
+    }
+    let max = server.max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
         .on_failed_upgrade(|e| tracing::warn!("WebSocket upgrade failed: {e}"))
         .on_upgrade(move |socket: WebSocket| async move {
             let _guard = state.tracker.enter();
             let (sink, stream) = socket.split();
-            run_session(state.node, user_id, sink, stream).await;
+            run_session(state.node, identity, sink, stream).await;
         })
         .into_response()
 }
 
+/// A token bucket: `rate` frames a second on average, `burst` at once.
+struct RateLimit {
+    tokens: f64,
+    last: tokio::time::Instant,
+    rate: f64,
+    burst: f64,
+    /// Frames refused in a row.
+    strikes: u32,
+}
+
+impl RateLimit {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            tokens: burst as f64,
+            last: tokio::time::Instant::now(),
+            rate: rate as f64,
+            burst: burst as f64,
+            strikes: 0,
+        }
+    }
+
+    fn allow(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            true
+        } else {
+            self.strikes += 1;
+            false
+        }
+    }
+}
+
 /// One session from `CONNECTED` to close. Generic over the socket halves so that it does not
 /// depend on how the socket was made.
-pub async fn run_session<Si, St>(node: Arc<Node>, user_id: String, sink: Si, mut stream: St)
+pub async fn run_session<Si, St>(node: Arc<Node>, identity: Identity, sink: Si, mut stream: St)
 where
     Si: Sink<Message, Error = axum::Error> + Send + Unpin + 'static,
     St: Stream<Item = Result<Message, axum::Error>> + Send + Unpin,
 {
     Metrics::inc(&node.metrics.connections_total);
+    let user_id = identity.user_id;
     let server = &node.config.server;
     let connection_id = format!("c{}", node.ids.next().0);
     let (handle, ends) = SessionHandle::new(&user_id, &connection_id, server.send_queue_len);
@@ -131,6 +172,19 @@ where
         handle.request_close(1001, "server shutting down");
     }
     let idle = Duration::from_millis(server.idle_timeout_ms);
+    let mut rate = RateLimit::new(server.rate_limit_per_sec, server.rate_limit_burst);
+    // A token's expiry ends the session; without a token, a deadline that never comes.
+    let expiry = identity.expires_at.map(|exp| {
+        let left = Duration::from_millis(((exp * 1000) - now_ms()).max(0) as u64);
+        tokio::time::Instant::now() + left
+    });
+    let expired = async move {
+        match expiry {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let ctx = ParseContext {
         user_id: &user_id,
         max_content_chars: server.max_content_chars,
@@ -139,6 +193,10 @@ where
     let ended = loop {
         tokio::select! {
             _ = close.changed() => break "closed by the server",
+            _ = &mut expired => {
+                handle.request_close(1008, "token expired; reconnect with a new token");
+                break "token expired";
+            }
             _ = shutdown.changed() => {
                 handle.request_close(1001, "server shutting down");
                 break "server shutting down";
@@ -154,13 +212,39 @@ where
                     handle.request_close(code, &reason);
                     break "protocol error";
                 }
-                Ok(Some(Ok(Message::Text(text)))) => handle_text(&node, &handle, &text, ctx).await,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    if rate.allow() {
+                        handle_text(&node, &handle, &text, ctx).await;
+                    } else if rate.strikes >= server.rate_limit_strikes {
+                        handle.request_close(1008, "rate limit exceeded again and again");
+                        break "flooding";
+                    } else {
+                        let temp = match parse_client_frame(&text, ctx) {
+                            Ok(ClientFrame::Chat(send)) => send.temp_message_id,
+                            _ => None,
+                        };
+                        let e = FrameError {
+                            code: ErrorCode::RateLimited,
+                            message: format!(
+                                "more than {} frames a second; this frame was dropped, send it again later",
+                                server.rate_limit_per_sec
+                            ),
+                            temp_message_id: temp,
+                        };
+                        node.reply_error(&handle, &e).await;
+                    }
+                }
                 Ok(Some(Ok(Message::Binary(_)))) => {
                     handle.request_close(1003, "binary frames are not supported: send JSON text frames");
                     break "binary frame";
                 }
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-                Ok(Some(Ok(Message::Close(_)))) => break "closed by the client",
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    // Complete the close handshake: echo the client's code (RFC 6455 5.5.1).
+                    let code = frame.map(|f| f.code).unwrap_or(1000);
+                    handle.request_close(code, "");
+                    break "closed by the client";
+                }
             }
         }
     };
@@ -267,6 +351,8 @@ async fn write_loop<Si>(
         };
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame)))).await;
     }
+    // Whatever the WebSocket layer queued by itself (a pong, the reply to a close) goes out.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.flush()).await;
 }
 
 /// Writes `first` and whatever else is already queued (up to a batch), then flushes once.

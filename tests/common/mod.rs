@@ -24,6 +24,9 @@ pub fn config(node_id: &str) -> Config {
     let mut c = Config::default();
     c.server.port = 0;
     c.server.node_id = node_id.to_string();
+    // Tests send bursts on purpose; the rate limit has tests of its own.
+    c.server.rate_limit_per_sec = 1_000_000;
+    c.server.rate_limit_burst = 1_000_000;
     c
 }
 
@@ -147,4 +150,116 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// A WebSocket spoken by hand over TCP, for the protocol edge cases a well-behaved client
+/// library will not produce (unmasked frames, reserved bits, fragmented control frames...).
+pub struct RawWs {
+    pub stream: tokio::net::TcpStream,
+}
+
+impl RawWs {
+    /// Opens `/ws/chat?userId=...` and reads the 101 response (and nothing more).
+    pub async fn connect(addr: SocketAddr, user: &str) -> RawWs {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET /ws/chat?userId={user} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        RawWs { stream }
+    }
+
+    /// One frame: FIN bit, opcode, payload; masked as RFC 6455 requires of clients unless
+    /// `masked` is false; `rsv` sets the reserved bits.
+    pub fn frame(fin: bool, opcode: u8, payload: &[u8], masked: bool, rsv: u8) -> Vec<u8> {
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | (rsv << 4) | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(mask_bit | n as u8),
+            n if n < 65536 => {
+                out.push(mask_bit | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(mask_bit | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            let key = [0x12, 0x34, 0x56, 0x78];
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            out.extend_from_slice(payload);
+        }
+        out
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        // The server may already have closed (that is what some tests expect).
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// The next frame from the server: (opcode, payload); None when the connection ends.
+    pub async fn read(&mut self) -> Option<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let read = async {
+            let mut h = [0u8; 2];
+            self.stream.read_exact(&mut h).await.ok()?;
+            let mut len = (h[1] & 0x7f) as u64;
+            if len == 126 {
+                let mut b = [0u8; 2];
+                self.stream.read_exact(&mut b).await.ok()?;
+                len = u16::from_be_bytes(b) as u64;
+            } else if len == 127 {
+                let mut b = [0u8; 8];
+                self.stream.read_exact(&mut b).await.ok()?;
+                len = u64::from_be_bytes(b);
+            }
+            let mut payload = vec![0u8; len as usize];
+            self.stream.read_exact(&mut payload).await.ok()?;
+            Some((h[0] & 0x0f, payload))
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("a frame or the end in time")
+    }
+
+    /// Reads until a close frame; returns its code (None if the connection just ended).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        while let Some((opcode, payload)) = self.read().await {
+            if opcode == 0x8 {
+                return payload.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+            }
+        }
+        None
+    }
+
+    /// Reads until a text frame of the given `type`.
+    pub async fn text_of_type(&mut self, frame_type: &str) -> Value {
+        while let Some((opcode, payload)) = self.read().await {
+            if opcode == 0x1 {
+                let v: Value = serde_json::from_slice(&payload).unwrap();
+                if v["type"] == frame_type {
+                    return v;
+                }
+            }
+        }
+        panic!("connection ended before a {frame_type} frame");
+    }
 }

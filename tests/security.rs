@@ -1,0 +1,430 @@
+//! Who may connect, and what hostile or broken clients can do: tokens, origins, limits,
+//! floods, oversized frames and handshakes, and the RFC 6455 rules a server must keep.
+
+mod common;
+
+use std::time::Duration;
+
+use chatd::client::{Client, ClientError, Incoming};
+use chatd::config::{AuthMode, Config};
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &str = "test-secret-0123456789abcdef0123456789";
+
+fn token_config() -> Config {
+    let mut c = config("sec");
+    c.auth.mode = AuthMode::Token;
+    c.auth.secret = SECRET.into();
+    c
+}
+
+fn token(user: &str, ttl: i64) -> String {
+    let now = chatd::chat::ids::now_ms() / 1000;
+    chatd::auth::sign(SECRET.as_bytes(), user, now, now + ttl)
+}
+
+async fn refused(url: &str) -> (u16, serde_json::Value) {
+    match Client::connect_url(url, WAIT).await {
+        Err(ClientError::Refused {
+            status,
+            body,
+            url: shown,
+        }) => {
+            assert!(!shown.contains("eyJ"), "the error shows a token: {shown}");
+            (status, serde_json::from_str(&body).expect("JSON body"))
+        }
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected an HTTP refusal, got a connection"),
+    }
+}
+
+#[tokio::test]
+async fn token_mode_refuses_missing_forged_foreign_and_expired_tokens() {
+    let node = start(token_config()).await;
+    let base = format!("{}/ws/chat", node.ws());
+    let now = chatd::chat::ids::now_ms() / 1000;
+    let foreign = chatd::auth::sign(
+        b"a different secret that is long enough",
+        "alice",
+        now,
+        now + 60,
+    );
+    let expired = chatd::auth::sign(SECRET.as_bytes(), "alice", now - 120, now - 60);
+    for (query, why) in [
+        ("?userId=alice".to_string(), "no token"),
+        (format!("?token={foreign}"), "signature"),
+        (format!("?token={expired}"), "expired"),
+        ("?token=not.a.jwt".to_string(), "malformed"),
+    ] {
+        let (status, body) = refused(&format!("{base}{query}")).await;
+        assert_eq!(
+            (status, &body["error"]),
+            (401, &json!("INVALID_TOKEN")),
+            "{query}"
+        );
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains(why) || message.contains("token"),
+            "{query}: {message}"
+        );
+    }
+    // A good token whose user is not the claimed userId.
+    let (status, body) = refused(&format!("{base}?token={}&userId=bob", token("alice", 60))).await;
+    assert_eq!((status, &body["error"]), (403, &json!("USER_MISMATCH")));
+
+    // Good tokens, in the query and in the Authorization header: the user is the token's.
+    let mut a = Client::connect_url(&format!("{base}?token={}", token("alice", 60)), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(a.welcome["userId"], "alice");
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = base.as_str().into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token("bob", 60)).parse().unwrap(),
+    );
+    let (mut bob, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    use futures_util::StreamExt;
+    let welcome = bob.next().await.unwrap().unwrap();
+    assert!(welcome.to_text().unwrap().contains("\"userId\":\"bob\""));
+
+    // The sender is the token's user, whatever a frame claims.
+    a.send_json(&json!({"type": "CHAT_MESSAGE", "senderId": "bob", "receiverId": "carol", "chatId": "c", "content": "x"}))
+        .await
+        .unwrap();
+    assert_eq!(expect(&mut a, "ERROR").await["code"], "FORBIDDEN");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_ends_when_its_token_expires() {
+    let node = start(token_config()).await;
+    let url = format!("{}/ws/chat?token={}", node.ws(), token("alice", 2));
+    let mut a = Client::connect_url(&url, WAIT).await.unwrap();
+    match a.next(WAIT).await {
+        Ok(Incoming::Closed { code, reason }) => {
+            assert_eq!(code, 1008);
+            assert!(reason.contains("expired"), "{reason}");
+        }
+        other => panic!("expected a close when the token expires, got {other:?}"),
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_never_reach_the_logs_and_chatd_token_makes_working_ones() {
+    use std::process::{Command, Stdio};
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .current_dir(dir)
+        .args(["token", "--user", "alice", "--ttl", "10m"])
+        .env("CHATD_AUTH__SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let minted = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let claims = chatd::auth::verify(
+        SECRET.as_bytes(),
+        &minted,
+        chatd::chat::ids::now_ms() / 1000,
+    )
+    .unwrap();
+    assert_eq!(claims.sub, "alice");
+    // Without a secret it says what to set.
+    let out = Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .current_dir(dir)
+        .args(["token", "--user", "alice"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.secret"));
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .current_dir(dir)
+        .args(["serve", "--port", "0", "--node-id", "logs"])
+        .env("CHATD_AUTH__MODE", "token")
+        .env("CHATD_AUTH__SECRET", SECRET)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Every log line, kept; the address comes from the "listening on" line.
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut logs = String::new();
+    let addr = loop {
+        let line = rx.recv_timeout(WAIT).expect("chatd serve logs its address");
+        logs.push_str(&line);
+        logs.push('\n');
+        if let Some(rest) = line.split(chatd::commands::serve::LISTENING).nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let mut ok = Client::connect_url(&format!("ws://{addr}/ws/chat?token={minted}"), WAIT)
+        .await
+        .unwrap();
+    ok.send_json(&chat("bob", "hi", "t")).await.unwrap();
+    expect(&mut ok, "MESSAGE_ACK").await;
+    let bad = format!("{minted}x");
+    let _ = Client::connect_url(&format!("ws://{addr}/ws/chat?token={bad}"), WAIT).await;
+    ok.close().await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
+        logs.push_str(&line);
+        logs.push('\n');
+    }
+    let signature = minted.rsplit('.').next().unwrap();
+    assert!(
+        logs.contains("connected"),
+        "the node logged nothing? {logs}"
+    );
+    assert!(
+        !logs.contains(signature),
+        "a token signature is in the logs:\n{logs}"
+    );
+    assert!(
+        !logs.contains("token=eyJ"),
+        "a token is in the logs:\n{logs}"
+    );
+}
+
+#[tokio::test]
+async fn origins_outside_the_allowlist_are_refused_before_the_upgrade() {
+    let mut c = config("origin");
+    c.server.allowed_origins = vec!["https://app.example".into()];
+    let node = start(c).await;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    for (origin, ok) in [
+        (Some("https://app.example"), true),
+        (Some("https://evil.example"), false),
+        (None, true),
+    ] {
+        let mut request = format!("{}/ws/chat?userId=alice", node.ws())
+            .into_client_request()
+            .unwrap();
+        if let Some(o) = origin {
+            request.headers_mut().insert("Origin", o.parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok(_) => assert!(ok, "{origin:?} was let in"),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert!(!ok, "{origin:?} was refused");
+                assert_eq!(r.status(), 403);
+                let body =
+                    String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned();
+                assert!(body.contains("ORIGIN_NOT_ALLOWED"), "{body}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn floods_are_rate_limited_then_closed_while_neighbours_carry_on() {
+    let mut c = config("flood");
+    c.server.rate_limit_per_sec = 5;
+    c.server.rate_limit_burst = 5;
+    c.server.rate_limit_strikes = 30;
+    let node = start(c).await;
+    let mut bob = node.client("bob").await;
+    let mut flooder = node.client("flooder").await;
+    for i in 0..20 {
+        flooder
+            .send_json(&chat("bob", "spam", &format!("f{i}")))
+            .await
+            .unwrap();
+    }
+    let (mut acks, mut limited) = (0, 0);
+    for _ in 0..20 {
+        let f = flooder.next_frame(WAIT).await.unwrap();
+        match f["type"].as_str().unwrap() {
+            "MESSAGE_ACK" => acks += 1,
+            "ERROR" => {
+                assert_eq!(f["code"], "RATE_LIMITED");
+                assert!(f["tempMessageId"].as_str().unwrap().starts_with('f'));
+                limited += 1;
+            }
+            other => panic!("{other}"),
+        }
+    }
+    assert!(acks >= 5 && limited >= 10, "acks {acks}, limited {limited}");
+    // Keeps flooding: closed with 1008.
+    for i in 0..100 {
+        if flooder
+            .send_json(&chat("bob", "spam", &format!("g{i}")))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut closed = None;
+    while let Ok(incoming) = flooder.next(WAIT).await {
+        if let Incoming::Closed { code, .. } = incoming {
+            closed = Some(code);
+            break;
+        }
+    }
+    assert_eq!(closed, Some(1008));
+    // The neighbour got what was accepted, and still works.
+    for _ in 0..acks {
+        expect(&mut bob, "CHAT_MESSAGE").await;
+    }
+    bob.send_json(&json!({"type": "HEARTBEAT"})).await.unwrap();
+    expect(&mut bob, "HEARTBEAT_ACK").await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn devices_per_user_and_connections_per_node_are_capped() {
+    let mut c = config("caps");
+    c.server.max_devices_per_user = 2;
+    c.server.max_connections = 3;
+    let node = start(c).await;
+    let _a1 = node.client("alice").await;
+    let _a2 = node.client("alice").await;
+    let (status, body) = refused(&format!("{}/ws/chat?userId=alice", node.ws())).await;
+    assert_eq!((status, &body["error"]), (429, &json!("TOO_MANY_DEVICES")));
+    let _b = node.client("bob").await;
+    let (status, body) = refused(&format!("{}/ws/chat?userId=carol", node.ws())).await;
+    assert_eq!((status, &body["error"]), (503, &json!("NODE_FULL")));
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn huge_headers_and_queries_are_refused_quickly_and_harm_nobody() {
+    let node = start(config("big")).await;
+    let mut bob = node.client("bob").await;
+    // A 10 KB query: 414 from the handshake check; a 100 KB one: 414 from the HTTP layer.
+    let (status, body) = http_get(
+        node.addr,
+        &format!("/ws/chat?userId=a&pad={}", "x".repeat(10_000)),
+    )
+    .await;
+    assert_eq!(status, 414, "{body}");
+    assert!(body.contains("QUERY_TOO_LONG"), "{body}");
+    let (status, _) = http_get(
+        node.addr,
+        &format!("/ws/chat?userId=a&pad={}", "x".repeat(100_000)),
+    )
+    .await;
+    assert_eq!(status, 414);
+    // A 2 MB header (CVE-2023-43669 was one long header): refused by the HTTP layer without
+    // reading it all; the node answers the next request at once.
+    let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let head = format!(
+        "GET /ws/chat?userId=a HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "y".repeat(2_000_000)
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty()
+            || answer.starts_with("HTTP/1.1 431")
+            || answer.starts_with("HTTP/1.1 400"),
+        "{answer:.200}"
+    );
+    bob.send_json(&json!({"type": "HEARTBEAT"})).await.unwrap();
+    expect(&mut bob, "HEARTBEAT_ACK").await;
+    assert_eq!(node.get("/api/chat/health").await.0, 200);
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn giant_frames_are_refused_from_their_header() {
+    let node = start(config("giant")).await;
+    for size in [1usize << 20, 16 << 20] {
+        let mut raw = RawWs::connect(node.addr, "giant").await;
+        raw.text_of_type("CONNECTED").await;
+        // Only the header and a few bytes of a 1 MiB / 16 MiB frame: the close comes anyway,
+        // so the server did not wait to buffer the payload.
+        let mut header = vec![0x81, 0x80 | 127];
+        header.extend_from_slice(&(size as u64).to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4, b'x', b'y']);
+        raw.send(&header).await;
+        assert_eq!(raw.close_code().await, Some(1009), "{size}");
+    }
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn rfc6455_rules_the_server_keeps() {
+    let node = start(config("rfc")).await;
+    let mut bob = node.client("bob").await;
+    let hb = br#"{"type":"HEARTBEAT","content":"ping"}"#;
+
+    // A text message in three fragments, with a ping between them: pong with the same
+    // payload, then the reassembled message is answered.
+    let mut raw = RawWs::connect(node.addr, "frag").await;
+    raw.text_of_type("CONNECTED").await;
+    raw.send(&RawWs::frame(false, 0x1, &hb[..10], true, 0))
+        .await;
+    raw.send(&RawWs::frame(true, 0x9, b"are you there", true, 0))
+        .await;
+    raw.send(&RawWs::frame(false, 0x0, &hb[10..20], true, 0))
+        .await;
+    raw.send(&RawWs::frame(true, 0x0, &hb[20..], true, 0)).await;
+    let (opcode, payload) = raw.read().await.unwrap();
+    assert_eq!(
+        (opcode, payload.as_slice()),
+        (0xA, b"are you there".as_slice())
+    );
+    assert_eq!(raw.text_of_type("HEARTBEAT_ACK").await["content"], "pong");
+
+    // The close handshake: the server answers a close with a close.
+    raw.send(&RawWs::frame(
+        true,
+        0x8,
+        &[0x03, 0xE8, b'b', b'y', b'e'],
+        true,
+        0,
+    ))
+    .await;
+    assert_eq!(raw.close_code().await, Some(1000));
+
+    // Protocol violations close with 1002: an unmasked client frame, reserved bits, a
+    // fragmented control frame, a continuation with nothing to continue, an oversized ping.
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unmasked", RawWs::frame(true, 0x1, hb, false, 0)),
+        ("reserved bits", RawWs::frame(true, 0x1, hb, true, 0b100)),
+        ("fragmented ping", RawWs::frame(false, 0x9, b"x", true, 0)),
+        ("stray continuation", RawWs::frame(true, 0x0, hb, true, 0)),
+        (
+            "ping over 125 bytes",
+            RawWs::frame(true, 0x9, &[b'p'; 200], true, 0),
+        ),
+        ("unknown opcode", RawWs::frame(true, 0x3, b"?", true, 0)),
+    ];
+    for (name, bytes) in cases {
+        let mut raw = RawWs::connect(node.addr, "rude").await;
+        raw.text_of_type("CONNECTED").await;
+        raw.send(&bytes).await;
+        assert_eq!(raw.close_code().await, Some(1002), "{name}");
+    }
+    // Nobody else noticed.
+    bob.send_json(&json!({"type": "HEARTBEAT"})).await.unwrap();
+    expect(&mut bob, "HEARTBEAT_ACK").await;
+    node.stop().await;
+}
