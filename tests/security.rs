@@ -428,3 +428,69 @@ async fn rfc6455_rules_the_server_keeps() {
     expect(&mut bob, "HEARTBEAT_ACK").await;
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_thousand_stalled_sockets_do_not_slow_ordinary_clients() {
+    let node = start(config("stall")).await;
+    // Half never finish their handshake, half upgrade and then neither read nor write.
+    let mut stalled = Vec::new();
+    for i in 0..500 {
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(b"GET /ws/chat?userId=slow HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+        let raw = RawWs::connect(node.addr, &format!("stalled{i}")).await;
+        stalled.push(raw.stream);
+    }
+    let mut alice = node.client("alice").await;
+    let mut bob = node.client("bob").await;
+    for i in 0..50 {
+        alice
+            .send_json(&chat("bob", "still flowing", &format!("t{i}")))
+            .await
+            .unwrap();
+        expect(&mut alice, "MESSAGE_ACK").await;
+        expect(&mut bob, "CHAT_MESSAGE").await;
+    }
+    assert_eq!(node.node.sessions.session_count(), 502);
+    drop(stalled);
+    node.stop().await;
+}
+
+#[test]
+fn auth_none_off_loopback_is_announced_loudly() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["serve", "--port", "0", "--node-id", "loud"])
+        .env("CHATD_SERVER__HOST", "0.0.0.0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut warned = false;
+    while let Ok(line) = rx.recv_timeout(WAIT) {
+        if line.contains("AUTH IS OFF") {
+            warned = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        warned,
+        "no AUTH IS OFF warning when listening on 0.0.0.0 with auth.mode none"
+    );
+}
