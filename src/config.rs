@@ -62,6 +62,9 @@ pub struct ServerConfig {
     pub rate_limit_burst: u32,
     /// Frames refused in a row (`ERROR RATE_LIMITED`) before the connection is closed (1008).
     pub rate_limit_strikes: u32,
+    /// A client must send its whole HTTP request head within this long, or the socket is
+    /// closed (slow or stalled handshakes cannot hold sockets forever).
+    pub header_read_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
             rate_limit_per_sec: 20,
             rate_limit_burst: 40,
             rate_limit_strikes: 20,
+            header_read_timeout_ms: 10_000,
         }
     }
 }
@@ -465,6 +469,12 @@ impl Config {
                 "server.rate_limit_per_sec",
                 "server.rate_limit_per_sec, rate_limit_burst and rate_limit_strikes must be at least 1"
                     .into(),
+            );
+        }
+        if s.header_read_timeout_ms < 100 {
+            return bad(
+                "server.header_read_timeout_ms",
+                "must be at least 100".into(),
             );
         }
         if let Some(o) = s.allowed_origins.iter().find(|o| !o.starts_with("http")) {

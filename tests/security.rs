@@ -494,3 +494,26 @@ fn auth_none_off_loopback_is_announced_loudly() {
         "no AUTH IS OFF warning when listening on 0.0.0.0 with auth.mode none"
     );
 }
+
+#[tokio::test]
+async fn a_handshake_that_never_finishes_is_cut_off() {
+    let mut c = config("slowloris");
+    c.server.header_read_timeout_ms = 300;
+    let node = start(c).await;
+    let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    s.write_all(b"GET /ws/chat?userId=slow HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // The rest of the head never comes: the node closes the socket (an error status or EOF).
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .expect("the node closed the stalled socket")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    node.stop().await;
+}

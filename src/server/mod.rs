@@ -1,8 +1,8 @@
 //! The HTTP side of a node: the axum app (WebSocket endpoint, REST, test page) and its
 //! lifecycle. [`run`] takes a bound listener so tests can bind `127.0.0.1:0`.
 //!
-//! axum's graceful shutdown does not wait for upgraded WebSockets, so sessions are counted
-//! here ([`SessionTracker`]) and closed by the node itself (1001) before `run` returns.
+//! Graceful shutdown does not wait for upgraded WebSockets, so sessions are counted here
+//! ([`SessionTracker`]) and closed by the node itself (1001) before `run` returns.
 
 pub mod handshake;
 mod rest;
@@ -88,8 +88,13 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
 }
 
-/// Serves `node` on `listener` until `shutdown` resolves, then closes every session (1001),
-/// waits for them up to `server.shutdown_grace_ms`, and clears this node's presence.
+/// Serves `node` on `listener` until `shutdown` resolves, then stops accepting, closes every
+/// session (1001), waits for them up to `server.shutdown_grace_ms`, and clears this node's
+/// presence.
+///
+/// The accept loop is written out (rather than `axum::serve`) for one reason: HTTP/1 needs a
+/// header-read timeout, or a client that never finishes its request line holds a socket
+/// forever (slowloris), and axum::serve gives hyper no timer to enforce one.
 pub async fn run(
     listener: TcpListener,
     node: Arc<Node>,
@@ -100,20 +105,59 @@ pub async fn run(
         node: node.clone(),
         tracker: tracker.clone(),
     });
-    let stopping = node.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: closing sessions");
-            stopping.begin_shutdown();
-        })
-        .await?;
+    let header_timeout = Duration::from_millis(node.config.server.header_read_timeout_ms);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let connections = SessionTracker::default();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop = stop_rx.clone();
+        let guard = connections.enter();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let stopping = async move {
+                let _ = stop.wait_for(|stopping| *stopping).await;
+            };
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopping => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
 
+    tracing::info!("shutting down: closing sessions");
+    node.begin_shutdown();
+    let _ = stop_tx.send(true);
     let grace = Duration::from_millis(node.config.server.shutdown_grace_ms);
-    if tokio::time::timeout(grace, tracker.drained())
-        .await
-        .is_err()
-    {
+    let drained = async {
+        connections.drained().await;
+        tracker.drained().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
             left = tracker.live(),
             "sessions still open after the grace period"
