@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,17 @@ fn chatd() -> Command {
         c.env_remove(k);
     }
     c
+}
+
+/// Runs `chatd ARGS` to completion off the async runtime (the node under test runs on it).
+async fn run_chatd(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || chatd().args(&args).output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
 }
 
 /// Starts `chatd serve` on a free port; returns the child and the address it logged.
@@ -72,24 +83,17 @@ async fn sigterm_closes_sessions_with_1001_and_exits_zero() {
 async fn send_prints_the_id_and_route_and_fails_on_error() {
     let node = start(config("n1")).await;
     let mut bob = node.client("bob").await;
-    let url = node.ws();
-    let out = tokio::task::spawn_blocking(move || {
-        chatd()
-            .args([
-                "send",
-                "--url",
-                &url,
-                "--from",
-                "alice",
-                "--to",
-                "bob",
-                "hello there",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = run_chatd(strings(&[
+        "send",
+        "--url",
+        &node.ws(),
+        "--from",
+        "alice",
+        "--to",
+        "bob",
+        "hello there",
+    ]))
+    .await;
     assert!(
         out.status.success(),
         "{}",
@@ -103,40 +107,35 @@ async fn send_prints_the_id_and_route_and_fails_on_error() {
     );
 
     // --count and --json: one line per ack.
-    let url = node.ws();
-    let out = tokio::task::spawn_blocking(move || {
-        chatd()
-            .args([
-                "send", "--url", &url, "--from", "alice", "--to", "bob", "--count", "30", "--json",
-                "n",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = run_chatd(strings(&[
+        "send",
+        "--url",
+        &node.ws(),
+        "--from",
+        "alice",
+        "--to",
+        "bob",
+        "--count",
+        "30",
+        "--json",
+        "n",
+    ]))
+    .await;
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 30);
 
     // Refused by the server: non-zero with the reason.
-    let url = node.ws();
-    let out = tokio::task::spawn_blocking(move || {
-        chatd()
-            .args([
-                "send",
-                "--url",
-                &url,
-                "--from",
-                "alice",
-                "--to",
-                "not valid",
-                "x",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = run_chatd(strings(&[
+        "send",
+        "--url",
+        &node.ws(),
+        "--from",
+        "alice",
+        "--to",
+        "not valid",
+        "x",
+    ]))
+    .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_FIELD"));
 
@@ -300,19 +299,6 @@ fn committed_completions_match_the_cli() {
     }
 }
 
-/// Reads the child's stdout lines on a thread, so a test can wait for one with a deadline.
-fn line_reader(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 fn wait_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
     let deadline = Instant::now() + WAIT;
     let mut seen = Vec::new();
@@ -345,7 +331,7 @@ async fn connect_interactive_commands_for_a_person() {
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    let lines = line_reader(child.stdout.take().unwrap());
+    let lines = lines_of(child.stdout.take().unwrap());
     let welcome = tokio::task::block_in_place(|| wait_line(&lines, "connected to node n1 as bob"));
     assert!(welcome.contains("/help"), "{welcome}");
 
@@ -434,18 +420,20 @@ async fn send_count_paces_itself_under_the_rate_limit() {
     c.server.rate_limit_per_sec = 20;
     c.server.rate_limit_burst = 10;
     let node = start(c).await;
-    let url = node.ws();
-    let out = tokio::task::spawn_blocking(move || {
-        chatd()
-            .args([
-                "send", "--url", &url, "--from", "alice", "--to", "bob", "--count", "40", "--json",
-                "n",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = run_chatd(strings(&[
+        "send",
+        "--url",
+        &node.ws(),
+        "--from",
+        "alice",
+        "--to",
+        "bob",
+        "--count",
+        "40",
+        "--json",
+        "n",
+    ]))
+    .await;
     assert!(
         out.status.success(),
         "{}",

@@ -156,17 +156,7 @@ async fn tokens_never_reach_the_logs_and_chatd_token_makes_working_ones() {
         .spawn()
         .unwrap();
     // Every log line, kept; the address comes from the "listening on" line.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(child.stderr.take().unwrap());
     let mut logs = String::new();
     let addr = loop {
         let line = rx.recv_timeout(WAIT).expect("chatd serve logs its address");
@@ -469,17 +459,7 @@ fn auth_none_off_loopback_is_announced_loudly() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = lines_of(child.stderr.take().unwrap());
     let mut warned = false;
     while let Ok(line) = rx.recv_timeout(WAIT) {
         if line.contains("AUTH IS OFF") {

@@ -263,3 +263,18 @@ impl RawWs {
         panic!("connection ended before a {frame_type} frame");
     }
 }
+
+/// Every line a child writes (its stdout or stderr), as it comes, read on a thread of its own
+/// so that a test can wait for one with a deadline.
+pub fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
