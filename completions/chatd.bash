@@ -28,6 +28,9 @@ _chatd() {
             chatd,help)
                 cmd="chatd__subcmd__help"
                 ;;
+            chatd,message-service)
+                cmd="chatd__subcmd__message__subcmd__service"
+                ;;
             chatd,presence)
                 cmd="chatd__subcmd__presence"
                 ;;
@@ -55,6 +58,9 @@ _chatd() {
             chatd__subcmd__help,help)
                 cmd="chatd__subcmd__help__subcmd__help"
                 ;;
+            chatd__subcmd__help,message-service)
+                cmd="chatd__subcmd__help__subcmd__message__subcmd__service"
+                ;;
             chatd__subcmd__help,presence)
                 cmd="chatd__subcmd__help__subcmd__presence"
                 ;;
@@ -77,7 +83,7 @@ _chatd() {
 
     case "${cmd}" in
         chatd)
-            opts="-h -V --help --version serve connect send presence stats crossnode-test token completions help"
+            opts="-h -V --help --version serve message-service connect send presence stats crossnode-test token completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -165,7 +171,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__help)
-            opts="serve connect send presence stats crossnode-test token completions help"
+            opts="serve message-service connect send presence stats crossnode-test token completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -221,6 +227,20 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__help__subcmd__message__subcmd__service)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -297,6 +317,44 @@ _chatd() {
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__message__subcmd__service)
+            opts="-h -V --listen --backend --redis --profile --config --config-dir --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --backend)
+                    COMPREPLY=($(compgen -W "memory redis" -- "${cur}"))
+                    return 0
+                    ;;
+                --redis)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;

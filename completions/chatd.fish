@@ -27,6 +27,7 @@ end
 complete -c chatd -n "__fish_chatd_needs_command" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_needs_command" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "message-service" -d 'Run the MessageService over gRPC (memory or Redis backend)'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
@@ -43,6 +44,15 @@ complete -c chatd -n "__fish_chatd_using_subcommand serve" -l node-id -d 'Node i
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -l print-config -d 'Print the effective configuration (secrets redacted) and exit'
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand serve" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l listen -d 'Address to listen on (20882 is the seed\'s Dubbo port)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l backend -d 'Where messages are kept' -r -f -a "memory\t'In this process: gone when it stops'
+redis\t'In Redis ([redis] of the config, or --redis): survives restarts of this service'"
+complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l redis -d 'Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l config -d 'A config file read over the profile' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand message-service" -s h -l help -d 'Print help (see more with \'--help\')'
+complete -c chatd -n "__fish_chatd_using_subcommand message-service" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l user -d 'Your user id' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l url -d 'The node to connect to' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l token -d 'A token for nodes in auth mode token (see `chatd token`)' -r
@@ -93,12 +103,13 @@ complete -c chatd -n "__fish_chatd_using_subcommand token" -s h -l help -d 'Prin
 complete -c chatd -n "__fish_chatd_using_subcommand token" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "completions" -d 'Print shell completions'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve connect send presence stats crossnode-test token completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "message-service" -d 'Run the MessageService over gRPC (memory or Redis backend)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "completions" -d 'Print shell completions'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

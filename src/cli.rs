@@ -22,6 +22,9 @@ pub struct Cli {
 pub enum Command {
     /// Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)
     Serve(commands::serve::ServeArgs),
+    /// Run the MessageService over gRPC (memory or Redis backend)
+    #[command(name = "message-service")]
+    MessageService(commands::message_service::MessageServiceArgs),
     /// Chat from the terminal: interactive for a person, JSON lines for scripts
     Connect(commands::connect::ConnectArgs),
     /// Send one message (or --count N), wait for the server's ack, exit non-zero on error
@@ -43,7 +46,7 @@ impl Command {
     /// Client commands log less by default than the node.
     pub fn default_log_level(&self) -> &'static str {
         match self {
-            Command::Serve(_) => "info",
+            Command::Serve(_) | Command::MessageService(_) => "info",
             _ => "warn",
         }
     }
@@ -52,6 +55,7 @@ impl Command {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => commands::serve::run(args).await,
+        Command::MessageService(args) => commands::message_service::run(args).await,
         Command::Connect(args) => commands::connect::run(args).await,
         Command::Send(args) => commands::send::run(args).await,
         Command::Presence(args) => commands::presence::run(args).await,

@@ -180,14 +180,18 @@ impl Default for KafkaConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Empty: the in-process store. `redis://host:port/db`: a store in Redis shared by every
-    /// node (password, pool and deadline from `[redis]`). `grpc://host:port` arrives with the
-    /// MessageService.
+    /// Empty: the in-process store. `grpc://host:port`: a MessageService (`chatd
+    /// message-service`). `redis://host:port/db`: a store in Redis shared by every node
+    /// (password, pool and deadline from `[redis]`).
     pub url: String,
     /// The in-process store keeps at most this many messages, dropping the oldest.
     pub memory_max_messages: usize,
     /// The Redis store keeps a message this long.
     pub retention_secs: u64,
+    /// gRPC store: deadline of one call.
+    pub timeout_ms: u64,
+    /// gRPC store: further attempts after a transient failure (saves are idempotent).
+    pub retries: u32,
 }
 
 impl Default for StoreConfig {
@@ -196,6 +200,8 @@ impl Default for StoreConfig {
             url: String::new(),
             memory_max_messages: 100_000,
             retention_secs: 7 * 24 * 3600,
+            timeout_ms: 2000,
+            retries: 2,
         }
     }
 }
@@ -435,14 +441,18 @@ impl Config {
             );
         }
         let url = &self.store.url;
-        if !(url.is_empty() || url.starts_with("redis://") || url.starts_with("rediss://")) {
+        let schemes = ["redis://", "rediss://", "grpc://"];
+        if !(url.is_empty() || schemes.iter().any(|p| url.starts_with(p))) {
             return bad(
                 "store.url",
                 format!(
-                    "{url:?}: expected empty (in-process store) or redis://host:port/db \
-                     (grpc:// is not available in this build)"
+                    "{url:?}: expected empty (in-process store), grpc://host:port (a MessageService) \
+                     or redis://host:port/db"
                 ),
             );
+        }
+        if self.store.timeout_ms < 10 {
+            return bad("store.timeout_ms", "must be at least 10".into());
         }
         if self.store.retention_secs == 0 {
             return bad("store.retention_secs", "must be at least 1".into());
@@ -730,7 +740,7 @@ mod tests {
             ),
             ("CHATD_SERVER__NODE_ID", "a b", "server.node_id"),
             ("CHATD_SERVER__HOST", "example.com", "server.host"),
-            ("CHATD_STORE__URL", "grpc://127.0.0.1:20882", "store.url"),
+            ("CHATD_STORE__URL", "http://127.0.0.1:20882", "store.url"),
             ("CHATD_KAFKA__BROKERS", "127.0.0.1:9092", "kafka.brokers"),
         ] {
             s.env = vec![(name.into(), value.into())];

@@ -22,7 +22,7 @@ use crate::config::{Config, PresenceBackend, RedisConfig};
 use crate::presence::{Device, MemoryPresence, Presence, PresenceError, RedisPresence};
 use crate::protocol::{ChatSend, ErrorCode, FrameError, Route, ServerFrame};
 use crate::redis_client::RedisClient;
-use crate::store::{MemoryStore, RedisStore, SaveOutcome, Store, StoreError};
+use crate::store::{GrpcStore, MemoryStore, RedisStore, SaveOutcome, Store, StoreError};
 use ids::IdGenerator;
 use metrics::Metrics;
 use moderation::{Moderator, Rejected};
@@ -59,6 +59,12 @@ impl Backends {
         };
         let store: Arc<dyn Store> = if config.store.url.is_empty() {
             Arc::new(MemoryStore::new(config.store.memory_max_messages))
+        } else if config.store.url.starts_with("grpc://") {
+            Arc::new(GrpcStore::new(
+                &config.store.url,
+                std::time::Duration::from_millis(config.store.timeout_ms),
+                config.store.retries,
+            )?)
         } else {
             let redis = RedisConfig {
                 url: config.store.url.clone(),
@@ -87,6 +93,8 @@ pub enum NodeError {
     Presence(#[from] PresenceError),
     #[error("{0}")]
     Redis(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// One chat node: config, backends, local sessions and counters.

@@ -3,6 +3,7 @@
 pub mod completions;
 pub mod connect;
 pub mod crossnode;
+pub mod message_service;
 pub mod presence;
 pub mod send;
 pub mod serve;

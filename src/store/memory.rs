@@ -59,6 +59,10 @@ fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
 #[async_trait]
 impl Store for MemoryStore {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, StoreError> {
+        // A retry of a save whose answer was lost carries the same id: store nothing twice.
+        if let Some(existing) = self.get(&message.message_id) {
+            return Ok(SaveOutcome::Duplicate(existing));
+        }
         let key = message
             .temp_message_id
             .as_ref()

@@ -2,9 +2,11 @@
 //! One trait; `memory` is the embedded in-process store; gRPC arrives with the MessageService
 //! issue.
 
+pub mod grpc;
 mod memory;
 pub mod redis;
 
+pub use self::grpc::GrpcStore;
 pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 

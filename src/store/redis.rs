@@ -26,9 +26,10 @@ pub fn idempotency_key(sender_id: &str, temp_message_id: &str) -> String {
     format!("{MSG_PREFIX}idem:{sender_id}:{temp_message_id}")
 }
 
-/// KEYS: message, idempotency (ignored when ARGV[8] is empty). Returns the id of an earlier
-/// message with the same idempotency key, or "" when this one was stored.
+/// KEYS: message, idempotency (ignored when ARGV[7] is empty). Returns the id of the message
+/// stored before under the same id or idempotency key, or "" when this one was stored.
 const SAVE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return ARGV[1] end
 if ARGV[7] ~= '' then
   local existing = redis.call('GET', KEYS[2])
   if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then return existing end

@@ -1,0 +1,68 @@
+//! `chatd message-service`: the MessageService over gRPC, in front of the in-memory store or
+//! the Redis store (durable across restarts when Redis persists).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use tokio::net::TcpListener;
+
+use super::presence::RedisArgs;
+use crate::redis_client::RedisClient;
+use crate::store::{grpc, MemoryStore, RedisStore, Store};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Backend {
+    /// In this process: gone when it stops
+    Memory,
+    /// In Redis ([redis] of the config, or --redis): survives restarts of this service
+    Redis,
+}
+
+#[derive(Debug, Args)]
+pub struct MessageServiceArgs {
+    /// Address to listen on (20882 is the seed's Dubbo port)
+    #[arg(long, default_value = "127.0.0.1:20882")]
+    pub listen: String,
+    /// Where messages are kept
+    #[arg(long, value_enum, default_value = "memory")]
+    pub backend: Backend,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+}
+
+pub async fn run(args: MessageServiceArgs) -> anyhow::Result<()> {
+    let config = args.redis.load()?;
+    let store: Arc<dyn Store> = match args.backend {
+        Backend::Memory => Arc::new(MemoryStore::new(config.store.memory_max_messages)),
+        Backend::Redis => Arc::new(RedisStore::new(
+            RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?,
+            config.store.retention_secs,
+        )),
+    };
+    if let Err(e) = store.health().await {
+        tracing::warn!("the {} backend does not answer yet: {e}", store.name());
+    }
+    let listener = TcpListener::bind(&args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}: is a message-service already running?",
+            args.listen
+        )
+    })?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        backend = store.name(),
+        "{}{local} (MessageService over gRPC)",
+        super::serve::LISTENING
+    );
+    tonic::transport::Server::builder()
+        .add_service(grpc::Service::new(store))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            super::serve::shutdown_signal(),
+        )
+        .await
+        .context("MessageService failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! The MessageService over gRPC (tonic): the client a node uses when
+//! `store.url = "grpc://host:port"`, and the service `chatd message-service` runs in front of
+//! any [`Store`]. Every call has a deadline (`store.timeout_ms`) and transient failures are
+//! retried a bounded number of times (`store.retries`); saves are idempotent, so a retry after
+//! a lost answer stores nothing twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+use super::{NewMessage, SaveOutcome, Store, StoreError, StoredMessage};
+
+/// Generated from `message_service.proto`.
+pub mod pb {
+    tonic::include_proto!("chatd.v1");
+}
+
+use pb::message_service_client::MessageServiceClient;
+use pb::message_service_server::{MessageService, MessageServiceServer};
+
+fn to_pb(m: &StoredMessage) -> pb::ChatMessage {
+    let n = &m.message;
+    pb::ChatMessage {
+        message_id: n.message_id.clone(),
+        sender_id: n.sender_id.clone(),
+        receiver_id: n.receiver_id.clone(),
+        chat_id: n.chat_id.clone(),
+        content: n.content.clone(),
+        timestamp: n.timestamp,
+        temp_message_id: n.temp_message_id.clone().unwrap_or_default(),
+        read_at: m.read_at.unwrap_or(0),
+    }
+}
+
+fn from_pb(m: pb::ChatMessage) -> StoredMessage {
+    StoredMessage {
+        message: NewMessage {
+            message_id: m.message_id,
+            sender_id: m.sender_id,
+            receiver_id: m.receiver_id,
+            chat_id: m.chat_id,
+            content: m.content,
+            timestamp: m.timestamp,
+            temp_message_id: (!m.temp_message_id.is_empty()).then_some(m.temp_message_id),
+        },
+        read_at: (m.read_at != 0).then_some(m.read_at),
+    }
+}
+
+/// The node's side: a [`Store`] that calls a MessageService.
+pub struct GrpcStore {
+    client: MessageServiceClient<Channel>,
+    url: String,
+    retries: u32,
+}
+
+impl GrpcStore {
+    /// Connects lazily: a service that is down at start-up is reported by health and by the
+    /// first send, not by a node that refuses to start.
+    pub fn new(url: &str, timeout: Duration, retries: u32) -> Result<Self, StoreError> {
+        let http = url.replacen("grpc://", "http://", 1);
+        let endpoint = Endpoint::from_shared(http)
+            .map_err(|e| StoreError::Unavailable(format!("store.url {url:?}: {e}")))?
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        Ok(Self {
+            client: MessageServiceClient::new(endpoint.connect_lazy()),
+            url: url.to_string(),
+            retries,
+        })
+    }
+
+    /// Runs `call` with up to `retries` more attempts on transient errors, backing off.
+    async fn with_retries<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, StoreError>
+    where
+        F: FnMut(MessageServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match call(self.client.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => {
+                    let transient = matches!(
+                        status.code(),
+                        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted
+                    );
+                    if !transient || attempt >= self.retries {
+                        return Err(from_status(status, &self.url, what));
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+            }
+        }
+    }
+}
+
+fn from_status(status: Status, url: &str, what: &str) -> StoreError {
+    match status.code() {
+        Code::NotFound => StoreError::UnknownMessage(status.message().to_string(), String::new()),
+        Code::PermissionDenied => StoreError::NotReceiver(status.message().to_string()),
+        _ => StoreError::Unavailable(format!("MessageService {url} {what}: {}", status.message())),
+    }
+}
+
+#[async_trait]
+impl Store for GrpcStore {
+    async fn save(&self, message: NewMessage) -> Result<SaveOutcome, StoreError> {
+        let request = pb::SaveMessageRequest {
+            message: Some(to_pb(&StoredMessage {
+                message,
+                read_at: None,
+            })),
+        };
+        let reply = self
+            .with_retries("save", |mut c| {
+                let request = request.clone();
+                async move { c.save_message(Request::new(request)).await }
+            })
+            .await?;
+        let stored = reply
+            .message
+            .map(from_pb)
+            .ok_or_else(|| StoreError::Unavailable("MessageService returned no message".into()))?;
+        Ok(if reply.duplicate {
+            SaveOutcome::Duplicate(stored)
+        } else {
+            SaveOutcome::Saved(stored)
+        })
+    }
+
+    async fn mark_read(
+        &self,
+        reader_id: &str,
+        chat_id: &str,
+        message_id: &str,
+    ) -> Result<StoredMessage, StoreError> {
+        let request = pb::MarkReadRequest {
+            reader_id: reader_id.to_string(),
+            chat_id: chat_id.to_string(),
+            message_id: message_id.to_string(),
+        };
+        let reply = self
+            .with_retries("mark read", |mut c| {
+                let request = request.clone();
+                async move { c.mark_read(Request::new(request)).await }
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::UnknownMessage(..) => {
+                    StoreError::UnknownMessage(message_id.to_string(), chat_id.to_string())
+                }
+                e => e,
+            })?;
+        reply
+            .message
+            .map(from_pb)
+            .ok_or_else(|| StoreError::Unavailable("MessageService returned no message".into()))
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        client
+            .health(Request::new(pb::HealthRequest {}))
+            .await
+            .map(|_| ())
+            .map_err(|s| from_status(s, &self.url, "health"))
+    }
+
+    fn name(&self) -> &'static str {
+        "grpc"
+    }
+}
+
+/// The service's side: a MessageService in front of any [`Store`].
+pub struct Service {
+    store: Arc<dyn Store>,
+}
+
+impl Service {
+    pub fn new(store: Arc<dyn Store>) -> MessageServiceServer<Service> {
+        MessageServiceServer::new(Service { store })
+    }
+}
+
+fn to_status(e: StoreError) -> Status {
+    match e {
+        StoreError::UnknownMessage(..) => Status::not_found(e.to_string()),
+        StoreError::NotReceiver(_) => Status::permission_denied(e.to_string()),
+        StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl MessageService for Service {
+    async fn save_message(
+        &self,
+        request: Request<pb::SaveMessageRequest>,
+    ) -> Result<Response<pb::SaveMessageResponse>, Status> {
+        let message = request
+            .into_inner()
+            .message
+            .ok_or_else(|| Status::invalid_argument("message is required"))?;
+        if message.message_id.is_empty() || message.sender_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "message_id and sender_id are required",
+            ));
+        }
+        let (stored, duplicate) = match self
+            .store
+            .save(from_pb(message).message)
+            .await
+            .map_err(to_status)?
+        {
+            SaveOutcome::Saved(m) => (m, false),
+            SaveOutcome::Duplicate(m) => (m, true),
+        };
+        Ok(Response::new(pb::SaveMessageResponse {
+            message: Some(to_pb(&stored)),
+            duplicate,
+        }))
+    }
+
+    async fn mark_read(
+        &self,
+        request: Request<pb::MarkReadRequest>,
+    ) -> Result<Response<pb::MarkReadResponse>, Status> {
+        let r = request.into_inner();
+        let stored = self
+            .store
+            .mark_read(&r.reader_id, &r.chat_id, &r.message_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::MarkReadResponse {
+            message: Some(to_pb(&stored)),
+        }))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        self.store.health().await.map_err(to_status)?;
+        Ok(Response::new(pb::HealthResponse {
+            backend: self.store.name().to_string(),
+        }))
+    }
+}

@@ -1,0 +1,186 @@
+//! The MessageService over gRPC: a real `chatd message-service` process in front of memory or
+//! Redis, a node that uses it, and what happens when it dies and comes back.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::json;
+
+/// A `chatd message-service` process, killed when dropped.
+struct MessageService {
+    child: Child,
+    addr: String,
+}
+
+impl MessageService {
+    fn spawn(listen: &str, backend: &str) -> MessageService {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["message-service", "--listen", listen, "--backend", backend])
+            .args(["--redis", "redis://:redis123@127.0.0.1:6379/0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let addr = chatd::commands::serve::listening_address(child.stderr.take().unwrap(), WAIT)
+            .expect("message-service starts");
+        MessageService { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("grpc://{}", self.addr)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL: nothing flushed, nothing said goodbye
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for MessageService {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn node_on(service: &MessageService) -> TestNode {
+    let mut c = config("grpc-node");
+    c.store.url = service.url();
+    c.store.timeout_ms = 500;
+    start(c).await
+}
+
+#[tokio::test]
+async fn messages_and_receipts_go_through_the_message_service() {
+    let service = MessageService::spawn("127.0.0.1:0", "memory");
+    let node = node_on(&service).await;
+    let (_, health) = node.get("/api/chat/health").await;
+    assert_eq!(
+        (&health["status"], &health["checks"]["store"]["backend"]),
+        (&json!("UP"), &json!("grpc"))
+    );
+
+    let mut alice = node.client("alice").await;
+    let mut bob = node.client("bob").await;
+    alice
+        .send_json(&chat("bob", "stored over grpc", "t1"))
+        .await
+        .unwrap();
+    let ack = expect(&mut alice, "MESSAGE_ACK").await;
+    let m = expect(&mut bob, "CHAT_MESSAGE").await;
+    assert_eq!(m["messageId"], ack["messageId"]);
+
+    // A retry is the same message.
+    alice
+        .send_json(&chat("bob", "stored over grpc", "t1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        expect(&mut alice, "MESSAGE_ACK").await["messageId"],
+        ack["messageId"]
+    );
+    expect_silence(&mut bob).await;
+
+    bob.send_json(&json!({"type": "READ_RECEIPT", "chatId": "c1", "messageId": ack["messageId"]}))
+        .await
+        .unwrap();
+    assert_eq!(expect(&mut alice, "READ_RECEIPT").await["readerId"], "bob");
+    bob.send_json(&json!({"type": "READ_RECEIPT", "chatId": "c1", "messageId": "nope"}))
+        .await
+        .unwrap();
+    assert_eq!(expect(&mut bob, "ERROR").await["code"], "UNKNOWN_MESSAGE");
+    alice
+        .send_json(&json!({"type": "READ_RECEIPT", "chatId": "c1", "messageId": ack["messageId"]}))
+        .await
+        .unwrap();
+    assert_eq!(expect(&mut alice, "ERROR").await["code"], "FORBIDDEN");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_message_service_is_an_error_to_the_sender_and_degraded_health_until_it_returns() {
+    let mut service = MessageService::spawn("127.0.0.1:0", "memory");
+    let addr = service.addr.clone();
+    let node = node_on(&service).await;
+    let mut alice = node.client("alice").await;
+    let mut bob = node.client("bob").await;
+    service.kill();
+
+    alice
+        .send_json(&chat("bob", "into the void?", "t1"))
+        .await
+        .unwrap();
+    let e = expect(&mut alice, "ERROR").await;
+    assert_eq!(
+        (&e["code"], &e["tempMessageId"]),
+        (&json!("STORE_UNAVAILABLE"), &json!("t1"))
+    );
+    expect_silence(&mut bob).await;
+    let (status, health) = node.get("/api/chat/health").await;
+    assert_eq!(
+        (
+            status,
+            &health["status"],
+            &health["checks"]["store"]["status"]
+        ),
+        (200, &json!("DEGRADED"), &json!("DOWN"))
+    );
+    alice
+        .send_json(&json!({"type": "HEARTBEAT"}))
+        .await
+        .unwrap();
+    expect(&mut alice, "HEARTBEAT_ACK").await;
+
+    // Back on the same address: the retry goes through, the node recovers by itself.
+    let _service = MessageService::spawn(&addr, "memory");
+    alice
+        .send_json(&chat("bob", "into the void?", "t1"))
+        .await
+        .unwrap();
+    expect(&mut alice, "MESSAGE_ACK").await;
+    assert_eq!(
+        expect(&mut bob, "CHAT_MESSAGE").await["content"],
+        "into the void?"
+    );
+    eventually("health UP again", || async {
+        node.get("/api/chat/health").await.1["status"] == "UP"
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn the_redis_backend_keeps_messages_across_restarts_of_the_service() {
+    let mut service = MessageService::spawn("127.0.0.1:0", "redis");
+    let addr = service.addr.clone();
+    let node = node_on(&service).await;
+    let (alice, bob) = (
+        format!("ra{}", std::process::id()),
+        format!("rb{}", std::process::id()),
+    );
+    let mut a = node.client(&alice).await;
+    let mut b = node.client(&bob).await;
+    a.send_json(&chat(&bob, "remember me", "t1")).await.unwrap();
+    let ack = expect(&mut a, "MESSAGE_ACK").await;
+    expect(&mut b, "CHAT_MESSAGE").await;
+
+    service.kill();
+    let _service = MessageService::spawn(&addr, "redis");
+    // The receipt needs the message stored before the restart.
+    b.send_json(&json!({"type": "READ_RECEIPT", "chatId": "c1", "messageId": ack["messageId"]}))
+        .await
+        .unwrap();
+    assert_eq!(
+        expect(&mut a, "READ_RECEIPT").await["messageId"],
+        ack["messageId"]
+    );
+    // And the idempotency key survived too.
+    a.send_json(&chat(&bob, "remember me", "t1")).await.unwrap();
+    assert_eq!(
+        expect(&mut a, "MESSAGE_ACK").await["messageId"],
+        ack["messageId"]
+    );
+    node.stop().await;
+}
