@@ -16,6 +16,9 @@ _chatd() {
             ",$1")
                 cmd="chatd"
                 ;;
+            chatd,bench)
+                cmd="chatd__subcmd__bench"
+                ;;
             chatd,completions)
                 cmd="chatd__subcmd__completions"
                 ;;
@@ -45,6 +48,9 @@ _chatd() {
                 ;;
             chatd,token)
                 cmd="chatd__subcmd__token"
+                ;;
+            chatd__subcmd__help,bench)
+                cmd="chatd__subcmd__help__subcmd__bench"
                 ;;
             chatd__subcmd__help,completions)
                 cmd="chatd__subcmd__help__subcmd__completions"
@@ -83,12 +89,46 @@ _chatd() {
 
     case "${cmd}" in
         chatd)
-            opts="-h -V --help --version serve message-service connect send presence stats crossnode-test token completions help"
+            opts="-h -V --help --version serve message-service connect send presence stats crossnode-test bench token completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__bench)
+            opts="-h -V --url --spawn --pairs --messages --window --idle --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --url)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --pairs)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --messages)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --window)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --idle)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -171,8 +211,22 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__help)
-            opts="serve message-service connect send presence stats crossnode-test token completions help"
+            opts="serve message-service connect send presence stats crossnode-test bench token completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__help__subcmd__bench)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

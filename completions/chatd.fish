@@ -33,6 +33,7 @@ complete -c chatd -n "__fish_chatd_needs_command" -f -a "send" -d 'Send one mess
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "bench" -d 'Measure a node: messages per second, latency, memory per connection'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "completions" -d 'Print shell completions'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
@@ -94,6 +95,15 @@ complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l spawn -d 
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l json -d 'Machine output: one JSON object with every check'
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l url -d 'The node to measure (ignored with --spawn)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l pairs -d 'Sender/receiver pairs, each on its own connections' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l messages -d 'Messages each sender sends' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l window -d 'Messages a sender has in flight before it waits for acks' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l idle -d 'Idle connections to open for the memory figure (with --spawn)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l spawn -d 'Start a node of this binary for the run (in-memory backends, no rate limit) and measure its memory too'
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l json -d 'Machine output'
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand token" -l user -d 'The user the token names (its `sub`)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand token" -l ttl -d 'How long the token is valid: 90s, 15m, 1h, 7d' -r
 complete -c chatd -n "__fish_chatd_using_subcommand token" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
@@ -103,13 +113,14 @@ complete -c chatd -n "__fish_chatd_using_subcommand token" -s h -l help -d 'Prin
 complete -c chatd -n "__fish_chatd_using_subcommand token" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "message-service" -d 'Run the MessageService over gRPC (memory or Redis backend)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "completions" -d 'Print shell completions'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test token completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "message-service" -d 'Run the MessageService over gRPC (memory or Redis backend)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "bench" -d 'Measure a node: messages per second, latency, memory per connection'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "completions" -d 'Print shell completions'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'

@@ -36,6 +36,8 @@ pub enum Command {
     /// Run the seed's cross-node scenarios against two nodes; non-zero exit on any failure
     #[command(name = "crossnode-test")]
     CrossnodeTest(commands::crossnode::CrossnodeArgs),
+    /// Measure a node: messages per second, latency, memory per connection
+    Bench(commands::bench::BenchArgs),
     /// Print a token (HS256 JWT) for a user, signed with the configured [auth] secret
     Token(commands::token::TokenArgs),
     /// Print shell completions
@@ -61,6 +63,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Presence(args) => commands::presence::run(args).await,
         Command::Stats(args) => commands::stats::run(args).await,
         Command::CrossnodeTest(args) => commands::crossnode::run(args).await,
+        Command::Bench(args) => commands::bench::run(args).await,
         Command::Token(args) => commands::token::run(args),
         Command::Completions(args) => commands::completions::run(args),
     }

@@ -455,3 +455,38 @@ async fn send_count_paces_itself_under_the_rate_limit() {
     );
     node.stop().await;
 }
+
+#[tokio::test]
+async fn bench_measures_a_spawned_node() {
+    let out = run_chatd(strings(&[
+        "bench",
+        "--spawn",
+        "--pairs",
+        "3",
+        "--messages",
+        "20",
+        "--idle",
+        "20",
+        "--json",
+    ]))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["delivered"], 60,
+        "every message of every pair arrived"
+    );
+    assert!(report["messagesPerSec"].as_f64().unwrap() > 0.0);
+    assert!(
+        report["latencyMs"]["p50"].as_f64().unwrap()
+            <= report["latencyMs"]["max"].as_f64().unwrap()
+    );
+    assert!(
+        report["memory"]["rssWithIdleKiB"].as_u64().unwrap()
+            >= report["memory"]["rssBeforeKiB"].as_u64().unwrap()
+    );
+}

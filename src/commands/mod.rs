@@ -1,5 +1,6 @@
 //! One module per subcommand, each with its own arguments and one `run`.
 
+pub mod bench;
 pub mod completions;
 pub mod connect;
 pub mod crossnode;

@@ -30,6 +30,9 @@ use crate::protocol::{
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to try to send a close frame; a peer that does not read will not get it anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Initial read buffer of a connection, and the write size that triggers a flush.
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 8 * 1024;
 /// Frames written before one flush when several are queued.
 const WRITE_BATCH: usize = 64;
 
@@ -89,7 +92,11 @@ pub async fn upgrade(
         );
     }
     let max = server.max_frame_bytes;
-    ws.max_message_size(max)
+    // Small per-connection buffers: tungstenite's 128 KiB defaults would make an idle
+    // connection cost ~135 KiB; they grow when a larger message needs it.
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(max)
         .max_frame_size(max)
         .on_failed_upgrade(|e| tracing::warn!("WebSocket upgrade failed: {e}"))
         .on_upgrade(move |socket: WebSocket| async move {
