@@ -448,6 +448,7 @@ impl Node {
     ) -> Vec<Reach> {
         let mut reach = vec![Reach::default(); targets.len()];
         let mut by_node: BTreeMap<String, Vec<(usize, Recipient)>> = BTreeMap::new();
+        // Devices here first: they never wait for presence.
         for (i, t) in targets.iter().enumerate() {
             reach[i].local = self
                 .sessions
@@ -457,11 +458,20 @@ impl Node {
                     .messages_delivered_local
                     .fetch_add(reach[i].local as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            let devices = match self.backends.presence.devices(t.user_id).await {
+        }
+        // Then every target's devices elsewhere, looked up concurrently (one round trip).
+        let lookups = futures_util::future::join_all(
+            targets
+                .iter()
+                .map(|t| self.backends.presence.devices(t.user_id)),
+        )
+        .await;
+        for (i, (t, lookup)) in targets.iter().zip(lookups).enumerate() {
+            let devices = match lookup {
                 Ok(d) => d,
                 Err(e) => {
-                    // Local delivery already happened; other nodes are unknown until presence
-                    // answers again.
+                    // Local delivery happens regardless; other nodes are unknown until
+                    // presence answers again.
                     Metrics::inc(&self.metrics.presence_failures);
                     tracing::warn!(user = t.user_id, "presence lookup failed: {e}");
                     continue;
