@@ -65,6 +65,10 @@ pub struct ServerConfig {
     /// A client must send its whole HTTP request head within this long, or the socket is
     /// closed (slow or stalled handshakes cannot hold sockets forever).
     pub header_read_timeout_ms: u64,
+    /// Messages to an offline user in one chat within this window make one offline-push
+    /// event (with their count), emitted when the window ends unless the user came back.
+    /// 0: one event per message, at once.
+    pub offline_push_window_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +91,7 @@ impl Default for ServerConfig {
             rate_limit_burst: 40,
             rate_limit_strikes: 20,
             header_read_timeout_ms: 10_000,
+            offline_push_window_ms: 3_000,
         }
     }
 }

@@ -244,3 +244,47 @@ async fn moderation_masks_or_rejects() {
     expect_silence(&mut bob).await;
     node.stop().await;
 }
+
+#[tokio::test]
+async fn offline_pushes_are_one_per_chat_per_window_and_cancelled_when_the_user_returns() {
+    let mut c = config("n1");
+    c.server.offline_push_window_ms = 300;
+    let node = start(c).await;
+    let mut alice = node.client("alice").await;
+    // Five messages in one chat, one in another, while bob is away: two events.
+    for i in 0..5 {
+        alice
+            .send_json(&chat("bob", "are you there", &format!("t{i}")))
+            .await
+            .unwrap();
+        assert_eq!(expect(&mut alice, "MESSAGE_ACK").await["route"], "offline");
+    }
+    alice
+        .send_json(&json!({"type": "CHAT_MESSAGE", "receiverId": "bob", "chatId": "other", "content": "x"}))
+        .await
+        .unwrap();
+    expect(&mut alice, "MESSAGE_ACK").await;
+    assert_eq!(
+        node.node.metrics.snapshot().offline_pushes,
+        0,
+        "nothing before the window ends"
+    );
+    eventually("two offline pushes", || async {
+        node.node.metrics.snapshot().offline_pushes == 2
+    })
+    .await;
+
+    // Carol misses a message but connects within the window: no push at all.
+    alice
+        .send_json(&chat("carol", "quick", "c1"))
+        .await
+        .unwrap();
+    expect(&mut alice, "MESSAGE_ACK").await;
+    let _carol = node.client("carol").await;
+    eventually("the window closed", || async {
+        node.node.metrics.snapshot().offline_pushes_cancelled == 1
+    })
+    .await;
+    assert_eq!(node.node.metrics.snapshot().offline_pushes, 2);
+    node.stop().await;
+}

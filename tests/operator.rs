@@ -258,5 +258,6 @@ async fn offline_push_events_go_to_their_own_topic() {
         (&found["senderId"], &found["messageId"]),
         (&json!(alice), &ack["messageId"])
     );
+    assert_eq!(found["count"], 1);
     node.stop().await;
 }

@@ -43,6 +43,7 @@ impl Bus for LocalBus {
             sender = %event.sender_id,
             chat = %event.chat_id,
             message_id = %event.message_id,
+            count = event.count,
             "offline push: user has no device online; message waits in the store"
         );
         Ok(())

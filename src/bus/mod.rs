@@ -53,8 +53,11 @@ pub struct OfflinePush {
     pub user_id: String,
     pub sender_id: String,
     pub chat_id: String,
+    /// The latest message of the window.
     pub message_id: String,
     pub timestamp: i64,
+    /// Messages in this chat the user missed within the window (1 without a window).
+    pub count: u32,
 }
 
 #[derive(Debug, thiserror::Error)]

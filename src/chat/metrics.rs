@@ -17,6 +17,8 @@ pub struct Metrics {
     pub envelopes_consumed: AtomicU64,
     /// Offline-push events emitted.
     pub offline_pushes: AtomicU64,
+    /// Offline-push windows closed without an event because the user came back.
+    pub offline_pushes_cancelled: AtomicU64,
     /// Frames answered with `ERROR`.
     pub frames_rejected: AtomicU64,
     /// Sends refused because the store failed.
@@ -49,6 +51,7 @@ pub struct MetricsSnapshot {
     pub messages_routed_remote: u64,
     pub envelopes_consumed: u64,
     pub offline_pushes: u64,
+    pub offline_pushes_cancelled: u64,
     pub frames_rejected: u64,
     pub store_failures: u64,
     pub bus_failures: u64,
@@ -71,6 +74,7 @@ impl Metrics {
             messages_routed_remote: r(&self.messages_routed_remote),
             envelopes_consumed: r(&self.envelopes_consumed),
             offline_pushes: r(&self.offline_pushes),
+            offline_pushes_cancelled: r(&self.offline_pushes_cancelled),
             frames_rejected: r(&self.frames_rejected),
             store_failures: r(&self.store_failures),
             bus_failures: r(&self.bus_failures),
@@ -206,6 +210,12 @@ impl Metrics {
             "counter",
             "Offline-push events emitted.",
             &[("", r(&self.offline_pushes))],
+        );
+        one(
+            "chatd_offline_pushes_cancelled_total",
+            "counter",
+            "Offline-push windows closed without an event because the user came back.",
+            &[("", r(&self.offline_pushes_cancelled))],
         );
         one(
             "chatd_frames_rejected_total",

@@ -106,6 +106,10 @@ pub struct Node {
     pub metrics: Metrics,
     pub ids: IdGenerator,
     moderator: Moderator,
+    /// This node, for the tasks it spawns (offline-push windows) without keeping it alive.
+    me: std::sync::Weak<Node>,
+    /// Offline-push windows open now, by (user, chat): the event they will send.
+    pending_pushes: dashmap::DashMap<(String, String), OfflinePush>,
     /// Flips to `true` once shutdown begins: sessions close, upgrades are refused.
     shutdown: watch::Sender<bool>,
 }
@@ -131,13 +135,15 @@ impl Node {
         let moderator = Moderator::from_config(&config.moderation)?;
         let node_id = config.server.node_id.clone();
         let mut inbox = backends.bus.subscribe(&node_id).await?;
-        let node = Arc::new(Node {
+        let node = Arc::new_cyclic(|me| Node {
+            me: me.clone(),
             ids: IdGenerator::new(&node_id),
             node_id,
             backends,
             sessions: Registry::default(),
             metrics: Metrics::default(),
             moderator,
+            pending_pushes: dashmap::DashMap::new(),
             shutdown: watch::channel(false).0,
             config,
         });
@@ -542,6 +548,9 @@ impl Node {
         }
     }
 
+    /// The receiver has no device online: wake them through the offline-push sink. Within
+    /// `server.offline_push_window_ms`, messages of one chat make one event (with their
+    /// count) when the window ends, and none if the user came back meanwhile.
     async fn offline_push(&self, m: &crate::store::NewMessage) {
         let event = OfflinePush {
             user_id: m.receiver_id.clone(),
@@ -549,12 +558,51 @@ impl Node {
             chat_id: m.chat_id.clone(),
             message_id: m.message_id.clone(),
             timestamp: m.timestamp,
+            count: 1,
         };
+        let window = self.config.server.offline_push_window_ms;
+        if window == 0 {
+            return self.emit_offline_push(event).await;
+        }
+        let key = (m.receiver_id.clone(), m.chat_id.clone());
+        match self.pending_pushes.entry(key.clone()) {
+            dashmap::Entry::Occupied(mut open) => {
+                let pending = open.get_mut();
+                pending.count += 1;
+                pending.message_id = event.message_id;
+                pending.timestamp = event.timestamp;
+            }
+            dashmap::Entry::Vacant(slot) => {
+                slot.insert(event);
+                let node = self.me.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(window)).await;
+                    let Some(node) = node.upgrade() else { return };
+                    let Some((_, event)) = node.pending_pushes.remove(&key) else {
+                        return;
+                    };
+                    let back = match node.backends.presence.devices(&event.user_id).await {
+                        Ok(devices) => !devices.is_empty(),
+                        Err(_) => node.sessions.devices_of(&event.user_id) > 0,
+                    };
+                    if back {
+                        Metrics::inc(&node.metrics.offline_pushes_cancelled);
+                        tracing::debug!(user = %event.user_id, "offline push cancelled: the user came back");
+                    } else {
+                        node.emit_offline_push(event).await;
+                    }
+                });
+            }
+        }
+    }
+
+    async fn emit_offline_push(&self, event: OfflinePush) {
+        let user = event.user_id.clone();
         match self.backends.bus.offline_push(event).await {
             Ok(()) => Metrics::inc(&self.metrics.offline_pushes),
             Err(e) => {
                 Metrics::inc(&self.metrics.bus_failures);
-                tracing::error!(user = %m.receiver_id, "offline push failed: {e}");
+                tracing::error!(user = %user, "offline push failed: {e}");
             }
         }
     }

@@ -27,6 +27,8 @@ pub fn config(node_id: &str) -> Config {
     // Tests send bursts on purpose; the rate limit has tests of its own.
     c.server.rate_limit_per_sec = 1_000_000;
     c.server.rate_limit_burst = 1_000_000;
+    // One offline push per message, at once; the window has a test of its own.
+    c.server.offline_push_window_ms = 0;
     c
 }
 
