@@ -4,13 +4,11 @@
 //! starts the node itself and reports its memory: resident set before, with `--idle` idle
 //! connections open, and per connection.
 
-use std::io::IsTerminal;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use comfy_table::Table;
 use serde_json::json;
 
 use crate::client::Client;
@@ -175,12 +173,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{report}");
         return Ok(());
     }
-    let mut table = Table::new();
-    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    if !std::io::stdout().is_terminal() {
-        table.force_no_tty();
-    }
-    table.set_header(["measure", "value"]);
+    let mut table = super::table(["measure", "value"]);
     table.add_row([
         "pairs x messages".to_string(),
         format!(

@@ -44,6 +44,18 @@ impl ConfigArgs {
     }
 }
 
+/// A table for people: condensed borders, and no styling when stdout is not a terminal.
+pub fn table<const N: usize>(header: [&str; N]) -> comfy_table::Table {
+    use std::io::IsTerminal;
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    if !std::io::stdout().is_terminal() {
+        table.force_no_tty();
+    }
+    table.set_header(header);
+    table
+}
+
 /// Default node URL of the client commands: the embedded node on this machine.
 pub const DEFAULT_URL: &str = "ws://127.0.0.1:9430";
 

@@ -2,10 +2,8 @@
 //! with its device count and the age of the freshest heartbeat. A table, or `--json`.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 
 use clap::Args;
-use comfy_table::Table;
 use serde_json::json;
 
 use super::ConfigArgs;
@@ -85,12 +83,7 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::Value::Array(report));
         return Ok(());
     }
-    let mut table = Table::new();
-    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    if !std::io::stdout().is_terminal() {
-        table.force_no_tty();
-    }
-    table.set_header(["user", "online", "node", "devices", "last heartbeat"]);
+    let mut table = super::table(["user", "online", "node", "devices", "last heartbeat"]);
     for user in &report {
         let id = user["userId"].as_str().unwrap_or("");
         let nodes = user["nodes"].as_array().cloned().unwrap_or_default();

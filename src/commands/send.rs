@@ -164,12 +164,7 @@ fn summary(count: usize, routes: HashMap<String, usize>, mut latencies: Vec<Dura
     let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
     let mut routes: Vec<_> = routes.into_iter().collect();
     routes.sort();
-    let mut table = Table::new();
-    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    if !std::io::stdout().is_terminal() {
-        table.force_no_tty();
-    }
-    table.set_header(["acknowledged", "routes", "ack p50", "ack p99", "ack max"]);
+    let mut table = super::table(["acknowledged", "routes", "ack p50", "ack p99", "ack max"]);
     let routes: Vec<String> = routes.iter().map(|(r, n)| format!("{r}: {n}")).collect();
     table.add_row([
         count.to_string(),

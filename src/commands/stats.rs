@@ -3,11 +3,9 @@
 //! cluster totals from Redis, and each node's topic lag from the broker (the seed's
 //! `mqadmin consumerProgress`). A node that does not answer is shown as down.
 
-use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::Args;
-use comfy_table::Table;
 use serde_json::{json, Value};
 
 use super::presence::RedisArgs;
@@ -89,12 +87,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
         println!("{report}");
         return Ok(());
     }
-    let mut table = Table::new();
-    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    if !std::io::stdout().is_terminal() {
-        table.force_no_tty();
-    }
-    table.set_header([
+    let mut table = super::table([
         "node",
         "url",
         "state",
