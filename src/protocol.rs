@@ -41,25 +41,6 @@ pub enum ErrorCode {
     RateLimited,
 }
 
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidJson => "INVALID_JSON",
-            ErrorCode::InvalidFrame => "INVALID_FRAME",
-            ErrorCode::UnknownType => "UNKNOWN_TYPE",
-            ErrorCode::MissingField => "MISSING_FIELD",
-            ErrorCode::InvalidField => "INVALID_FIELD",
-            ErrorCode::EmptyContent => "EMPTY_CONTENT",
-            ErrorCode::ContentTooLong => "CONTENT_TOO_LONG",
-            ErrorCode::Forbidden => "FORBIDDEN",
-            ErrorCode::ContentRejected => "CONTENT_REJECTED",
-            ErrorCode::StoreUnavailable => "STORE_UNAVAILABLE",
-            ErrorCode::UnknownMessage => "UNKNOWN_MESSAGE",
-            ErrorCode::RateLimited => "RATE_LIMITED",
-        }
-    }
-}
-
 /// A frame the client got wrong, answered with `ERROR`; the connection stays open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameError {
