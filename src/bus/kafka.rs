@@ -29,6 +29,16 @@ use crate::config::KafkaConfig;
 /// Envelopes consumed but not yet delivered locally; a full queue pauses consumption.
 const QUEUE_LEN: usize = 4096;
 
+/// The topic node `node_id` consumes.
+pub fn node_topic(config: &KafkaConfig, node_id: &str) -> String {
+    format!("{}{node_id}", config.topic_prefix)
+}
+
+/// The consumer group of node `node_id`.
+pub fn group(config: &KafkaConfig, node_id: &str) -> String {
+    format!("{}{node_id}", config.group_prefix)
+}
+
 pub struct KafkaBus {
     config: KafkaConfig,
     producer: FutureProducer,
@@ -59,11 +69,11 @@ impl KafkaBus {
     }
 
     pub fn node_topic(&self, node_id: &str) -> String {
-        format!("{}{node_id}", self.config.topic_prefix)
+        node_topic(&self.config, node_id)
     }
 
     pub fn group(&self, node_id: &str) -> String {
-        format!("{}{node_id}", self.config.group_prefix)
+        group(&self.config, node_id)
     }
 
     /// Creates the topics if missing; returns those that were created now (empty ones).
@@ -264,10 +274,10 @@ impl Bus for KafkaBus {
 /// watermark that counts batches rather than records, so treat the difference as a hint.
 pub fn topic_lag(config: &KafkaConfig, node_id: &str) -> Result<(i64, Option<i64>), BusError> {
     use rdkafka::consumer::BaseConsumer;
-    let topic = format!("{}{node_id}", config.topic_prefix);
+    let topic = node_topic(config, node_id);
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
-        .set("group.id", format!("{}{node_id}", config.group_prefix))
+        .set("group.id", group(config, node_id))
         .set("enable.auto.commit", "false")
         .create()
         .map_err(|e| unavailable("consumer", e))?;

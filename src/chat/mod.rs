@@ -46,11 +46,9 @@ impl Backends {
     pub fn from_config(config: &Config) -> Result<Backends, NodeError> {
         let presence: Arc<dyn Presence> = match config.presence.backend {
             PresenceBackend::Memory => Arc::new(MemoryPresence::new(config.presence.ttl_secs)),
-            PresenceBackend::Redis => Arc::new(RedisPresence::new(
-                RedisClient::new(&config.redis).map_err(NodeError::Redis)?,
-                config.presence.ttl_secs,
-                config.presence.node_lease_secs,
-            )),
+            PresenceBackend::Redis => {
+                Arc::new(RedisPresence::from_config(config).map_err(NodeError::Redis)?)
+            }
         };
         let bus: Arc<dyn Bus> = if config.kafka.brokers.is_empty() {
             Arc::new(LocalBus::new())

@@ -17,9 +17,8 @@ use serde_json::{json, Value};
 
 use crate::chat::ids::now_ms;
 use crate::client::{Client, ClientError};
-use crate::config::{chatd_env, AuthMode, Config, Overrides, Sources};
+use crate::config::{AuthMode, Overrides};
 use crate::presence::{Presence, RedisPresence};
-use crate::redis_client::RedisClient;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -106,17 +105,14 @@ fn spawn_node(
 }
 
 pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
-    let mut sources = Sources::defaults_only(&args.config_dir);
-    sources.profile = Some(args.profile.clone());
-    sources.env = chatd_env();
-    sources.overrides = Overrides::default();
-    let config = Config::load(&sources)?;
-    let _ = SECRET.set((config.auth.mode == AuthMode::Token).then(|| config.auth.secret.clone()));
-    let presence = RedisPresence::new(
-        RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?,
-        config.presence.ttl_secs,
-        config.presence.node_lease_secs,
-    );
+    let layers = super::ConfigArgs {
+        profile: Some(args.profile.clone()),
+        config: None,
+        config_dir: args.config_dir.clone(),
+    };
+    let config = layers.load(Overrides::default())?;
+    let secret = (config.auth.mode == AuthMode::Token).then_some(config.auth.secret.as_str());
+    let presence = RedisPresence::from_config(&config).map_err(anyhow::Error::msg)?;
 
     let run_id = now_ms() % 1_000_000_000;
     let (_spawned, nodes) = if args.spawn {
@@ -146,7 +142,7 @@ pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
     } else {
         ProgressBar::hidden()
     };
-    let checks = scenarios(&nodes, &presence, &format!("xn{run_id}"), &bar).await;
+    let checks = scenarios(&nodes, secret, &presence, &format!("xn{run_id}"), &bar).await;
     bar.finish_and_clear();
 
     let failed = checks.iter().filter(|c| !c.ok).count();
@@ -215,15 +211,9 @@ where
     bar.inc(1);
 }
 
-/// The secret to mint tokens with when the nodes run in auth mode token.
-static SECRET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-
-async fn connect(node: &str, user: &str) -> Result<Client, String> {
-    let token = SECRET
-        .get()
-        .cloned()
-        .flatten()
-        .map(|secret| super::token::mint(&secret, user, 600, now_ms() / 1000));
+/// Connects `user`, with a token minted from `secret` when the nodes run in auth mode token.
+async fn connect(node: &str, user: &str, secret: Option<&str>) -> Result<Client, String> {
+    let token = secret.map(|secret| super::token::mint(secret, user, 600, now_ms() / 1000));
     Client::connect_with_token(node, user, token.as_deref(), WAIT)
         .await
         .map_err(|e| e.to_string())
@@ -251,6 +241,7 @@ async fn node_ids(presence: &RedisPresence, user: &str) -> Result<BTreeSet<Strin
 
 async fn scenarios(
     nodes: &[String],
+    secret: Option<&str>,
     presence: &RedisPresence,
     prefix: &str,
     bar: &ProgressBar,
@@ -269,8 +260,8 @@ async fn scenarios(
         bar,
         "connect: alice on node 1, bob on node 2",
         || async {
-            let a = connect(&nodes[0], &alice).await?;
-            let b = connect(&nodes[1], &bob).await?;
+            let a = connect(&nodes[0], &alice, secret).await?;
+            let b = connect(&nodes[1], &bob, secret).await?;
             let (n1, n2) = (
                 a.welcome["nodeId"].as_str().unwrap_or("").to_string(),
                 b.welcome["nodeId"].as_str().unwrap_or("").to_string(),
@@ -338,8 +329,8 @@ async fn scenarios(
         bar,
         "scenario 3: one user with devices on both nodes gets it on both",
         || async {
-            carol_devices.push(connect(&nodes[0], &carol).await?);
-            carol_devices.push(connect(&nodes[1], &carol).await?);
+            carol_devices.push(connect(&nodes[0], &carol, secret).await?);
+            carol_devices.push(connect(&nodes[1], &carol, secret).await?);
             a.send_json(&chat(&carol, "to all your devices", "x3"))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -378,7 +369,7 @@ async fn scenarios(
         bar,
         "sender's other device on node 2 gets the copy",
         || async {
-            let mut second = connect(&nodes[1], &alice).await?;
+            let mut second = connect(&nodes[1], &alice, secret).await?;
             a.send_json(&chat(&bob, "copy me", "x5"))
                 .await
                 .map_err(|e| e.to_string())?;

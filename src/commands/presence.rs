@@ -10,7 +10,6 @@ use super::ConfigArgs;
 use crate::chat::ids::now_ms;
 use crate::config::{Config, Overrides};
 use crate::presence::{Presence, RedisPresence};
-use crate::redis_client::RedisClient;
 
 /// Where the operator commands find Redis: `--redis URL`, else the layered config.
 #[derive(Debug, Args)]
@@ -34,11 +33,7 @@ impl RedisArgs {
     }
 
     pub fn presence(&self, config: &Config) -> anyhow::Result<RedisPresence> {
-        Ok(RedisPresence::new(
-            RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?,
-            config.presence.ttl_secs,
-            config.presence.node_lease_secs,
-        ))
+        RedisPresence::from_config(config).map_err(anyhow::Error::msg)
     }
 }
 

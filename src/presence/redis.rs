@@ -134,6 +134,15 @@ impl RedisPresence {
         }
     }
 
+    /// Presence on the `[redis]` of `config`, with its TTL and lease.
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, String> {
+        Ok(Self::new(
+            RedisClient::new(&config.redis)?,
+            config.presence.ttl_secs,
+            config.presence.node_lease_secs,
+        ))
+    }
+
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, PresenceError>
     where
         F: FnOnce(deadpool_redis::Connection) -> Fut,
