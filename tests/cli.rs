@@ -11,16 +11,6 @@ use chatd::client::Incoming;
 use clap_complete::Shell;
 use common::*;
 
-fn chatd() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_chatd"));
-    // Run from the repository so config/ is found, without the caller's CHATD_* settings.
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHATD_")) {
-        c.env_remove(k);
-    }
-    c
-}
-
 /// Runs `chatd ARGS` to completion off the async runtime (the node under test runs on it).
 async fn run_chatd(args: Vec<String>) -> std::process::Output {
     tokio::task::spawn_blocking(move || chatd().args(&args).output().unwrap())

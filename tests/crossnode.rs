@@ -2,16 +2,9 @@
 //! broker (scripts/services.sh), every scenario must pass; and it must fail loudly when a
 //! node is not there.
 
-use std::process::Command;
+mod common;
 
-fn chatd() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_chatd"));
-    c.current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHATD_")) {
-        c.env_remove(k);
-    }
-    c
-}
+use common::chatd;
 
 #[test]
 fn every_scenario_passes_on_two_spawned_nodes() {

@@ -12,14 +12,6 @@ use serde_json::{json, Value};
 
 const REDIS: &str = "redis://:redis123@127.0.0.1:6379/0";
 
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        chatd::chat::ids::now_ms() % 10_000_000
-    )
-}
-
 /// A node with the cluster backends of the node1 profile: Redis presence and store, Kafka.
 async fn cluster_node(node_id: &str) -> TestNode {
     let mut c = config(node_id);

@@ -7,7 +7,6 @@ mod common;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use chatd::bus::LocalBus;
 use chatd::chat::Backends;
@@ -16,17 +15,6 @@ use chatd::presence::{Device, Presence, RedisPresence};
 use chatd::store::MemoryStore;
 use common::*;
 use serde_json::json;
-
-/// A name no other test (or earlier run) uses, so tests can share one Redis.
-fn unique(prefix: &str) -> String {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    format!(
-        "{prefix}-{}-{}-{}",
-        std::process::id(),
-        chatd::chat::ids::now_ms() % 1_000_000,
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    )
-}
 
 fn redis_config(node_id: &str) -> Config {
     let mut c = config(node_id);

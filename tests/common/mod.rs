@@ -280,3 +280,25 @@ pub fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::R
     });
     rx
 }
+
+/// A name no other test (or earlier run) uses, so tests can share one Redis and one broker.
+pub fn unique(prefix: &str) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        chatd::chat::ids::now_ms() % 1_000_000,
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// The `chatd` binary, run from the repository (so `config/` is found) and without the
+/// caller's `CHATD_*` settings.
+pub fn chatd() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_chatd"));
+    c.current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHATD_")) {
+        c.env_remove(k);
+    }
+    c
+}
