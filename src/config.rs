@@ -770,6 +770,21 @@ mod tests {
     }
 
     #[test]
+    fn every_config_key_is_documented_in_the_readme() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let shipped: toml::Table =
+            toml::from_str(&std::fs::read_to_string(root.join("config/default.toml")).unwrap())
+                .unwrap();
+        for (section, keys) in &shipped {
+            for key in keys.as_table().unwrap().keys() {
+                let name = format!("`{section}.{key}`");
+                assert!(readme.contains(&name), "README.md does not document {name}");
+            }
+        }
+    }
+
+    #[test]
     fn shipped_config_files_load() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         for profile in [None, Some("node1"), Some("node2")] {
