@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod moderation;
 pub mod registry;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -262,13 +263,21 @@ impl Node {
 
     /// `CHAT_MESSAGE` from `from`: moderate, id, store, deliver, then acknowledge.
     pub async fn handle_chat(&self, from: &SessionHandle, send: ChatSend) {
+        let ChatSend {
+            receiver_id,
+            chat_id,
+            content,
+            temp_message_id,
+        } = send;
         let fail = |code: ErrorCode, message: String| FrameError {
             code,
             message,
-            temp_message_id: send.temp_message_id.clone(),
+            temp_message_id: temp_message_id.clone(),
         };
-        let content = match self.moderator.check(&send.content) {
-            Ok(content) => content.into_owned(),
+        // Most content passes untouched: keep the parsed string rather than copy it.
+        let masked = match self.moderator.check(&content) {
+            Ok(Cow::Borrowed(_)) => None,
+            Ok(Cow::Owned(masked)) => Some(masked),
             Err(Rejected) => {
                 let e = fail(
                     ErrorCode::ContentRejected,
@@ -281,11 +290,11 @@ impl Node {
         let new = crate::store::NewMessage {
             message_id,
             sender_id: from.user_id.to_string(),
-            receiver_id: send.receiver_id.clone(),
-            chat_id: send.chat_id.clone(),
-            content,
+            receiver_id,
+            chat_id,
+            content: masked.unwrap_or(content),
             timestamp,
-            temp_message_id: send.temp_message_id.clone(),
+            temp_message_id: temp_message_id.clone(),
         };
         let (stored, fresh) = match self.backends.store.save(new).await {
             Ok(SaveOutcome::Saved(m)) => (m.message, true),
