@@ -90,6 +90,17 @@ end
 return out
 "#;
 
+/// Every node of KEYS[1] (`chat:nodes`) and its lease's value, "" when it lapsed: a flat
+/// [node, url, ...] list.
+const NODES_WITH_LEASES: &str = r#"
+local out = {}
+for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  out[#out + 1] = node
+  out[#out + 1] = redis.call('GET', ARGV[1] .. node) or ''
+end
+return out
+"#;
+
 /// Removes every device of a node: KEYS[1] its device set, KEYS[2] the online set.
 const CLEAR_NODE: &str = r#"
 local members = redis.call('SMEMBERS', KEYS[1])
@@ -118,6 +129,7 @@ pub struct RedisPresence {
     heartbeat: Script,
     devices: Script,
     clear_node: Script,
+    nodes: Script,
 }
 
 impl RedisPresence {
@@ -131,6 +143,7 @@ impl RedisPresence {
             heartbeat: Script::new(HEARTBEAT),
             devices: Script::new(DEVICES),
             clear_node: Script::new(CLEAR_NODE),
+            nodes: Script::new(NODES_WITH_LEASES),
         }
     }
 
@@ -180,37 +193,42 @@ impl RedisPresence {
         Ok(!existed)
     }
 
+    /// Every node in `chat:nodes` with its lease's URL (`None` once the lease lapsed), in one
+    /// call: the janitor runs this on every node every third of a lease.
+    async fn known_nodes(&self) -> Result<Vec<(String, Option<String>)>, PresenceError> {
+        let script = &self.nodes;
+        let flat: Vec<String> = self
+            .call("nodes", |mut c| async move {
+                script
+                    .key(NODES)
+                    .arg(LEASE_PREFIX)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|p| (p[0].clone(), (!p[1].is_empty()).then(|| p[1].clone())))
+            .collect())
+    }
+
     /// Live nodes and their REST URLs.
     pub async fn live_nodes(&self) -> Result<Vec<(String, String)>, PresenceError> {
-        let nodes: Vec<String> = self
-            .call("nodes", |mut c| async move { c.smembers(NODES).await })
-            .await?;
-        let mut live = Vec::new();
-        for node in nodes {
-            let key = lease_key(&node);
-            let url: Option<String> = self
-                .call("lease", |mut c| async move { c.get(key).await })
-                .await?;
-            if let Some(url) = url {
-                live.push((node, url));
-            }
-        }
+        let mut live: Vec<(String, String)> = self
+            .known_nodes()
+            .await?
+            .into_iter()
+            .filter_map(|(node, url)| url.map(|u| (node, u)))
+            .collect();
         live.sort();
         Ok(live)
     }
 
     /// Clears the devices of every node whose lease lapsed; returns the nodes cleared.
     pub async fn reap_dead_nodes(&self) -> Result<Vec<String>, PresenceError> {
-        let nodes: Vec<String> = self
-            .call("nodes", |mut c| async move { c.smembers(NODES).await })
-            .await?;
         let mut reaped = Vec::new();
-        for node in nodes {
-            let key = lease_key(&node);
-            let alive: bool = self
-                .call("lease", |mut c| async move { c.exists(key).await })
-                .await?;
-            if !alive {
+        for (node, url) in self.known_nodes().await? {
+            if url.is_none() {
                 self.clear_node(&node).await?;
                 let n = node.clone();
                 self.call("nodes", |mut c| async move {
