@@ -91,8 +91,8 @@ pub(crate) async fn shutdown_signal() {
 /// What `chatd serve` logs once it listens; [`listening_address`] looks for it.
 pub const LISTENING: &str = "chatd listening on ";
 
-/// Reads a spawned `chatd serve`'s stderr until it logs its address (`host:port`), or until an
-/// `error` line or `within` passes. Keeps draining stderr afterwards so the child never blocks
+/// Reads a spawned `chatd serve`'s stderr until it logs its address (`host:port`), or until it
+/// reports a fatal error or `within` passes. Keeps draining stderr afterwards so the child never blocks
 /// on a full pipe.
 pub fn listening_address(
     stderr: std::process::ChildStderr,
@@ -114,7 +114,9 @@ pub fn listening_address(
                     .unwrap_or_default()
                     .to_string()));
                 tx = None;
-            } else if line.contains("error") {
+            } else if line.starts_with("error:") || line.contains(" ERROR ") {
+                // The fatal message main prints, or an error-level log line; a warning that
+                // merely mentions an error (a dependency not up yet) is not a failed start.
                 let _ = sender.send(Err(line));
                 tx = None;
             }
