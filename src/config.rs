@@ -770,6 +770,20 @@ mod tests {
     }
 
     #[test]
+    fn printed_config_redacts_secrets() {
+        let mut c = Config::default();
+        c.redis.password = "hunter2-redis".into();
+        c.auth.secret = "hunter2-token-secret-0123456789abcdef".into();
+        let printed = c.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert_eq!(printed.matches("<redacted>").count(), 2, "{printed}");
+        assert!(
+            !Config::default().to_toml().contains("<redacted>"),
+            "empty secrets stay empty"
+        );
+    }
+
+    #[test]
     fn every_config_key_is_documented_in_the_readme() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
