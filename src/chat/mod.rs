@@ -5,11 +5,14 @@
 //! - [`moderation`]: the word-list automaton
 //! - [`registry`]: this node's sessions and the handle that writes to one
 //! - [`metrics`]: the node's counters
+//! - `offline`: offline-push windows; `upkeep`: this node's devices and lease in presence
 
 pub mod ids;
 pub mod metrics;
 pub mod moderation;
+mod offline;
 pub mod registry;
+mod upkeep;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -20,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::bus::{Bus, Envelope, FrameKind, KafkaBus, LocalBus, OfflinePush, Recipient};
 use crate::config::{Config, PresenceBackend, RedisConfig};
-use crate::presence::{Device, MemoryPresence, Presence, PresenceError, RedisPresence};
+use crate::presence::{MemoryPresence, Presence, PresenceError, RedisPresence};
 use crate::protocol::{ChatSend, ErrorCode, FrameError, Route, ServerFrame};
 use crate::redis_client::RedisClient;
 use crate::store::{GrpcStore, MemoryStore, RedisStore, SaveOutcome, Store, StoreError};
@@ -162,7 +165,7 @@ impl Node {
         {
             tracing::warn!("presence unavailable at start ({e}); serving locally until it is back");
         }
-        tokio::spawn(maintain_presence(Arc::downgrade(&node)));
+        tokio::spawn(upkeep::maintain_presence(Arc::downgrade(&node)));
         Ok(node)
     }
 
@@ -174,19 +177,6 @@ impl Node {
         } else {
             s.advertise_url.clone()
         }
-    }
-
-    /// Registers every local session again, after presence lost them (Redis restarted or
-    /// was unreachable long enough for this node to be reaped).
-    async fn resync_presence(&self) {
-        let handles = self.sessions.all();
-        for h in &handles {
-            self.register(h).await;
-        }
-        tracing::info!(
-            sessions = handles.len(),
-            "presence is back: local sessions registered again"
-        );
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -210,43 +200,6 @@ impl Node {
             Err(e) => tracing::warn!("could not clear this node's presence: {e}"),
         }
         self.backends.bus.unsubscribe(&self.node_id).await;
-    }
-
-    /// Records a local device in presence. A failure is logged and counted; the session goes
-    /// on (local delivery does not need presence) and the next heartbeat tries again.
-    pub async fn register(&self, handle: &SessionHandle) {
-        let device = Device {
-            connection_id: handle.connection_id.to_string(),
-            node_id: self.node_id.clone(),
-            last_seen_ms: ids::now_ms(),
-        };
-        if let Err(e) = self
-            .backends
-            .presence
-            .connect(&handle.user_id, device)
-            .await
-        {
-            Metrics::inc(&self.metrics.presence_failures);
-            tracing::warn!(user = %handle.user_id, "presence not recorded: {e}");
-        }
-    }
-
-    /// A device's heartbeat: refreshes presence, registering the device again if presence
-    /// lost it (Redis restarted, or the device was reaped while Redis was unreachable).
-    pub async fn heartbeat(&self, handle: &SessionHandle) {
-        match self
-            .backends
-            .presence
-            .heartbeat(&handle.user_id, &handle.connection_id)
-            .await
-        {
-            Ok(()) => {}
-            Err(PresenceError::Unknown) => self.register(handle).await,
-            Err(e) => {
-                Metrics::inc(&self.metrics.presence_failures);
-                tracing::warn!(user = %handle.user_id, "heartbeat not recorded: {e}");
-            }
-        }
     }
 
     /// Sends a reply to one device (its own ack, error or pong), waiting for room in its
@@ -552,107 +505,6 @@ impl Node {
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }
             tracing::info!(from = %envelope.from_node, kind = ?envelope.kind, user = %r.user_id, devices = n, "received from another node; delivered to user");
-        }
-    }
-
-    /// The receiver has no device online: wake them through the offline-push sink. Within
-    /// `server.offline_push_window_ms`, messages of one chat make one event (with their
-    /// count) when the window ends, and none if the user came back meanwhile.
-    async fn offline_push(&self, m: &crate::store::NewMessage) {
-        let event = OfflinePush {
-            user_id: m.receiver_id.clone(),
-            sender_id: m.sender_id.clone(),
-            chat_id: m.chat_id.clone(),
-            message_id: m.message_id.clone(),
-            timestamp: m.timestamp,
-            count: 1,
-        };
-        let window = self.config.server.offline_push_window_ms;
-        if window == 0 {
-            return self.emit_offline_push(event).await;
-        }
-        let key = (m.receiver_id.clone(), m.chat_id.clone());
-        match self.pending_pushes.entry(key.clone()) {
-            dashmap::Entry::Occupied(mut open) => {
-                let pending = open.get_mut();
-                pending.count += 1;
-                pending.message_id = event.message_id;
-                pending.timestamp = event.timestamp;
-            }
-            dashmap::Entry::Vacant(slot) => {
-                slot.insert(event);
-                let node = self.me.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(std::time::Duration::from_millis(window)).await;
-                    let Some(node) = node.upgrade() else { return };
-                    let Some((_, event)) = node.pending_pushes.remove(&key) else {
-                        return;
-                    };
-                    let back = match node.backends.presence.devices(&event.user_id).await {
-                        Ok(devices) => !devices.is_empty(),
-                        Err(_) => node.sessions.devices_of(&event.user_id) > 0,
-                    };
-                    if back {
-                        Metrics::inc(&node.metrics.offline_pushes_cancelled);
-                        tracing::debug!(user = %event.user_id, "offline push cancelled: the user came back");
-                    } else {
-                        node.emit_offline_push(event).await;
-                    }
-                });
-            }
-        }
-    }
-
-    async fn emit_offline_push(&self, event: OfflinePush) {
-        let user = event.user_id.clone();
-        match self.backends.bus.offline_push(event).await {
-            Ok(()) => Metrics::inc(&self.metrics.offline_pushes),
-            Err(e) => {
-                Metrics::inc(&self.metrics.bus_failures);
-                tracing::error!(user = %user, "offline push failed: {e}");
-            }
-        }
-    }
-}
-
-/// Keeps this node's lease while the node lives; when presence was unreachable or lost this
-/// node, registers the local sessions again so that routing finds them.
-async fn maintain_presence(node: std::sync::Weak<Node>) {
-    let period = match node.upgrade() {
-        Some(n) => std::time::Duration::from_millis(n.config.presence.node_lease_secs * 1000 / 3),
-        None => return,
-    };
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let mut healthy = true;
-    loop {
-        tick.tick().await;
-        let Some(node) = node.upgrade() else { return };
-        if node.is_shutting_down() {
-            return;
-        }
-        match node
-            .backends
-            .presence
-            .maintain(&node.node_id, &node.advertise_url())
-            .await
-        {
-            Ok(lost) => {
-                if lost || !healthy {
-                    node.resync_presence().await;
-                }
-                healthy = true;
-            }
-            Err(e) => {
-                if healthy {
-                    tracing::error!(
-                        "presence unreachable: {e}; delivering locally until it is back"
-                    );
-                }
-                healthy = false;
-                Metrics::inc(&node.metrics.presence_failures);
-            }
         }
     }
 }

@@ -1,0 +1,102 @@
+//! This node's place in presence: its devices (registered at connect, refreshed by
+//! heartbeats, registered again when presence lost them) and its lease.
+
+use super::ids;
+use super::metrics::Metrics;
+use super::registry::SessionHandle;
+use super::Node;
+use crate::presence::{Device, PresenceError};
+
+impl Node {
+    /// Records a local device in presence. A failure is logged and counted; the session goes
+    /// on (local delivery does not need presence) and the next heartbeat tries again.
+    pub async fn register(&self, handle: &SessionHandle) {
+        let device = Device {
+            connection_id: handle.connection_id.to_string(),
+            node_id: self.node_id.clone(),
+            last_seen_ms: ids::now_ms(),
+        };
+        if let Err(e) = self
+            .backends
+            .presence
+            .connect(&handle.user_id, device)
+            .await
+        {
+            Metrics::inc(&self.metrics.presence_failures);
+            tracing::warn!(user = %handle.user_id, "presence not recorded: {e}");
+        }
+    }
+
+    /// A device's heartbeat: refreshes presence, registering the device again if presence
+    /// lost it (Redis restarted, or the device was reaped while Redis was unreachable).
+    pub async fn heartbeat(&self, handle: &SessionHandle) {
+        match self
+            .backends
+            .presence
+            .heartbeat(&handle.user_id, &handle.connection_id)
+            .await
+        {
+            Ok(()) => {}
+            Err(PresenceError::Unknown) => self.register(handle).await,
+            Err(e) => {
+                Metrics::inc(&self.metrics.presence_failures);
+                tracing::warn!(user = %handle.user_id, "heartbeat not recorded: {e}");
+            }
+        }
+    }
+
+    /// Registers every local session again, after presence lost them (Redis restarted or
+    /// was unreachable long enough for this node to be reaped).
+    async fn resync_presence(&self) {
+        let handles = self.sessions.all();
+        for h in &handles {
+            self.register(h).await;
+        }
+        tracing::info!(
+            sessions = handles.len(),
+            "presence is back: local sessions registered again"
+        );
+    }
+}
+
+/// Keeps this node's lease while the node lives; when presence was unreachable or lost this
+/// node, registers the local sessions again so that routing finds them.
+pub(super) async fn maintain_presence(node: std::sync::Weak<Node>) {
+    let period = match node.upgrade() {
+        Some(n) => std::time::Duration::from_millis(n.config.presence.node_lease_secs * 1000 / 3),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut healthy = true;
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        if node.is_shutting_down() {
+            return;
+        }
+        match node
+            .backends
+            .presence
+            .maintain(&node.node_id, &node.advertise_url())
+            .await
+        {
+            Ok(lost) => {
+                if lost || !healthy {
+                    node.resync_presence().await;
+                }
+                healthy = true;
+            }
+            Err(e) => {
+                if healthy {
+                    tracing::error!(
+                        "presence unreachable: {e}; delivering locally until it is back"
+                    );
+                }
+                healthy = false;
+                Metrics::inc(&node.metrics.presence_failures);
+            }
+        }
+    }
+}
