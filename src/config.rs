@@ -193,6 +193,9 @@ pub struct StoreConfig {
     pub memory_max_messages: usize,
     /// The Redis store keeps a message this long.
     pub retention_secs: u64,
+    /// Each user's inbox keeps at most this many newest entries; a device whose cursor is
+    /// older gets `SYNC_TOO_OLD`.
+    pub inbox_max_entries: usize,
     /// gRPC store: deadline of one call.
     pub timeout_ms: u64,
     /// gRPC store: further attempts after a transient failure (saves are idempotent).
@@ -205,6 +208,7 @@ impl Default for StoreConfig {
             url: String::new(),
             memory_max_messages: 100_000,
             retention_secs: 7 * 24 * 3600,
+            inbox_max_entries: 10_000,
             timeout_ms: 2000,
             retries: 2,
         }
@@ -464,6 +468,9 @@ impl Config {
         }
         if self.store.memory_max_messages == 0 {
             return bad("store.memory_max_messages", "must be at least 1".into());
+        }
+        if self.store.inbox_max_entries == 0 {
+            return bad("store.inbox_max_entries", "must be at least 1".into());
         }
         if self.auth.mode == AuthMode::Token && self.auth.secret.len() < 32 {
             return bad(

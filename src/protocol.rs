@@ -39,6 +39,10 @@ pub enum ErrorCode {
     UnknownMessage,
     /// The connection sends faster than `server.rate_limit_per_sec`; the frame was dropped.
     RateLimited,
+    /// The cursor of `?since=` or `SYNC` is older than the inbox keeps: the entries between
+    /// it and the oldest kept are gone. The client re-fetches its history by other means;
+    /// the replay goes on from the oldest kept entry.
+    SyncTooOld,
 }
 
 /// A frame the client got wrong, answered with `ERROR`; the connection stays open.
@@ -76,6 +80,10 @@ pub enum ClientFrame {
         chat_id: String,
         typing: bool,
     },
+    /// Replay the inbox after `since`, then go on live.
+    Sync {
+        since: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +120,8 @@ struct Wire<'a> {
     temp_message_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     message_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    since: Option<u64>,
 }
 
 const STRING_FIELDS: [&str; 7] = [
@@ -205,6 +215,15 @@ pub fn parse_client_frame(text: &str, ctx: ParseContext<'_>) -> Result<ClientFra
                 receiver_id,
             })
         }
+        "SYNC" => {
+            let since = wire.since.ok_or_else(|| {
+                FrameError::new(
+                    ErrorCode::MissingField,
+                    "missing field `since` (the last seq this device saw, 0 for everything)",
+                )
+            })?;
+            Ok(ClientFrame::Sync { since })
+        }
         "TYPING" => {
             let receiver_id = user_field(&wire.receiver_id, "receiverId")?;
             let chat_id = id_field(&wire.chat_id, "chatId")?;
@@ -233,7 +252,7 @@ pub fn parse_client_frame(text: &str, ctx: ParseContext<'_>) -> Result<ClientFra
         other => Err(with_temp(FrameError::new(
             ErrorCode::UnknownType,
             format!(
-                "unknown type {:?}; expected CHAT_MESSAGE, HEARTBEAT, READ_RECEIPT or TYPING",
+                "unknown type {:?}; expected CHAT_MESSAGE, HEARTBEAT, READ_RECEIPT, TYPING or SYNC",
                 truncate(other, 64)
             ),
         ))),
@@ -267,6 +286,15 @@ fn diagnose(text: &str, err: serde_json::Error) -> FrameError {
                 );
             }
         }
+    }
+    if object
+        .get("since")
+        .is_some_and(|v| !v.is_u64() && !v.is_null())
+    {
+        return FrameError::new(
+            ErrorCode::InvalidField,
+            "field `since` must be a whole number >= 0 (a seq)",
+        );
     }
     FrameError::new(ErrorCode::InvalidFrame, format!("cannot read frame: {err}"))
 }
@@ -371,6 +399,12 @@ pub enum ServerFrame<'a> {
         chat_id: &'a str,
         content: &'a str,
         timestamp: i64,
+        /// The message's place in this user's inbox.
+        #[serde(skip_serializing_if = "is_zero")]
+        seq: u64,
+        /// On the copies to the sender's own devices only: the sending device's id for it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        temp_message_id: Option<&'a str>,
     },
     MessageAck {
         message_id: &'a str,
@@ -382,6 +416,9 @@ pub enum ServerFrame<'a> {
         /// is stored either way. Omitted when 0.
         #[serde(skip_serializing_if = "is_zero")]
         remote_failed: usize,
+        /// The message's place in the sender's inbox: the sending device has now seen it.
+        #[serde(skip_serializing_if = "is_zero")]
+        seq: u64,
     },
     HeartbeatAck {
         content: &'a str,
@@ -390,11 +427,20 @@ pub enum ServerFrame<'a> {
         chat_id: &'a str,
         message_id: &'a str,
         reader_id: &'a str,
+        /// The receipt's place in the sender's inbox.
+        #[serde(skip_serializing_if = "is_zero")]
+        seq: u64,
     },
     Typing {
         sender_id: &'a str,
         chat_id: &'a str,
         content: &'a str,
+    },
+    /// The replay asked for (`?since=` or `SYNC`) is done: everything up to `seq` was sent;
+    /// what follows is live.
+    Synced {
+        seq: u64,
+        replayed: u64,
     },
     Error {
         code: ErrorCode,
@@ -404,8 +450,8 @@ pub enum ServerFrame<'a> {
     },
 }
 
-fn is_zero(n: &usize) -> bool {
-    *n == 0
+fn is_zero<N: Default + PartialEq>(n: &N) -> bool {
+    *n == N::default()
 }
 
 impl ServerFrame<'_> {
@@ -601,6 +647,24 @@ mod tests {
     }
 
     #[test]
+    fn sync_needs_a_whole_number() {
+        assert_eq!(
+            parse_client_frame(r#"{"type":"SYNC","since":41}"#, CTX).unwrap(),
+            ClientFrame::Sync { since: 41 }
+        );
+        assert_eq!(err(r#"{"type":"SYNC"}"#).code, ErrorCode::MissingField);
+        for bad in [
+            r#"{"type":"SYNC","since":-1}"#,
+            r#"{"type":"SYNC","since":"4"}"#,
+            r#"{"type":"SYNC","since":1.5}"#,
+        ] {
+            let e = err(bad);
+            assert_eq!(e.code, ErrorCode::InvalidField, "{bad}");
+            assert!(e.message.contains("since"), "{}", e.message);
+        }
+    }
+
+    #[test]
     fn server_frames_use_seed_field_names() {
         let v: serde_json::Value = serde_json::from_str(
             &ServerFrame::MessageAck {
@@ -609,14 +673,24 @@ mod tests {
                 timestamp: 5,
                 route: Route::LocalRemote,
                 remote_failed: 0,
+                seq: 7,
             }
             .encode(),
         )
         .unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"type":"MESSAGE_ACK","messageId":"m","tempMessageId":"t","timestamp":5,"route":"local+remote"})
+            serde_json::json!({"type":"MESSAGE_ACK","messageId":"m","tempMessageId":"t","timestamp":5,"route":"local+remote","seq":7})
         );
+        let v: serde_json::Value = serde_json::from_str(
+            &ServerFrame::Synced {
+                seq: 9,
+                replayed: 3,
+            }
+            .encode(),
+        )
+        .unwrap();
+        assert_eq!(v, serde_json::json!({"type":"SYNCED","seq":9,"replayed":3}));
         let v: serde_json::Value =
             serde_json::from_str(&ServerFrame::HeartbeatAck { content: "pong" }.encode()).unwrap();
         assert_eq!(

@@ -53,7 +53,7 @@ async fn cluster(n: usize) -> Vec<TestNode> {
         let backends = Backends {
             presence,
             bus: bus.clone(),
-            store: Arc::new(MemoryStore::new(1000)),
+            store: Arc::new(MemoryStore::new(1000, 1000)),
         };
         nodes.push(start_with(c, backends).await);
     }

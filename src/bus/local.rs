@@ -84,8 +84,9 @@ mod tests {
             recipients: vec![Recipient {
                 user_id: "b".into(),
                 except_connection: None,
+                seq: 1,
+                frame: "{}".into(),
             }],
-            frame: "{}".into(),
         };
         bus.publish("n2", env.clone()).await.unwrap();
         assert_eq!(n2.recv().await.unwrap(), env);

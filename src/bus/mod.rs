@@ -25,7 +25,7 @@ pub enum FrameKind {
     Typing,
 }
 
-/// A user on the target node who should get the frame.
+/// A user on the target node who should get a frame, and the frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Recipient {
@@ -33,17 +33,25 @@ pub struct Recipient {
     /// The sending device, which must not get its own message back as a copy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub except_connection: Option<String>,
+    /// The frame's place in this user's inbox (0: it has none, as typing).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seq: u64,
+    /// The server frame, JSON text, exactly as this user's devices receive it (each user's
+    /// copy carries that user's seq).
+    pub frame: String,
 }
 
-/// One frame for one node: serialized once by the sender's node, delivered as is.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Frames for users on one node: built by the sender's node, delivered as they are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Envelope {
     pub from_node: String,
     pub kind: FrameKind,
     pub recipients: Vec<Recipient>,
-    /// The server frame, JSON text, exactly as devices receive it.
-    pub frame: String,
 }
 
 /// A message for a user with no device online: a push service should wake the user.

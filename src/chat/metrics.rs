@@ -33,6 +33,10 @@ pub struct Metrics {
     pub slow_consumers_closed: AtomicU64,
     /// WebSocket sessions accepted since start.
     pub connections_total: AtomicU64,
+    /// Inbox entries fetched from the store to catch devices up (sync, gaps).
+    pub messages_replayed: AtomicU64,
+    /// Catch-ups that found the store no longer keeps what a device missed (`SYNC_TOO_OLD`).
+    pub sync_too_old: AtomicU64,
     /// Acknowledged messages by route.
     pub route_local: AtomicU64,
     pub route_remote: AtomicU64,
@@ -59,11 +63,17 @@ pub struct MetricsSnapshot {
     pub typing_dropped: u64,
     pub slow_consumers_closed: u64,
     pub connections_total: u64,
+    pub messages_replayed: u64,
+    pub sync_too_old: u64,
 }
 
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {
@@ -82,6 +92,8 @@ impl Metrics {
             typing_dropped: r(&self.typing_dropped),
             slow_consumers_closed: r(&self.slow_consumers_closed),
             connections_total: r(&self.connections_total),
+            messages_replayed: r(&self.messages_replayed),
+            sync_too_old: r(&self.sync_too_old),
         }
     }
 }
@@ -240,6 +252,18 @@ impl Metrics {
             "counter",
             "Sends refused because the store failed.",
             &[("", r(&self.store_failures))],
+        );
+        one(
+            "chatd_messages_replayed_total",
+            "counter",
+            "Inbox entries fetched from the store to catch devices up.",
+            &[("", r(&self.messages_replayed))],
+        );
+        one(
+            "chatd_sync_too_old_total",
+            "counter",
+            "Catch-ups that found entries a device missed no longer kept.",
+            &[("", r(&self.sync_too_old))],
         );
         one(
             "chatd_presence_failures_total",

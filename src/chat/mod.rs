@@ -5,13 +5,17 @@
 //! - [`moderation`]: the word-list automaton
 //! - [`registry`]: this node's sessions and the handle that writes to one
 //! - [`metrics`]: the node's counters
+//! - [`order`]: in-order, exactly-once delivery to one device; `sync`: catching a device up
+//!   from its user's inbox
 //! - `offline`: offline-push windows; `upkeep`: this node's devices and lease in presence
 
 pub mod ids;
 pub mod metrics;
 pub mod moderation;
 mod offline;
+pub mod order;
 pub mod registry;
+mod sync;
 mod upkeep;
 
 use std::borrow::Cow;
@@ -26,7 +30,7 @@ use crate::config::{Config, PresenceBackend, RedisConfig};
 use crate::presence::{MemoryPresence, Presence, PresenceError, RedisPresence};
 use crate::protocol::{ChatSend, ErrorCode, FrameError, Route, ServerFrame};
 use crate::redis_client::RedisClient;
-use crate::store::{GrpcStore, MemoryStore, RedisStore, SaveOutcome, Store, StoreError};
+use crate::store::{self, GrpcStore, SaveOutcome, Store, StoreError};
 use ids::IdGenerator;
 use metrics::Metrics;
 use moderation::{Moderator, Rejected};
@@ -60,7 +64,7 @@ impl Backends {
             Arc::new(KafkaBus::new(&config.kafka)?)
         };
         let store: Arc<dyn Store> = if config.store.url.is_empty() {
-            Arc::new(MemoryStore::new(config.store.memory_max_messages))
+            Arc::new(store::memory_store(&config.store))
         } else if config.store.url.starts_with("grpc://") {
             Arc::new(GrpcStore::new(
                 &config.store.url,
@@ -72,9 +76,9 @@ impl Backends {
                 url: config.store.url.clone(),
                 ..config.redis.clone()
             };
-            Arc::new(RedisStore::new(
+            Arc::new(store::redis_store(
+                &config.store,
                 RedisClient::new(&redis).map_err(NodeError::Redis)?,
-                config.store.retention_secs,
             ))
         };
         Ok(Backends {
@@ -116,10 +120,13 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
 }
 
-/// One user who should get a frame, and the device that must not (the sender's own).
+/// One user who should get a frame, the device that must not (the sender's own), and the
+/// frame's place in that user's inbox (0 for frames that have none).
 struct Target<'a> {
     user_id: &'a str,
     except: Option<&'a str>,
+    frame: Utf8Bytes,
+    seq: u64,
 }
 
 /// Where one target's copy went.
@@ -250,8 +257,8 @@ impl Node {
             temp_message_id: temp_message_id.clone(),
         };
         let (stored, fresh) = match self.backends.store.save(new).await {
-            Ok(SaveOutcome::Saved(m)) => (m.message, true),
-            Ok(SaveOutcome::Duplicate(m)) => (m.message, false),
+            Ok(SaveOutcome::Saved(m)) => (m, true),
+            Ok(SaveOutcome::Duplicate(m)) => (m, false),
             Err(e) => {
                 Metrics::inc(&self.metrics.store_failures);
                 tracing::error!(user = %from.user_id, "store refused a message: {e}");
@@ -262,90 +269,70 @@ impl Node {
                 return self.reply_error(from, &e).await;
             }
         };
+        let m = &stored.message;
 
         let (route, remote_failed) = if fresh {
             Metrics::inc(&self.metrics.messages_received);
-            let frame: Utf8Bytes = ServerFrame::ChatMessage {
-                message_id: &stored.message_id,
-                sender_id: &stored.sender_id,
-                receiver_id: &stored.receiver_id,
-                chat_id: &stored.chat_id,
-                content: &stored.content,
-                timestamp: stored.timestamp,
-            }
-            .encode()
-            .into();
-            let own = Some(&*from.connection_id);
-            let reach = if stored.receiver_id == stored.sender_id {
+            // The sender's other devices get a copy at its place in the sender's inbox.
+            let copy = Target {
+                user_id: &m.sender_id,
+                except: Some(&*from.connection_id),
+                frame: sync::chat_frame(m, stored.sender_seq, &m.sender_id),
+                seq: stored.sender_seq,
+            };
+            let reach = if m.receiver_id == m.sender_id {
                 // A note to self: the user's other devices get it once.
-                self.fan_out(
-                    FrameKind::Chat,
-                    &frame,
-                    &[Target {
-                        user_id: &stored.sender_id,
-                        except: own,
-                    }],
-                )
-                .await
+                self.fan_out(FrameKind::Chat, vec![copy]).await
             } else {
-                self.fan_out(
-                    FrameKind::Chat,
-                    &frame,
-                    &[
-                        Target {
-                            user_id: &stored.receiver_id,
-                            except: None,
-                        },
-                        Target {
-                            user_id: &stored.sender_id,
-                            except: own,
-                        },
-                    ],
-                )
-                .await
+                let receiver = Target {
+                    user_id: &m.receiver_id,
+                    except: None,
+                    frame: sync::chat_frame(m, stored.receiver_seq, &m.receiver_id),
+                    seq: stored.receiver_seq,
+                };
+                self.fan_out(FrameKind::Chat, vec![receiver, copy]).await
             };
             let route = Route::from_parts(reach[0].local > 0, reach[0].remote_nodes > 0);
             // No device got it (none online, or the publish to their node failed): the
             // receiver must be woken up; the message waits in the store.
             if route == Route::Offline {
-                self.offline_push(&stored).await;
+                self.offline_push(m).await;
             }
             (route, reach.iter().map(|r| r.failed_nodes).sum())
         } else {
             // A retry of a stored message: acknowledge it again, deliver nothing twice; the
             // route says where the receiver's devices are now.
-            let local = self.sessions.devices_of(&stored.receiver_id) > 0;
-            let remote = match self.backends.presence.devices(&stored.receiver_id).await {
+            let local = self.sessions.devices_of(&m.receiver_id) > 0;
+            let remote = match self.backends.presence.devices(&m.receiver_id).await {
                 Ok(devices) => devices.iter().any(|d| d.node_id != self.node_id),
                 Err(_) => false,
             };
             (Route::from_parts(local, remote), 0)
         };
         self.metrics.count_route(route);
-        tracing::debug!(message = %stored.message_id, route = route.as_str(), "message acknowledged");
-        self.reply(
-            from,
-            &ServerFrame::MessageAck {
-                message_id: &stored.message_id,
-                temp_message_id: stored.temp_message_id.as_deref(),
-                timestamp: stored.timestamp,
-                route,
-                remote_failed,
-            },
-        )
-        .await;
+        tracing::debug!(message = %m.message_id, route = route.as_str(), "message acknowledged");
+        let ack = ServerFrame::MessageAck {
+            message_id: &m.message_id,
+            temp_message_id: m.temp_message_id.as_deref(),
+            timestamp: m.timestamp,
+            route,
+            remote_failed,
+            seq: stored.sender_seq,
+        }
+        .encode();
+        self.send_ack(from, stored.sender_seq, ack.into()).await;
     }
 
     /// `READ_RECEIPT` from the receiver: marked in the store, told to every device of the
     /// original sender (whom the store names, whatever the client claimed).
     pub async fn handle_read_receipt(&self, from: &SessionHandle, chat_id: &str, message_id: &str) {
-        let stored = match self
+        let receipt = match self
             .backends
             .store
             .mark_read(&from.user_id, chat_id, message_id)
             .await
         {
-            Ok(m) => m.message,
+            Ok(r) => r,
             Err(e) => {
                 let code = match e {
                     StoreError::UnknownMessage(..) => ErrorCode::UnknownMessage,
@@ -360,19 +347,14 @@ impl Node {
                     .await;
             }
         };
-        let frame: Utf8Bytes = ServerFrame::ReadReceipt {
-            chat_id: &stored.chat_id,
-            message_id: &stored.message_id,
-            reader_id: &from.user_id,
-        }
-        .encode()
-        .into();
+        let m = &receipt.message.message;
         self.fan_out(
             FrameKind::Receipt,
-            &frame,
-            &[Target {
-                user_id: &stored.sender_id,
+            vec![Target {
+                user_id: &m.sender_id,
                 except: None,
+                frame: sync::receipt_frame(m, receipt.seq),
+                seq: receipt.seq,
             }],
         )
         .await;
@@ -395,10 +377,11 @@ impl Node {
         .into();
         self.fan_out(
             FrameKind::Typing,
-            &frame,
-            &[Target {
+            vec![Target {
                 user_id: receiver_id,
                 except: None,
+                frame,
+                seq: 0,
             }],
         )
         .await;
@@ -406,24 +389,12 @@ impl Node {
 
     /// Delivers one frame to every target: directly to devices on this node, and one publish
     /// per other node that holds any target device (not one per user, not a broadcast).
-    async fn fan_out(
-        &self,
-        kind: FrameKind,
-        frame: &Utf8Bytes,
-        targets: &[Target<'_>],
-    ) -> Vec<Reach> {
+    async fn fan_out(&self, kind: FrameKind, targets: Vec<Target<'_>>) -> Vec<Reach> {
         let mut reach = vec![Reach::default(); targets.len()];
         let mut by_node: BTreeMap<String, Vec<(usize, Recipient)>> = BTreeMap::new();
         // Devices here first: they never wait for presence.
         for (i, t) in targets.iter().enumerate() {
-            reach[i].local = self
-                .sessions
-                .deliver(t.user_id, frame, kind, t.except, &self.metrics);
-            if kind == FrameKind::Chat {
-                self.metrics
-                    .messages_delivered_local
-                    .fetch_add(reach[i].local as u64, std::sync::atomic::Ordering::Relaxed);
-            }
+            reach[i].local = self.deliver_local(t.user_id, &t.frame, kind, t.except, t.seq);
         }
         // Then every target's devices elsewhere, looked up concurrently (one round trip).
         let lookups = futures_util::future::join_all(
@@ -451,6 +422,8 @@ impl Node {
                         Recipient {
                             user_id: t.user_id.to_string(),
                             except_connection: t.except.map(String::from),
+                            seq: t.seq,
+                            frame: t.frame.as_str().to_string(),
                         },
                     ));
                 }
@@ -462,7 +435,6 @@ impl Node {
                 from_node: self.node_id.clone(),
                 kind,
                 recipients: recipients.into_iter().map(|(_, r)| r).collect(),
-                frame: frame.as_str().to_string(),
             };
             let started = std::time::Instant::now();
             let published = self.backends.bus.publish(&node_id, envelope).await;
@@ -487,23 +459,43 @@ impl Node {
         reach
     }
 
+    /// Queues a frame to the devices of `user_id` on this node (in inbox order when it has a
+    /// `seq`), starting a catch-up for devices that wait behind a gap. Returns how many
+    /// devices take it.
+    fn deliver_local(
+        &self,
+        user_id: &str,
+        frame: &Utf8Bytes,
+        kind: FrameKind,
+        except: Option<&str>,
+        seq: u64,
+    ) -> usize {
+        let delivered = self
+            .sessions
+            .deliver(user_id, frame, kind, except, seq, &self.metrics);
+        for h in &delivered.catch_up {
+            self.spawn_catch_up(h);
+        }
+        if kind == FrameKind::Chat {
+            Metrics::add(
+                &self.metrics.messages_delivered_local,
+                delivered.devices as u64,
+            );
+        }
+        delivered.devices
+    }
+
     /// An envelope from another node: deliver to the named users' devices here.
     pub fn deliver_envelope(&self, envelope: Envelope) {
         Metrics::inc(&self.metrics.envelopes_consumed);
-        let frame = Utf8Bytes::from(envelope.frame);
-        for r in &envelope.recipients {
-            let n = self.sessions.deliver(
+        for r in envelope.recipients {
+            let n = self.deliver_local(
                 &r.user_id,
-                &frame,
+                &Utf8Bytes::from(r.frame),
                 envelope.kind,
                 r.except_connection.as_deref(),
-                &self.metrics,
+                r.seq,
             );
-            if envelope.kind == FrameKind::Chat {
-                self.metrics
-                    .messages_delivered_local
-                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            }
             tracing::info!(from = %envelope.from_node, kind = ?envelope.kind, user = %r.user_id, devices = n, "received from another node; delivered to user");
         }
     }

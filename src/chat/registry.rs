@@ -2,13 +2,14 @@
 //! node's own replies, other senders, the bus consumer) writes to one connection.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use tokio::sync::{mpsc, watch};
 
 use super::metrics::Metrics;
+use super::order::{Decision, Held, Order};
 use crate::bus::FrameKind;
 
 /// Close code for a reader whose outgoing queue is full (RFC 6455 1013, try again later).
@@ -30,6 +31,21 @@ pub struct SessionHandle {
     outbox: mpsc::Sender<Utf8Bytes>,
     /// Set once to ask the session to close; both its reader and writer watch it.
     close: Arc<watch::Sender<Option<CloseReason>>>,
+    /// Where this device is in its user's inbox, and the frames waiting for a gap to fill.
+    order: Arc<Mutex<Order>>,
+    /// Most frames that may wait for a gap before the device counts as too far behind.
+    max_held: usize,
+}
+
+/// What [`SessionHandle::offer`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offered {
+    /// Queued to the socket, or held until the frames before it arrive.
+    Accepted,
+    /// Not for this device: it had this seq already, or it is being closed.
+    Dropped,
+    /// Held, with a gap before it: the caller starts a catch-up for this device.
+    NeedsCatchUp,
 }
 
 /// What the session task keeps: the other ends of the handle's channels.
@@ -47,6 +63,8 @@ impl SessionHandle {
             connection_id: connection_id.into(),
             outbox: tx,
             close: Arc::new(close_tx),
+            order: Arc::new(Mutex::new(Order::starting())),
+            max_held: queue_len.saturating_mul(4).max(64),
         };
         (
             handle,
@@ -86,7 +104,71 @@ impl SessionHandle {
         }
     }
 
-    /// Queues a reply to this connection's own frame (its ack, error or pong). Unlike
+    /// Most frames that may wait for a gap.
+    pub fn max_held(&self) -> usize {
+        self.max_held
+    }
+
+    /// Whether the session is closing or gone: nothing sent to it arrives.
+    pub fn is_closing(&self) -> bool {
+        self.close.borrow().is_some() || self.outbox.is_closed()
+    }
+
+    /// Queues a reply if there is room now; gives it back when the queue is full.
+    pub fn try_reply(&self, frame: Utf8Bytes) -> Result<(), Utf8Bytes> {
+        match self.outbox.try_send(frame) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(frame)) => Err(frame),
+        }
+    }
+
+    /// This device's place in the inbox, locked. Never held across an await.
+    pub fn order(&self) -> MutexGuard<'_, Order> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Offers a frame that has place `seq` in this user's inbox: queued now if it is the
+    /// next one, dropped if the device had it, held if frames before it are missing.
+    pub fn offer(&self, seq: u64, frame: Utf8Bytes, kind: FrameKind, metrics: &Metrics) -> Offered {
+        let mut order = self.order();
+        let held = Held {
+            frame,
+            kind,
+            ack: false,
+        };
+        match order.offer(seq, held.clone(), self.max_held) {
+            // Queued under the lock, so that frames leave in the order they were decided.
+            Decision::Send => {
+                if self.push(held.frame, kind, metrics) {
+                    Offered::Accepted
+                } else {
+                    Offered::Dropped
+                }
+            }
+            Decision::Duplicate => Offered::Dropped,
+            Decision::Held => Offered::Accepted,
+            Decision::CatchUp => Offered::NeedsCatchUp,
+            Decision::Overflow => {
+                self.close_too_far_behind(metrics);
+                Offered::Dropped
+            }
+        }
+    }
+
+    /// Closes a device that has more frames waiting for a gap than it may hold; it
+    /// reconnects with `?since=` and gets them from the store.
+    pub fn close_too_far_behind(&self, metrics: &Metrics) {
+        metrics
+            .slow_consumers_closed
+            .fetch_add(1, Ordering::Relaxed);
+        self.request_close(
+            CLOSE_SLOW_CONSUMER,
+            "too far behind: reconnect with ?since=<last seq> to get the rest",
+        );
+    }
+
+    /// Queues a reply to this connection's own frame (its ack, error or pong), or a frame
+    /// of a replay. Unlike
     /// [`push`](Self::push) this waits for room: a client that sends faster than it reads its
     /// answers is slowed down (its frames are read later), not cut off, unless the queue stays
     /// full for `patience`.
@@ -120,6 +202,14 @@ impl SessionHandle {
     }
 }
 
+/// Where [`Registry::deliver`] put a frame.
+#[derive(Default)]
+pub struct Delivered {
+    pub devices: usize,
+    /// Devices that hold it behind a gap; the store must fill the gap.
+    pub catch_up: Vec<SessionHandle>,
+}
+
 /// Local sessions by user. Sharded, so delivery to different users does not contend.
 #[derive(Default)]
 pub struct Registry {
@@ -149,23 +239,37 @@ impl Registry {
         }
     }
 
-    /// Queues `frame` to every local device of `user_id` but `except`; returns how many got it.
+    /// Queues `frame` to every local device of `user_id` but `except`, in inbox order when
+    /// it has a place there (`seq` > 0). Returns how many devices take it, and the devices
+    /// that need a catch-up from the store first.
     pub fn deliver(
         &self,
         user_id: &str,
         frame: &Utf8Bytes,
         kind: FrameKind,
         except: Option<&str>,
+        seq: u64,
         metrics: &Metrics,
-    ) -> usize {
+    ) -> Delivered {
+        let mut delivered = Delivered::default();
         let Some(handles) = self.by_user.get(user_id) else {
-            return 0;
+            return delivered;
         };
-        handles
-            .iter()
-            .filter(|h| except != Some(&*h.connection_id))
-            .filter(|h| h.push(frame.clone(), kind, metrics))
-            .count()
+        for h in handles.iter().filter(|h| except != Some(&*h.connection_id)) {
+            if seq == 0 {
+                delivered.devices += usize::from(h.push(frame.clone(), kind, metrics));
+                continue;
+            }
+            match h.offer(seq, frame.clone(), kind, metrics) {
+                Offered::Accepted => delivered.devices += 1,
+                Offered::Dropped => {}
+                Offered::NeedsCatchUp => {
+                    delivered.devices += 1;
+                    delivered.catch_up.push(h.clone());
+                }
+            }
+        }
+        delivered
     }
 
     /// Every local session (a snapshot).
@@ -210,17 +314,23 @@ mod tests {
         registry.add(h.clone());
         let frame = Utf8Bytes::from_static("{}");
         assert_eq!(
-            registry.deliver("u", &frame, FrameKind::Chat, None, &metrics),
+            registry
+                .deliver("u", &frame, FrameKind::Chat, None, 0, &metrics)
+                .devices,
             1
         );
         assert_eq!(
-            registry.deliver("u", &frame, FrameKind::Typing, None, &metrics),
+            registry
+                .deliver("u", &frame, FrameKind::Typing, None, 0, &metrics)
+                .devices,
             0
         );
         assert_eq!(metrics.typing_dropped.load(Ordering::Relaxed), 1);
         assert!(ends.close.borrow().is_none());
         assert_eq!(
-            registry.deliver("u", &frame, FrameKind::Chat, None, &metrics),
+            registry
+                .deliver("u", &frame, FrameKind::Chat, None, 0, &metrics)
+                .devices,
             0
         );
         assert_eq!(
@@ -240,7 +350,9 @@ mod tests {
         registry.add(h2);
         let frame = Utf8Bytes::from_static("{}");
         assert_eq!(
-            registry.deliver("u", &frame, FrameKind::Chat, Some("c1"), &metrics),
+            registry
+                .deliver("u", &frame, FrameKind::Chat, Some("c1"), 0, &metrics)
+                .devices,
             1
         );
         assert_eq!((registry.session_count(), registry.user_count()), (2, 1));

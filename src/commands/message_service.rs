@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 
 use super::presence::RedisArgs;
 use crate::redis_client::RedisClient;
-use crate::store::{grpc, MemoryStore, RedisStore, Store};
+use crate::store::{self, grpc, Store};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Backend {
@@ -34,10 +34,10 @@ pub struct MessageServiceArgs {
 pub async fn run(args: MessageServiceArgs) -> anyhow::Result<()> {
     let config = args.redis.load()?;
     let store: Arc<dyn Store> = match args.backend {
-        Backend::Memory => Arc::new(MemoryStore::new(config.store.memory_max_messages)),
-        Backend::Redis => Arc::new(RedisStore::new(
+        Backend::Memory => Arc::new(store::memory_store(&config.store)),
+        Backend::Redis => Arc::new(store::redis_store(
+            &config.store,
             RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?,
-            config.store.retention_secs,
         )),
     };
     if let Err(e) = store.health().await {

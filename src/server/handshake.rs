@@ -18,6 +18,8 @@ pub struct Identity {
     pub user_id: String,
     /// When the token expires (unix seconds); the session is closed then.
     pub expires_at: Option<i64>,
+    /// `?since=SEQ`: replay the inbox after this seq before going live.
+    pub since: Option<u64>,
 }
 
 /// A refusal before the upgrade: HTTP status and a JSON body with a stable code.
@@ -87,6 +89,19 @@ pub fn admit(
         }
     }
 
+    let since = match param("since").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(s.parse::<u64>().map_err(|_| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_SINCE",
+                format!(
+                    "since {:?} is not a seq: give the last seq this device saw (0 for everything)",
+                    s.chars().take(32).collect::<String>()
+                ),
+            )
+        })?),
+    };
     let claimed = param("userId").filter(|u| !u.is_empty());
     if let Some(id) = claimed {
         if !is_valid_user_id(id) {
@@ -102,6 +117,7 @@ pub fn admit(
             Some(id) => Ok(Identity {
                 user_id: id.to_string(),
                 expires_at: None,
+                since,
             }),
             None => Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -133,6 +149,7 @@ pub fn admit(
             Ok(Identity {
                 user_id: claims.sub,
                 expires_at: Some(claims.exp),
+                since,
             })
         }
     }

@@ -169,6 +169,8 @@ where
     )
     .await;
     node.sessions.add(handle.clone());
+    // Registered first, then the store asked: no live frame falls between the two.
+    node.begin_sync(&handle, identity.since);
     node.register(&handle).await;
     tracing::info!(user = %user_id, connection = %connection_id, "connected");
 
@@ -279,8 +281,10 @@ async fn handle_text(node: &Node, handle: &SessionHandle, text: &str, ctx: Parse
     match parse_client_frame(text, ctx) {
         Err(e) => node.reply_error(handle, &e).await,
         Ok(ClientFrame::Chat(send)) => node.handle_chat(handle, send).await,
+        Ok(ClientFrame::Sync { since }) => node.handle_sync(handle, since),
         Ok(ClientFrame::Heartbeat) => {
             node.heartbeat(handle).await;
+            node.probe_inbox(handle);
             node.reply(handle, &ServerFrame::HeartbeatAck { content: "pong" })
                 .await;
         }

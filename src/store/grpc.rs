@@ -11,7 +11,10 @@ use async_trait::async_trait;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
-use super::{NewMessage, SaveOutcome, Store, StoreError, StoredMessage};
+use super::{
+    EntryKind, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome, Store, StoreError,
+    StoredMessage, MAX_PAGE,
+};
 
 /// Generated from `message_service.proto`.
 pub mod pb {
@@ -32,6 +35,8 @@ fn to_pb(m: &StoredMessage) -> pb::ChatMessage {
         timestamp: n.timestamp,
         temp_message_id: n.temp_message_id.clone().unwrap_or_default(),
         read_at: m.read_at.unwrap_or(0),
+        receiver_seq: m.receiver_seq,
+        sender_seq: m.sender_seq,
     }
 }
 
@@ -47,7 +52,33 @@ fn from_pb(m: pb::ChatMessage) -> StoredMessage {
             temp_message_id: (!m.temp_message_id.is_empty()).then_some(m.temp_message_id),
         },
         read_at: (m.read_at != 0).then_some(m.read_at),
+        receiver_seq: m.receiver_seq,
+        sender_seq: m.sender_seq,
     }
+}
+
+fn entry_to_pb(e: &InboxEntry) -> pb::InboxEntry {
+    let kind = match e.kind {
+        EntryKind::Message => pb::inbox_entry::Kind::Message,
+        EntryKind::Receipt => pb::inbox_entry::Kind::ReadReceipt,
+    };
+    pb::InboxEntry {
+        seq: e.seq,
+        kind: kind.into(),
+        message: Some(to_pb(&e.message)),
+    }
+}
+
+fn entry_from_pb(e: pb::InboxEntry) -> Option<InboxEntry> {
+    let kind = match e.kind() {
+        pb::inbox_entry::Kind::Message => EntryKind::Message,
+        pb::inbox_entry::Kind::ReadReceipt => EntryKind::Receipt,
+    };
+    Some(InboxEntry {
+        seq: e.seq,
+        kind,
+        message: from_pb(e.message?),
+    })
 }
 
 /// The node's side: a [`Store`] that calls a MessageService.
@@ -111,10 +142,7 @@ fn from_status(status: Status, url: &str, what: &str) -> StoreError {
 impl Store for GrpcStore {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, StoreError> {
         let request = pb::SaveMessageRequest {
-            message: Some(to_pb(&StoredMessage {
-                message,
-                read_at: None,
-            })),
+            message: Some(to_pb(&StoredMessage::unsequenced(message))),
         };
         let reply = self
             .with_retries("save", |mut c| {
@@ -138,7 +166,7 @@ impl Store for GrpcStore {
         reader_id: &str,
         chat_id: &str,
         message_id: &str,
-    ) -> Result<StoredMessage, StoreError> {
+    ) -> Result<Receipt, StoreError> {
         let request = pb::MarkReadRequest {
             reader_id: reader_id.to_string(),
             chat_id: chat_id.to_string(),
@@ -156,10 +184,42 @@ impl Store for GrpcStore {
                 }
                 e => e,
             })?;
-        reply
+        let message = reply
             .message
             .map(from_pb)
-            .ok_or_else(|| StoreError::Unavailable("MessageService returned no message".into()))
+            .ok_or_else(|| StoreError::Unavailable("MessageService returned no message".into()))?;
+        Ok(Receipt {
+            message,
+            seq: reply.receipt_seq,
+        })
+    }
+
+    async fn fetch(
+        &self,
+        user_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxPage, StoreError> {
+        let request = pb::FetchInboxRequest {
+            user_id: user_id.to_string(),
+            after_seq: after,
+            limit: limit.min(MAX_PAGE) as u32,
+        };
+        let reply = self
+            .with_retries("fetch inbox", |mut c| {
+                let request = request.clone();
+                async move { c.fetch_inbox(Request::new(request)).await }
+            })
+            .await?;
+        Ok(InboxPage {
+            entries: reply
+                .entries
+                .into_iter()
+                .filter_map(entry_from_pb)
+                .collect(),
+            oldest: reply.oldest_seq,
+            latest: reply.latest_seq,
+        })
     }
 
     async fn health(&self) -> Result<(), StoreError> {
@@ -230,13 +290,34 @@ impl MessageService for Service {
         request: Request<pb::MarkReadRequest>,
     ) -> Result<Response<pb::MarkReadResponse>, Status> {
         let r = request.into_inner();
-        let stored = self
+        let receipt = self
             .store
             .mark_read(&r.reader_id, &r.chat_id, &r.message_id)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::MarkReadResponse {
-            message: Some(to_pb(&stored)),
+            message: Some(to_pb(&receipt.message)),
+            receipt_seq: receipt.seq,
+        }))
+    }
+
+    async fn fetch_inbox(
+        &self,
+        request: Request<pb::FetchInboxRequest>,
+    ) -> Result<Response<pb::FetchInboxResponse>, Status> {
+        let r = request.into_inner();
+        if r.user_id.is_empty() {
+            return Err(Status::invalid_argument("user_id is required"));
+        }
+        let page = self
+            .store
+            .fetch(&r.user_id, r.after_seq, r.limit as usize)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::FetchInboxResponse {
+            entries: page.entries.iter().map(entry_to_pb).collect(),
+            oldest_seq: page.oldest,
+            latest_seq: page.latest,
         }))
     }
 

@@ -1,23 +1,54 @@
 //! In-process store, bounded: it keeps the newest `capacity` messages. Sharded by message id
-//! so that concurrent senders do not queue on one lock.
+//! so that concurrent senders do not queue on one lock; each user's inbox is its own entry in
+//! a concurrent map and points at the messages it holds.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{NewMessage, SaveOutcome, Store, StoreError, StoredMessage};
+use super::{
+    EntryKind, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome, Store, StoreError,
+    StoredMessage, MAX_PAGE,
+};
 use crate::chat::ids::now_ms;
 
 const SHARDS: usize = 32;
 
+/// One stored message, shared by the id index and the inboxes that hold it.
+struct Slot {
+    state: Mutex<SlotState>,
+    /// Dropped from the id index (over capacity): inboxes drop it from their front too.
+    evicted: AtomicBool,
+}
+
+struct SlotState {
+    stored: StoredMessage,
+    /// The read receipt's place in the sender's inbox, once read.
+    receipt_seq: u64,
+}
+
 #[derive(Default)]
 struct Shard {
-    messages: HashMap<String, StoredMessage>,
+    messages: HashMap<String, Arc<Slot>>,
     /// Insertion order, oldest first, for eviction.
     order: VecDeque<String>,
+}
+
+/// One user's inbox: seqs `latest - entries.len() + 1 ..= latest`, contiguous.
+#[derive(Default)]
+struct Inbox {
+    latest: u64,
+    entries: VecDeque<(EntryKind, Arc<Slot>)>,
+}
+
+impl Inbox {
+    fn oldest(&self) -> u64 {
+        self.latest + 1 - self.entries.len() as u64
+    }
 }
 
 pub struct MemoryStore {
@@ -27,15 +58,19 @@ pub struct MemoryStore {
     shard_capacity: usize,
     /// (sender, tempMessageId) -> messageId, for idempotent retries.
     idempotency: DashMap<(String, String), String>,
+    inboxes: DashMap<String, Inbox>,
+    inbox_max_entries: usize,
 }
 
 impl MemoryStore {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, inbox_max_entries: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::new(),
             shard_capacity: capacity.div_ceil(SHARDS).max(1),
             idempotency: DashMap::new(),
+            inboxes: DashMap::new(),
+            inbox_max_entries: inbox_max_entries.max(1),
         }
     }
 
@@ -43,16 +78,39 @@ impl MemoryStore {
         &self.shards[self.hasher.hash_one(message_id) as usize % SHARDS]
     }
 
-    fn get(&self, message_id: &str) -> Option<StoredMessage> {
+    fn slot(&self, message_id: &str) -> Option<Arc<Slot>> {
         lock(self.shard(message_id))
             .messages
             .get(message_id)
             .cloned()
     }
+
+    fn get(&self, message_id: &str) -> Option<StoredMessage> {
+        self.slot(message_id).map(|s| lock(&s.state).stored.clone())
+    }
+
+    /// Gives `slot` the next place in `user_id`'s inbox.
+    fn append(&self, user_id: &str, kind: EntryKind, slot: &Arc<Slot>) -> u64 {
+        let mut inbox = match self.inboxes.get_mut(user_id) {
+            Some(inbox) => inbox,
+            None => self.inboxes.entry(user_id.to_string()).or_default(),
+        };
+        inbox.latest += 1;
+        inbox.entries.push_back((kind, slot.clone()));
+        while inbox.entries.len() > self.inbox_max_entries
+            || inbox
+                .entries
+                .front()
+                .is_some_and(|(_, s)| s.evicted.load(Ordering::Relaxed))
+        {
+            inbox.entries.pop_front();
+        }
+        inbox.latest
+    }
 }
 
-/// A poisoned shard only means another task panicked mid-update of plain data; keep serving.
-fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
+/// A poisoned lock only means another task panicked mid-update of plain data; keep serving.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -82,16 +140,20 @@ impl Store for MemoryStore {
                 }
             }
         }
-        let stored = StoredMessage {
-            message,
-            read_at: None,
-        };
+        let slot = Arc::new(Slot {
+            state: Mutex::new(SlotState {
+                stored: StoredMessage::unsequenced(message),
+                receipt_seq: 0,
+            }),
+            evicted: AtomicBool::new(false),
+        });
+        // Locked until it has its places, so nobody reads it without them.
+        let mut state = lock(&slot.state);
+        let id = state.stored.message.message_id.clone();
         let evicted = {
-            let mut shard = lock(self.shard(&stored.message.message_id));
-            shard.order.push_back(stored.message.message_id.clone());
-            shard
-                .messages
-                .insert(stored.message.message_id.clone(), stored.clone());
+            let mut shard = lock(self.shard(&id));
+            shard.order.push_back(id.clone());
+            shard.messages.insert(id, slot.clone());
             let mut evicted = Vec::new();
             while shard.order.len() > self.shard_capacity {
                 if let Some(old) = shard
@@ -99,16 +161,31 @@ impl Store for MemoryStore {
                     .pop_front()
                     .and_then(|id| shard.messages.remove(&id))
                 {
+                    old.evicted.store(true, Ordering::Relaxed);
                     evicted.push(old);
                 }
             }
             evicted
         };
+        let m = &state.stored.message;
+        let receiver_seq = self.append(&m.receiver_id, EntryKind::Message, &slot);
+        let sender_seq = if m.sender_id == m.receiver_id {
+            receiver_seq
+        } else {
+            self.append(&m.sender_id, EntryKind::Message, &slot)
+        };
+        state.stored.receiver_seq = receiver_seq;
+        state.stored.sender_seq = sender_seq;
+        let stored = state.stored.clone();
+        drop(state);
         for old in evicted {
-            if let Some(t) = old.message.temp_message_id {
-                let old_id = old.message.message_id;
-                self.idempotency
-                    .remove_if(&(old.message.sender_id, t), |_, id| *id == old_id);
+            let old = lock(&old.state);
+            if let Some(t) = &old.stored.message.temp_message_id {
+                let old_id = &old.stored.message.message_id;
+                self.idempotency.remove_if(
+                    &(old.stored.message.sender_id.clone(), t.clone()),
+                    |_, id| id == old_id,
+                );
             }
         }
         Ok(SaveOutcome::Saved(stored))
@@ -119,18 +196,63 @@ impl Store for MemoryStore {
         reader_id: &str,
         chat_id: &str,
         message_id: &str,
-    ) -> Result<StoredMessage, StoreError> {
-        let mut shard = lock(self.shard(message_id));
+    ) -> Result<Receipt, StoreError> {
         let unknown = || StoreError::UnknownMessage(message_id.to_string(), chat_id.to_string());
-        let stored = shard.messages.get_mut(message_id).ok_or_else(unknown)?;
-        if stored.message.chat_id != chat_id {
+        let slot = self.slot(message_id).ok_or_else(unknown)?;
+        let mut state = lock(&slot.state);
+        if state.stored.message.chat_id != chat_id {
             return Err(unknown());
         }
-        if stored.message.receiver_id != reader_id {
+        if state.stored.message.receiver_id != reader_id {
             return Err(StoreError::NotReceiver(message_id.to_string()));
         }
-        stored.read_at.get_or_insert_with(now_ms);
-        Ok(stored.clone())
+        if state.stored.read_at.is_none() {
+            state.stored.read_at = Some(now_ms());
+            let sender = state.stored.message.sender_id.clone();
+            state.receipt_seq = self.append(&sender, EntryKind::Receipt, &slot);
+        }
+        Ok(Receipt {
+            message: state.stored.clone(),
+            seq: state.receipt_seq,
+        })
+    }
+
+    async fn fetch(
+        &self,
+        user_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxPage, StoreError> {
+        let (oldest, latest, picked) = match self.inboxes.get(user_id) {
+            None => (1, 0, Vec::new()),
+            Some(inbox) => {
+                let oldest = inbox.oldest();
+                let skip = (after + 1).saturating_sub(oldest) as usize;
+                let picked: Vec<_> = inbox
+                    .entries
+                    .iter()
+                    .skip(skip)
+                    .take(limit.min(MAX_PAGE))
+                    .cloned()
+                    .collect();
+                (oldest, inbox.latest, picked)
+            }
+        };
+        let first = oldest.max(after + 1);
+        let entries = picked
+            .into_iter()
+            .enumerate()
+            .map(|(i, (kind, slot))| InboxEntry {
+                seq: first + i as u64,
+                kind,
+                message: lock(&slot.state).stored.clone(),
+            })
+            .collect();
+        Ok(InboxPage {
+            entries,
+            oldest,
+            latest,
+        })
     }
 
     async fn health(&self) -> Result<(), StoreError> {
@@ -160,7 +282,7 @@ mod tests {
 
     #[tokio::test]
     async fn save_is_idempotent_on_sender_and_temp_id() {
-        let s = MemoryStore::new(100);
+        let s = MemoryStore::new(100, 100);
         assert!(matches!(
             s.save(msg("m1", Some("t"))).await.unwrap(),
             SaveOutcome::Saved(_)
@@ -181,7 +303,7 @@ mod tests {
 
     #[tokio::test]
     async fn mark_read_checks_chat_and_reader() {
-        let s = MemoryStore::new(100);
+        let s = MemoryStore::new(100, 100);
         s.save(msg("m1", None)).await.unwrap();
         assert!(matches!(
             s.mark_read("b", "other", "m1").await,
@@ -196,13 +318,16 @@ mod tests {
             Err(StoreError::UnknownMessage(..))
         ));
         let read = s.mark_read("b", "c", "m1").await.unwrap();
-        assert!(read.read_at.is_some());
-        assert_eq!(read.message.sender_id, "a");
+        assert!(read.message.read_at.is_some());
+        assert_eq!(read.message.message.sender_id, "a");
+        // The receipt takes the next place in the sender's inbox, once.
+        assert_eq!(read.seq, 2);
+        assert_eq!(s.mark_read("b", "c", "m1").await.unwrap(), read);
     }
 
     #[tokio::test]
     async fn keeps_about_capacity_messages() {
-        let s = MemoryStore::new(64);
+        let s = MemoryStore::new(64, 100);
         for i in 0..10_000 {
             s.save(msg(&format!("m{i}"), Some(&format!("t{i}"))))
                 .await
@@ -216,5 +341,59 @@ mod tests {
             s.idempotency.len()
         );
         assert!(s.get("m9999").is_some());
+    }
+
+    fn between(id: &str, from: &str, to: &str) -> NewMessage {
+        NewMessage {
+            sender_id: from.into(),
+            receiver_id: to.into(),
+            ..msg(id, None)
+        }
+    }
+
+    fn seqs(page: &InboxPage) -> Vec<u64> {
+        page.entries.iter().map(|e| e.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn inbox_numbers_every_message_a_user_sees_without_gaps() {
+        let s = MemoryStore::new(100, 100);
+        s.save(between("m1", "a", "b")).await.unwrap();
+        s.save(between("m2", "c", "b")).await.unwrap();
+        s.save(between("m3", "b", "a")).await.unwrap();
+        s.save(between("m4", "b", "b")).await.unwrap();
+        let b = s.fetch("b", 0, 10).await.unwrap();
+        assert_eq!(seqs(&b), [1, 2, 3, 4]);
+        let ids: Vec<_> = b
+            .entries
+            .iter()
+            .map(|e| &e.message.message.message_id[..])
+            .collect();
+        assert_eq!(ids, ["m1", "m2", "m3", "m4"]);
+        assert_eq!((b.oldest, b.latest), (1, 4));
+        // A retry of a stored message keeps its places.
+        match s.save(between("m3", "b", "a")).await.unwrap() {
+            SaveOutcome::Duplicate(m) => assert_eq!((m.receiver_seq, m.sender_seq), (2, 3)),
+            other => panic!("{other:?}"),
+        }
+        // Paged after a cursor.
+        assert_eq!(seqs(&s.fetch("b", 1, 2).await.unwrap()), [2, 3]);
+        assert_eq!(seqs(&s.fetch("b", 4, 2).await.unwrap()), Vec::<u64>::new());
+        let a = s.fetch("a", 0, 0).await.unwrap();
+        assert!(a.entries.is_empty());
+        assert_eq!((a.oldest, a.latest), (1, 2));
+        let nobody = s.fetch("nobody", 0, 10).await.unwrap();
+        assert_eq!((nobody.oldest, nobody.latest), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_trimmed_inbox_says_what_it_no_longer_keeps() {
+        let s = MemoryStore::new(1000, 3);
+        for i in 0..5 {
+            s.save(between(&format!("m{i}"), "a", "b")).await.unwrap();
+        }
+        let b = s.fetch("b", 0, 10).await.unwrap();
+        assert_eq!((b.oldest, b.latest), (3, 5));
+        assert_eq!(seqs(&b), [3, 4, 5]);
     }
 }

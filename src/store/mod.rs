@@ -1,6 +1,10 @@
-//! The message store (the seed's MessageService): save a message idempotently, mark it read.
-//! One trait; `memory` is the embedded in-process store; gRPC arrives with the MessageService
-//! issue.
+//! The message store (the seed's MessageService): save a message idempotently, mark it read,
+//! and keep every user's inbox: each message a user received or sent, and each receipt for a
+//! message it sent, at a per-user sequence number (`seq`) that only grows and has no gaps.
+//! A device that was away asks for everything after the last seq it saw.
+//!
+//! One trait; `memory` is the embedded in-process store, `redis` a store shared by nodes,
+//! `grpc` the client of a MessageService (`chatd message-service`) in front of either.
 
 pub mod grpc;
 mod memory;
@@ -11,6 +15,18 @@ pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 
 use async_trait::async_trait;
+
+use crate::config::StoreConfig;
+
+/// The in-process store `config` describes.
+pub fn memory_store(config: &StoreConfig) -> MemoryStore {
+    MemoryStore::new(config.memory_max_messages, config.inbox_max_entries)
+}
+
+/// The Redis store `config` describes, on `redis`.
+pub fn redis_store(config: &StoreConfig, redis: crate::redis_client::RedisClient) -> RedisStore {
+    RedisStore::new(redis, config.retention_secs, config.inbox_max_entries)
+}
 
 /// A message as the node built it: id and timestamp already assigned, content moderated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +46,62 @@ pub struct StoredMessage {
     pub message: NewMessage,
     /// When the receiver read it (unix ms), once it has.
     pub read_at: Option<i64>,
+    /// Its place in the receiver's inbox and in the sender's (the same place for a note to
+    /// self). 0 only in a message not stored yet.
+    pub receiver_seq: u64,
+    pub sender_seq: u64,
 }
+
+impl StoredMessage {
+    /// A message before the store gave it its places.
+    pub fn unsequenced(message: NewMessage) -> Self {
+        Self {
+            message,
+            read_at: None,
+            receiver_seq: 0,
+            sender_seq: 0,
+        }
+    }
+}
+
+/// A read receipt as stored: the message read, and the receipt's place in the inbox of the
+/// message's sender (who is told).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub message: StoredMessage,
+    pub seq: u64,
+}
+
+/// What a place in a user's inbox holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A message the user received, or sent (from any of its devices).
+    Message,
+    /// A receipt: the receiver read a message this user sent.
+    Receipt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxEntry {
+    pub seq: u64,
+    pub kind: EntryKind,
+    pub message: StoredMessage,
+}
+
+/// One page of a user's inbox after a cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InboxPage {
+    /// In seq order, each after the cursor; at most the limit asked for.
+    pub entries: Vec<InboxEntry>,
+    /// The oldest seq the store still keeps (`latest + 1` when it keeps none). A cursor below
+    /// `oldest - 1` has lost entries: the client must be told, never given a silent gap.
+    pub oldest: u64,
+    /// The newest seq given out for this user (0 before the first).
+    pub latest: u64,
+}
+
+/// Longest page [`Store::fetch`] returns, whatever the caller asks for.
+pub const MAX_PAGE: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SaveOutcome {
@@ -53,13 +124,19 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, StoreError>;
-    /// Marks a message read by its receiver; returns it (its sender is who to tell).
+    /// Marks a message read by its receiver; returns it (its sender is who to tell) with the
+    /// receipt's place in the sender's inbox. Marking again changes nothing and returns the
+    /// same receipt.
     async fn mark_read(
         &self,
         reader_id: &str,
         chat_id: &str,
         message_id: &str,
-    ) -> Result<StoredMessage, StoreError>;
+    ) -> Result<Receipt, StoreError>;
+    /// Up to `limit` (at most [`MAX_PAGE`]) entries of `user_id`'s inbox after seq `after`.
+    /// `limit` 0 answers only `oldest` and `latest`.
+    async fn fetch(&self, user_id: &str, after: u64, limit: usize)
+        -> Result<InboxPage, StoreError>;
     async fn health(&self) -> Result<(), StoreError>;
     fn name(&self) -> &'static str;
 }

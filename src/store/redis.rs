@@ -1,22 +1,32 @@
-//! A store in Redis, shared by every node (`store.url = "redis"`): a read receipt sent on one
-//! node finds the message stored by another. Save is one Lua script, idempotent on sender +
-//! `tempMessageId`. Messages expire after `store.retention_secs`.
+//! A store in Redis, shared by every node (`store.url = "redis://..."`, or `chatd
+//! message-service --backend redis`): a read receipt sent on one node finds the message stored
+//! by another, and a device finds its inbox whichever node it reconnects to. Save and mark-read
+//! are one Lua script each, so a message and its places in the inboxes are stored together
+//! (a seq that exists always has its message). Messages expire after `store.retention_secs`;
+//! an inbox keeps at most `store.inbox_max_entries` entries.
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `chat:msg:{messageId}` | hash | `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `readAt` |
+//! | `chat:msg:{messageId}` | hash | `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `receiverSeq`, `senderSeq`, and once read `readAt`, `receiptSeq` |
 //! | `chat:msg:idem:{senderId}:{tempMessageId}` | string | the `messageId` stored for that send |
+//! | `chat:seq:{userId}` | string | the user's latest inbox seq (never expires: seqs never repeat) |
+//! | `chat:inbox:{userId}` | sorted set | score = seq, member = `{seq}:m:{messageId}` (a message) or `{seq}:r:{messageId}` (a read receipt for a message the user sent) |
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, Script};
 
-use super::{NewMessage, SaveOutcome, Store, StoreError, StoredMessage};
+use super::{
+    EntryKind, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome, Store, StoreError,
+    StoredMessage, MAX_PAGE,
+};
 use crate::chat::ids::now_ms;
 use crate::redis_client::RedisClient;
 
 const MSG_PREFIX: &str = "chat:msg:";
+const SEQ_PREFIX: &str = "chat:seq:";
+const INBOX_PREFIX: &str = "chat:inbox:";
 
 pub fn message_key(message_id: &str) -> String {
     format!("{MSG_PREFIX}{message_id}")
@@ -26,46 +36,111 @@ pub fn idempotency_key(sender_id: &str, temp_message_id: &str) -> String {
     format!("{MSG_PREFIX}idem:{sender_id}:{temp_message_id}")
 }
 
-/// KEYS: message, idempotency (ignored when ARGV[7] is empty). Returns the id of the message
-/// stored before under the same id or idempotency key, or "" when this one was stored.
-const SAVE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return ARGV[1] end
-if ARGV[7] ~= '' then
-  local existing = redis.call('GET', KEYS[2])
-  if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then return existing end
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[8])
+pub fn seq_key(user_id: &str) -> String {
+    format!("{SEQ_PREFIX}{user_id}")
+}
+
+pub fn inbox_key(user_id: &str) -> String {
+    format!("{INBOX_PREFIX}{user_id}")
+}
+
+/// Gives a message the next place in one user's inbox: (counter, inbox, kind, messageId,
+/// retention ms, max entries) -> seq.
+const PLACE: &str = r#"
+local function place(counter, inbox, kind, id, retention, max)
+  local seq = redis.call('INCR', counter)
+  redis.call('ZADD', inbox, seq, seq .. ':' .. kind .. ':' .. id)
+  local n = redis.call('ZCARD', inbox)
+  if n > max then redis.call('ZREMRANGEBYRANK', inbox, 0, n - max - 1) end
+  redis.call('PEXPIRE', inbox, retention)
+  return seq
 end
-redis.call('HSET', KEYS[1], 'senderId', ARGV[2], 'receiverId', ARGV[3], 'chatId', ARGV[4],
-  'content', ARGV[5], 'timestamp', ARGV[6], 'tempMessageId', ARGV[7])
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
-return ''
 "#;
 
-/// KEYS: message. ARGV: chatId, reader, now. Returns {status, field, value, ...}.
+/// KEYS: message, idempotency (ignored when ARGV[7] is empty), receiver's counter and inbox,
+/// sender's counter and inbox. Returns {id of the message stored before under the same id or
+/// idempotency key} or {'', receiverSeq, senderSeq} when this one was stored.
+const SAVE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return {ARGV[1]} end
+if ARGV[7] ~= '' then
+  local existing = redis.call('GET', KEYS[2])
+  if existing and redis.call('EXISTS', ARGV[9] .. existing) == 1 then return {existing} end
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[8])
+end
+local max = tonumber(ARGV[10])
+local rseq = place(KEYS[3], KEYS[4], 'm', ARGV[1], ARGV[8], max)
+local sseq = rseq
+if ARGV[2] ~= ARGV[3] then sseq = place(KEYS[5], KEYS[6], 'm', ARGV[1], ARGV[8], max) end
+redis.call('HSET', KEYS[1], 'senderId', ARGV[2], 'receiverId', ARGV[3], 'chatId', ARGV[4],
+  'content', ARGV[5], 'timestamp', ARGV[6], 'tempMessageId', ARGV[7],
+  'receiverSeq', rseq, 'senderSeq', sseq)
+redis.call('PEXPIRE', KEYS[1], ARGV[8])
+return {'', tostring(rseq), tostring(sseq)}
+"#;
+
+/// KEYS: message. ARGV: chatId, reader, now, messageId, counter prefix, inbox prefix,
+/// retention ms, max entries. The first mark gives the receipt a place in the sender's inbox
+/// (keys named from the stored sender, so single Redis only). Returns {status, field, value, ...}.
 const MARK_READ: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'chatId', 'receiverId', 'readAt')
+local m = redis.call('HMGET', KEYS[1], 'chatId', 'receiverId', 'readAt', 'senderId')
 if not m[1] or m[1] ~= ARGV[1] then return {'unknown'} end
 if m[2] ~= ARGV[2] then return {'forbidden'} end
-if not m[3] then redis.call('HSET', KEYS[1], 'readAt', ARGV[3]) end
+if not m[3] then
+  local seq = place(ARGV[5] .. m[4], ARGV[6] .. m[4], 'r', ARGV[4], ARGV[7], tonumber(ARGV[8]))
+  redis.call('HSET', KEYS[1], 'readAt', ARGV[3], 'receiptSeq', seq)
+end
 local all = redis.call('HGETALL', KEYS[1])
 table.insert(all, 1, 'ok')
 return all
 "#;
 
+/// KEYS: counter, inbox. ARGV: after, limit, message prefix. Entries whose message expired
+/// are dropped from the front first, so `oldest` is what can still be given.
+/// Returns {{oldest, latest}, {seq, kind, messageId, field, value, ...}, ...}.
+const FETCH: &str = r#"
+local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
+local oldest = latest + 1
+while true do
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  if #first == 0 then break end
+  local id = string.match(first[1], '^%d+:%a:(.*)$')
+  if redis.call('EXISTS', ARGV[3] .. id) == 1 then
+    oldest = tonumber(first[2])
+    break
+  end
+  redis.call('ZREM', KEYS[2], first[1])
+end
+local out = {{tostring(oldest), tostring(latest)}}
+if tonumber(ARGV[2]) > 0 then
+  local members = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
+  for _, member in ipairs(members) do
+    local seq, kind, id = string.match(member, '^(%d+):(%a):(.*)$')
+    local entry = {seq, kind, id}
+    for _, v in ipairs(redis.call('HGETALL', ARGV[3] .. id)) do table.insert(entry, v) end
+    table.insert(out, entry)
+  end
+end
+return out
+"#;
+
 pub struct RedisStore {
     redis: RedisClient,
     retention_ms: u64,
+    inbox_max_entries: usize,
     save: Script,
     mark_read: Script,
+    fetch: Script,
 }
 
 impl RedisStore {
-    pub fn new(redis: RedisClient, retention_secs: u64) -> Self {
+    pub fn new(redis: RedisClient, retention_secs: u64, inbox_max_entries: usize) -> Self {
         Self {
             redis,
             retention_ms: retention_secs.saturating_mul(1000),
-            save: Script::new(SAVE),
-            mark_read: Script::new(MARK_READ),
+            inbox_max_entries: inbox_max_entries.max(1),
+            save: Script::new(&format!("{PLACE}{SAVE}")),
+            mark_read: Script::new(&format!("{PLACE}{MARK_READ}")),
+            fetch: Script::new(FETCH),
         }
     }
 
@@ -84,7 +159,10 @@ impl RedisStore {
 
 fn from_fields(message_id: &str, f: &HashMap<String, String>) -> Option<StoredMessage> {
     let get = |k: &str| f.get(k).cloned();
+    let seq = |k: &str| get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
     Some(StoredMessage {
+        receiver_seq: seq("receiverSeq"),
+        sender_seq: seq("senderSeq"),
         message: NewMessage {
             message_id: message_id.to_string(),
             sender_id: get("senderId")?,
@@ -105,12 +183,17 @@ impl Store for RedisStore {
         let m = &message;
         let script = &self.save;
         let retention = self.retention_ms;
-        let existing: String = self
+        let max = self.inbox_max_entries;
+        let reply: Vec<String> = self
             .redis
             .call("save message", |mut c| async move {
                 script
                     .key(message_key(&m.message_id))
                     .key(idempotency_key(&m.sender_id, &temp))
+                    .key(seq_key(&m.receiver_id))
+                    .key(inbox_key(&m.receiver_id))
+                    .key(seq_key(&m.sender_id))
+                    .key(inbox_key(&m.sender_id))
                     .arg(&m.message_id)
                     .arg(&m.sender_id)
                     .arg(&m.receiver_id)
@@ -120,24 +203,27 @@ impl Store for RedisStore {
                     .arg(&temp)
                     .arg(retention)
                     .arg(MSG_PREFIX)
+                    .arg(max)
                     .invoke_async(&mut c)
                     .await
             })
             .await
             .map_err(StoreError::Unavailable)?;
-        if existing.is_empty() {
-            return Ok(SaveOutcome::Saved(StoredMessage {
-                message,
-                read_at: None,
-            }));
-        }
-        match self.load(&existing).await? {
-            Some(earlier) => Ok(SaveOutcome::Duplicate(earlier)),
-            // Expired between the two calls: extremely unlikely; store this one instead.
-            None => Ok(SaveOutcome::Saved(StoredMessage {
-                message,
-                read_at: None,
+        let bad_reply = || StoreError::Unavailable(format!("save script answered {reply:?}"));
+        match reply.as_slice() {
+            [empty, rseq, sseq] if empty.is_empty() => Ok(SaveOutcome::Saved(StoredMessage {
+                receiver_seq: rseq.parse().map_err(|_| bad_reply())?,
+                sender_seq: sseq.parse().map_err(|_| bad_reply())?,
+                ..StoredMessage::unsequenced(message)
             })),
+            [existing] => match self.load(existing).await? {
+                Some(earlier) => Ok(SaveOutcome::Duplicate(earlier)),
+                // The earlier one expired between the two calls; it cannot be re-acked.
+                None => Err(StoreError::Unavailable(format!(
+                    "message {existing} expired while being read; retry"
+                ))),
+            },
+            _ => Err(bad_reply()),
         }
     }
 
@@ -146,8 +232,9 @@ impl Store for RedisStore {
         reader_id: &str,
         chat_id: &str,
         message_id: &str,
-    ) -> Result<StoredMessage, StoreError> {
+    ) -> Result<Receipt, StoreError> {
         let script = &self.mark_read;
+        let (retention, max) = (self.retention_ms, self.inbox_max_entries);
         let reply: Vec<String> = self
             .redis
             .call("mark read", |mut c| async move {
@@ -156,6 +243,11 @@ impl Store for RedisStore {
                     .arg(chat_id)
                     .arg(reader_id)
                     .arg(now_ms())
+                    .arg(message_id)
+                    .arg(SEQ_PREFIX)
+                    .arg(INBOX_PREFIX)
+                    .arg(retention)
+                    .arg(max)
                     .invoke_async(&mut c)
                     .await
             })
@@ -168,11 +260,73 @@ impl Store for RedisStore {
                     .chunks_exact(2)
                     .map(|p| (p[0].clone(), p[1].clone()))
                     .collect();
-                from_fields(message_id, &fields).ok_or_else(unknown)
+                let seq = fields.get("receiptSeq").and_then(|s| s.parse().ok());
+                let message = from_fields(message_id, &fields).ok_or_else(unknown)?;
+                Ok(Receipt {
+                    message,
+                    seq: seq.unwrap_or(0),
+                })
             }
             Some("forbidden") => Err(StoreError::NotReceiver(message_id.to_string())),
             _ => Err(unknown()),
         }
+    }
+
+    async fn fetch(
+        &self,
+        user_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxPage, StoreError> {
+        let script = &self.fetch;
+        let reply: Vec<Vec<String>> = self
+            .redis
+            .call("fetch inbox", |mut c| async move {
+                script
+                    .key(seq_key(user_id))
+                    .key(inbox_key(user_id))
+                    .arg(after)
+                    .arg(limit.min(MAX_PAGE))
+                    .arg(MSG_PREFIX)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(StoreError::Unavailable)?;
+        let bad = || StoreError::Unavailable("fetch script answered an unreadable reply".into());
+        let (head, rows) = reply.split_first().ok_or_else(bad)?;
+        let [oldest, latest] = head.as_slice() else {
+            return Err(bad());
+        };
+        let mut page = InboxPage {
+            entries: Vec::with_capacity(rows.len()),
+            oldest: oldest.parse().map_err(|_| bad())?,
+            latest: latest.parse().map_err(|_| bad())?,
+        };
+        for row in rows {
+            let [seq, kind, id, fields @ ..] = row.as_slice() else {
+                return Err(bad());
+            };
+            let fields: HashMap<String, String> = fields
+                .chunks_exact(2)
+                .map(|p| (p[0].clone(), p[1].clone()))
+                .collect();
+            let Some(message) = from_fields(id, &fields) else {
+                // Expired after an older entry that has not: the oldest still kept moves on.
+                tracing::warn!(user = user_id, seq = %seq, "inbox entry whose message expired");
+                continue;
+            };
+            page.entries.push(InboxEntry {
+                seq: seq.parse().map_err(|_| bad())?,
+                kind: if kind == "r" {
+                    EntryKind::Receipt
+                } else {
+                    EntryKind::Message
+                },
+                message,
+            });
+        }
+        Ok(page)
     }
 
     async fn health(&self) -> Result<(), StoreError> {

@@ -50,7 +50,7 @@ pub fn shared_backends() -> Backends {
     Backends {
         presence: Arc::new(MemoryPresence::new(300)),
         bus: Arc::new(LocalBus::new()),
-        store: Arc::new(MemoryStore::new(100_000)),
+        store: Arc::new(MemoryStore::new(100_000, 10_000)),
     }
 }
 

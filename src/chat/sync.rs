@@ -1,0 +1,297 @@
+//! Sync: a device gets everything in its user's inbox after its cursor, in seq order, then
+//! live frames, with no gap and no duplicate at the seam. The same catch-up fills a gap in
+//! live delivery (frames that took different paths, a publish that failed) from the store.
+//!
+//! The seam holds because a session is registered (and so receives every live frame from
+//! then on, held in [`Order`](super::order::Order) while a catch-up runs) before the store is
+//! asked what it has; and because a seq exists in the store only together with its message.
+
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+
+use super::metrics::Metrics;
+use super::order::{Decision, Held};
+use super::registry::SessionHandle;
+use super::{Node, REPLY_PATIENCE};
+use crate::bus::FrameKind;
+use crate::protocol::{ErrorCode, FrameError, ServerFrame};
+use crate::store::{EntryKind, InboxEntry, InboxPage, NewMessage, StoreError};
+
+/// Entries asked for per store call during a catch-up.
+const PAGE: usize = 500;
+/// Store calls per page before the catch-up gives up for now (the node's own retries of a
+/// gRPC store come on top).
+const FETCH_ATTEMPTS: u32 = 3;
+/// Fetches that find nothing new while frames wait behind a gap before the gap counts as
+/// lost (the store forgot entries it had given out: an in-memory MessageService restarted).
+const MAX_STALLS: u32 = 3;
+
+/// A chat message as the devices of one user see it: with its place in that user's inbox;
+/// the sender's own copies also carry the sending device's `tempMessageId`.
+pub fn chat_frame(m: &NewMessage, seq: u64, for_user: &str) -> Utf8Bytes {
+    ServerFrame::ChatMessage {
+        message_id: &m.message_id,
+        sender_id: &m.sender_id,
+        receiver_id: &m.receiver_id,
+        chat_id: &m.chat_id,
+        content: &m.content,
+        timestamp: m.timestamp,
+        seq,
+        temp_message_id: if m.sender_id == for_user {
+            m.temp_message_id.as_deref()
+        } else {
+            None
+        },
+    }
+    .encode()
+    .into()
+}
+
+/// A read receipt as the devices of the message's sender see it.
+pub fn receipt_frame(m: &NewMessage, seq: u64) -> Utf8Bytes {
+    ServerFrame::ReadReceipt {
+        chat_id: &m.chat_id,
+        message_id: &m.message_id,
+        reader_id: &m.receiver_id,
+        seq,
+    }
+    .encode()
+    .into()
+}
+
+fn entry_frame(entry: &InboxEntry, user_id: &str) -> Utf8Bytes {
+    match entry.kind {
+        EntryKind::Message => chat_frame(&entry.message.message, entry.seq, user_id),
+        EntryKind::Receipt => receipt_frame(&entry.message.message, entry.seq),
+    }
+}
+
+impl Node {
+    /// Starts a new session's place in the inbox, in the background: with `since`, a replay
+    /// of everything after it (ending with `SYNCED`); without, from the newest seq now. The
+    /// session must already be registered.
+    pub fn begin_sync(&self, handle: &SessionHandle, since: Option<u64>) {
+        let Some(node) = self.me.upgrade() else {
+            return;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            // A new session is catching up already: this task is that catch-up.
+            let fetch_first = match since {
+                Some(since) => {
+                    handle.order().rewind(since);
+                    true
+                }
+                None => {
+                    let latest = match node.fetch(&handle.user_id, 0, 0).await {
+                        Ok(page) => Some(page.latest),
+                        Err(e) => {
+                            tracing::warn!(user = %handle.user_id, "inbox position unknown ({e}); starting from the first live frame");
+                            None
+                        }
+                    };
+                    handle.order().start_at(latest);
+                    false
+                }
+            };
+            node.catch_up(&handle, fetch_first).await;
+        });
+    }
+
+    /// `SYNC`: replay everything after `since`, then `SYNCED`.
+    pub fn handle_sync(&self, handle: &SessionHandle, since: u64) {
+        if handle.order().rewind(since) {
+            self.spawn_catch_up(handle);
+        }
+    }
+
+    /// A heartbeat: look for anything the device should have but was not sent (a publish to
+    /// this node that failed), unless a catch-up runs already.
+    pub fn probe_inbox(&self, handle: &SessionHandle) {
+        let start = {
+            let mut order = handle.order();
+            order.cursor().is_some() && order.begin_catch_up(false)
+        };
+        if start {
+            self.spawn_catch_up(handle);
+        }
+    }
+
+    pub(super) fn spawn_catch_up(&self, handle: &SessionHandle) {
+        let Some(node) = self.me.upgrade() else {
+            return;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move { node.catch_up(&handle, true).await });
+    }
+
+    /// Acknowledges the device's own send at `seq` (its place in the sender's inbox), in
+    /// order with the rest of what the device gets. An ack is never dropped.
+    pub async fn send_ack(&self, handle: &SessionHandle, seq: u64, frame: Utf8Bytes) {
+        if seq == 0 {
+            return handle.reply(frame, REPLY_PATIENCE, &self.metrics).await;
+        }
+        let held = Held {
+            frame: frame.clone(),
+            kind: FrameKind::Chat,
+            ack: true,
+        };
+        let (decision, catch_up_after) = {
+            let mut order = handle.order();
+            let catching_up = order.is_catching_up();
+            match order.offer_ack(seq, held, handle.max_held()) {
+                Decision::Send => match handle.try_reply(frame.clone()) {
+                    Ok(()) => return,
+                    // Full: hold everything after it while this waits for room.
+                    Err(_) => (Decision::Send, !catching_up && order.begin_catch_up(false)),
+                },
+                d => (d, false),
+            }
+        };
+        match decision {
+            Decision::Send => {
+                handle.reply(frame, REPLY_PATIENCE, &self.metrics).await;
+                if catch_up_after {
+                    self.catch_up(handle, false).await;
+                }
+            }
+            Decision::CatchUp => self.spawn_catch_up(handle),
+            Decision::Overflow => handle.close_too_far_behind(&self.metrics),
+            Decision::Held | Decision::Duplicate => {}
+        }
+    }
+
+    /// Sends the device what it misses, from the store and from what is held, in order,
+    /// until nothing waits; then live frames flow directly again. Only one runs per session.
+    async fn catch_up(&self, h: &SessionHandle, fetch_first: bool) {
+        let mut replayed = 0u64;
+        let mut stalls = 0u32;
+        let mut fetch = fetch_first;
+        loop {
+            if h.is_closing() {
+                h.order().suspend();
+                return;
+            }
+            fetch |= h.order().take_refetch();
+            let cursor = h.order().cursor();
+            if let (true, Some(after)) = (fetch, cursor) {
+                fetch = false;
+                let page = match self.fetch(&h.user_id, after, PAGE).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        h.order().suspend();
+                        let e = FrameError::new(
+                            ErrorCode::StoreUnavailable,
+                            format!("missed messages could not be fetched ({e}); they are kept: send SYNC with your last seq to retry"),
+                        );
+                        return self.reply_error(h, &e).await;
+                    }
+                };
+                if page.oldest > after + 1 {
+                    h.order().skip_to(page.oldest - 1);
+                    Metrics::inc(&self.metrics.sync_too_old);
+                    let e = FrameError::new(
+                        ErrorCode::SyncTooOld,
+                        format!(
+                            "seq {}..{} of your inbox are no longer kept (it keeps {}..{}); re-fetch older history elsewhere: the replay goes on from {}",
+                            after + 1,
+                            page.oldest - 1,
+                            page.oldest,
+                            page.latest,
+                            page.oldest
+                        ),
+                    );
+                    self.reply_error(h, &e).await;
+                }
+                let full = page.entries.len() >= PAGE;
+                for entry in &page.entries {
+                    if h.order().take_fetched(entry.seq) {
+                        h.reply(
+                            entry_frame(entry, &h.user_id),
+                            REPLY_PATIENCE,
+                            &self.metrics,
+                        )
+                        .await;
+                        replayed += 1;
+                    }
+                }
+                Metrics::add(&self.metrics.messages_replayed, page.entries.len() as u64);
+                if full {
+                    fetch = true;
+                    continue;
+                }
+                if h.order().cursor() == Some(after) && h.order().gap_before().is_some() {
+                    stalls += 1;
+                }
+            }
+            // What was held and is now next.
+            loop {
+                let next = h.order().pop_ready();
+                match next {
+                    Some(held) => h.reply(held.frame, REPLY_PATIENCE, &self.metrics).await,
+                    None => break,
+                }
+            }
+            let (gap, announce) = {
+                let order = h.order();
+                (order.gap_before(), order.wants_announce())
+            };
+            if let Some(first_held) = gap {
+                if stalls >= MAX_STALLS {
+                    // The store does not have what lies before the held frames: say so.
+                    let cursor = h.order().cursor().unwrap_or(0);
+                    h.order().skip_to(first_held - 1);
+                    Metrics::inc(&self.metrics.sync_too_old);
+                    let e = FrameError::new(
+                        ErrorCode::SyncTooOld,
+                        format!(
+                            "seq {}..{} of your inbox are not in the store; re-fetch that history elsewhere",
+                            cursor + 1,
+                            first_held - 1
+                        ),
+                    );
+                    self.reply_error(h, &e).await;
+                    stalls = 0;
+                } else {
+                    if stalls > 0 {
+                        tokio::time::sleep(Duration::from_millis(20 << stalls)).await;
+                    }
+                    fetch = true;
+                }
+                continue;
+            }
+            if announce {
+                let seq = h.order().cursor().unwrap_or(0);
+                self.reply(h, &ServerFrame::Synced { seq, replayed }).await;
+            }
+            if h.order().try_finish().is_some() {
+                return;
+            }
+        }
+    }
+
+    /// One page of `user_id`'s inbox, retried a few times with a short backoff.
+    async fn fetch(
+        &self,
+        user_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<InboxPage, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.backends.store.fetch(user_id, after, limit).await {
+                Ok(page) => return Ok(page),
+                Err(e) if attempt + 1 >= FETCH_ATTEMPTS => {
+                    Metrics::inc(&self.metrics.store_failures);
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(user = user_id, "inbox fetch failed, retrying: {e}");
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+            }
+        }
+    }
+}
