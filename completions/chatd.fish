@@ -55,12 +55,15 @@ complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l config-d
 complete -c chatd -n "__fish_chatd_using_subcommand message-service" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c chatd -n "__fish_chatd_using_subcommand message-service" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l user -d 'Your user id' -r
-complete -c chatd -n "__fish_chatd_using_subcommand connect" -l url -d 'The node to connect to' -r
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l url -d 'The node to connect to; give several to fail over: each reconnect tries the next' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l token -d 'A token for nodes in auth mode token (see `chatd token`)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l chat -d 'Chat id for messages you send (default: the two user ids, sorted, joined by _)' -r
-complete -c chatd -n "__fish_chatd_using_subcommand connect" -l linger -d 'After stdin ends, keep printing received frames this many seconds before closing' -r
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l linger -d 'After stdin ends and every send is acknowledged, keep printing received frames this many seconds before closing' -r
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l state -d 'Where the last seq seen is kept per user [default: $XDG_STATE_HOME/chatd/cursors.json or ~/.local/state/chatd/cursors.json]' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l ack-timeout -d 'After stdin ends, give up on sends still not acknowledged after this many seconds (exit status 1)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l json -d 'Raw JSON frames in on stdin, one JSON line out per received frame (the default when stdin is not a terminal)'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l interactive -d 'The human mode (`@bob hello`, `/read ID`, ...) even when stdin is not a terminal'
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l no-reconnect -d 'Exit when the connection ends instead of reconnecting'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l from -d 'Sender user id' -r

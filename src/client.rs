@@ -52,6 +52,12 @@ pub fn chat_url(base: &str, user_id: &str) -> String {
     chat_url_with_token(base, user_id, None)
 }
 
+/// `url` asking for a replay of the inbox after `since` before live frames.
+pub fn with_since(url: &str, since: u64) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}since={since}")
+}
+
 /// The endpoint URL with a token (auth mode token) as well as the user id.
 pub fn chat_url_with_token(base: &str, user_id: &str, token: Option<&str>) -> String {
     let base = base.trim_end_matches('/');

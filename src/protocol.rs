@@ -43,6 +43,9 @@ pub enum ErrorCode {
     /// it and the oldest kept are gone. The client re-fetches its history by other means;
     /// the replay goes on from the oldest kept entry.
     SyncTooOld,
+    /// The cursor of `?since=` or `SYNC` is beyond the newest seq of the inbox (the store was
+    /// reset, or the cursor comes from another cluster); delivery goes on from the newest.
+    CursorAhead,
 }
 
 /// A frame the client got wrong, answered with `ERROR`; the connection stays open.

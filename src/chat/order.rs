@@ -136,6 +136,12 @@ impl Order {
         };
     }
 
+    /// Moves the cursor back to `seq`, the end of the inbox (the device's cursor was ahead of
+    /// a store that was reset).
+    pub fn reset_to(&mut self, seq: u64) {
+        self.cursor = Some(seq);
+    }
+
     /// Moves the cursor forward to `seq` (the store no longer keeps what lies between).
     pub fn skip_to(&mut self, seq: u64) {
         if self.cursor.is_none_or(|c| c < seq) {

@@ -188,6 +188,21 @@ impl Node {
                         return self.reply_error(h, &e).await;
                     }
                 };
+                if page.latest < after {
+                    // The store never gave out this seq: it was reset (an in-memory store
+                    // restarted), or the cursor belongs to another cluster.
+                    h.order().reset_to(page.latest);
+                    let e = FrameError::new(
+                        ErrorCode::CursorAhead,
+                        format!(
+                            "seq {after} is ahead of your inbox, which ends at {}: the store was reset or this is another cluster; going on from {}",
+                            page.latest, page.latest
+                        ),
+                    );
+                    self.reply_error(h, &e).await;
+                    fetch = true;
+                    continue;
+                }
                 if page.oldest > after + 1 {
                     h.order().skip_to(page.oldest - 1);
                     Metrics::inc(&self.metrics.sync_too_old);

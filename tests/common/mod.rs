@@ -300,5 +300,11 @@ pub fn chatd() -> std::process::Command {
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("CHATD_")) {
         c.env_remove(k);
     }
+    // `chatd connect` keeps cursors in a state file: one of its own per process run here, so
+    // that no test (or earlier run) hands another a cursor.
+    c.env(
+        "XDG_STATE_HOME",
+        std::env::temp_dir().join(unique("chatd-test-state")),
+    );
     c
 }
