@@ -271,44 +271,38 @@ impl Node {
         };
         let m = &stored.message;
 
-        let (route, remote_failed) = if fresh {
+        if fresh {
             Metrics::inc(&self.metrics.messages_received);
-            // The sender's other devices get a copy at its place in the sender's inbox.
-            let copy = Target {
-                user_id: &m.sender_id,
-                except: Some(&*from.connection_id),
-                frame: sync::chat_frame(m, stored.sender_seq, &m.sender_id),
-                seq: stored.sender_seq,
-            };
-            let reach = if m.receiver_id == m.sender_id {
-                // A note to self: the user's other devices get it once.
-                self.fan_out(FrameKind::Chat, vec![copy]).await
-            } else {
-                let receiver = Target {
-                    user_id: &m.receiver_id,
-                    except: None,
-                    frame: sync::chat_frame(m, stored.receiver_seq, &m.receiver_id),
-                    seq: stored.receiver_seq,
-                };
-                self.fan_out(FrameKind::Chat, vec![receiver, copy]).await
-            };
-            let route = Route::from_parts(reach[0].local > 0, reach[0].remote_nodes > 0);
-            // No device got it (none online, or the publish to their node failed): the
-            // receiver must be woken up; the message waits in the store.
-            if route == Route::Offline {
-                self.offline_push(m).await;
-            }
-            (route, reach.iter().map(|r| r.failed_nodes).sum())
-        } else {
-            // A retry of a stored message: acknowledge it again, deliver nothing twice; the
-            // route says where the receiver's devices are now.
-            let local = self.sessions.devices_of(&m.receiver_id) > 0;
-            let remote = match self.backends.presence.devices(&m.receiver_id).await {
-                Ok(devices) => devices.iter().any(|d| d.node_id != self.node_id),
-                Err(_) => false,
-            };
-            (Route::from_parts(local, remote), 0)
+        }
+        // A retry of a stored message is delivered again too: its first delivery may have
+        // been cut short (the node died between store and publish). Devices that had it drop
+        // it by its seq, so nobody gets it twice.
+        // The sender's other devices get a copy at its place in the sender's inbox.
+        let copy = Target {
+            user_id: &m.sender_id,
+            except: Some(&*from.connection_id),
+            frame: sync::chat_frame(m, stored.sender_seq, &m.sender_id),
+            seq: stored.sender_seq,
         };
+        let reach = if m.receiver_id == m.sender_id {
+            // A note to self: the user's other devices get it once.
+            self.fan_out(FrameKind::Chat, vec![copy]).await
+        } else {
+            let receiver = Target {
+                user_id: &m.receiver_id,
+                except: None,
+                frame: sync::chat_frame(m, stored.receiver_seq, &m.receiver_id),
+                seq: stored.receiver_seq,
+            };
+            self.fan_out(FrameKind::Chat, vec![receiver, copy]).await
+        };
+        let route = Route::from_parts(reach[0].local > 0, reach[0].remote_nodes > 0);
+        // No device got it (none online, or the publish to their node failed): the receiver
+        // must be woken up; the message waits in the store.
+        if fresh && route == Route::Offline {
+            self.offline_push(m).await;
+        }
+        let remote_failed = reach.iter().map(|r| r.failed_nodes).sum();
         self.metrics.count_route(route);
         tracing::debug!(message = %m.message_id, route = route.as_str(), "message acknowledged");
         let ack = ServerFrame::MessageAck {

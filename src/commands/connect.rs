@@ -9,7 +9,7 @@
 //! jitter); and sends not yet acknowledged are sent again, with the same `tempMessageId`, so
 //! the store keeps each once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasher;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -166,7 +166,8 @@ struct Unacked {
     frames: BTreeMap<u64, (String, String)>,
     by_temp: HashMap<String, u64>,
     next: u64,
-    /// Resend after a store or rate-limit refusal, at this time.
+    /// Refused for now (store down, rate limit): sent again at `retry_at`.
+    refused: BTreeSet<u64>,
     retry_at: Option<Instant>,
 }
 
@@ -182,7 +183,28 @@ impl Unacked {
     fn done(&mut self, temp: &str) {
         if let Some(n) = self.by_temp.remove(temp) {
             self.frames.remove(&n);
+            self.refused.remove(&n);
         }
+    }
+
+    /// The node refused this send for now: send it again in a moment.
+    fn refused(&mut self, temp: &str, retry_in: Duration) {
+        if let Some(n) = self.by_temp.get(temp) {
+            self.refused.insert(*n);
+            self.retry_at
+                .get_or_insert_with(|| Instant::now() + retry_in);
+        }
+    }
+
+    /// Sends again what was refused, in the order first sent.
+    async fn resend_refused(&mut self, writer: &mut ClientWriter) -> Result<(), ClientError> {
+        self.retry_at = None;
+        for n in std::mem::take(&mut self.refused) {
+            if let Some((_, frame)) = self.frames.get(&n) {
+                writer.send_text(frame).await?;
+            }
+        }
+        Ok(())
     }
 
     fn is_empty(&self) -> bool {
@@ -193,8 +215,10 @@ impl Unacked {
         self.frames.len()
     }
 
+    /// After a reconnect: everything not acknowledged, in the order first sent.
     async fn resend_all(&mut self, writer: &mut ClientWriter) -> Result<(), ClientError> {
         self.retry_at = None;
+        self.refused.clear();
         for (_, frame) in self.frames.values() {
             writer.send_text(frame).await?;
         }
@@ -382,7 +406,7 @@ impl Chat {
                     }
                     Err(ClientError::Timeout(_)) => {
                         if self.unacked.retry_at.is_some_and(|t| Instant::now() >= t) {
-                            if let Err(e) = self.unacked.resend_all(&mut client.writer).await {
+                            if let Err(e) = self.unacked.resend_refused(&mut client.writer).await {
                                 return Ok(lost(e));
                             }
                         }
@@ -434,8 +458,8 @@ impl Chat {
                 }
             }
             "ERROR" => match (frame["code"].as_str(), temp) {
-                (Some("STORE_UNAVAILABLE" | "RATE_LIMITED"), Some(_)) => {
-                    self.unacked.retry_at = Some(Instant::now() + Duration::from_millis(500));
+                (Some("STORE_UNAVAILABLE" | "RATE_LIMITED"), Some(t)) => {
+                    self.unacked.refused(t, Duration::from_millis(500));
                 }
                 // Refused for good (content, size...): resending would not help.
                 (_, Some(t)) => self.unacked.done(t),

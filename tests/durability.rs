@@ -1,0 +1,454 @@
+//! No message lost across crashes: real `chatd serve` node processes (Redis presence, the
+//! Kafka broker), a real `chatd message-service` on Redis, `chatd connect` as the client that
+//! reconnects, and SIGKILL in the middle of a stream. Needs `scripts/services.sh up`.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::Write;
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chatd::client::Client;
+use chatd::store::{GrpcStore, Store};
+use common::*;
+use serde_json::{json, Value};
+
+/// Long streams on a shared 2-core machine: generous, the tests wait for events.
+const LONG: Duration = Duration::from_secs(120);
+
+/// A child process, SIGKILLed when dropped (or on purpose).
+struct Proc {
+    child: Child,
+    /// Where it listens: `host:port`.
+    addr: String,
+}
+
+impl Proc {
+    fn spawn(mut command: std::process::Command, what: &str) -> Proc {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let addr = chatd::commands::serve::listening_address(
+            child.stderr.take().unwrap(),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("{what} did not start: {e}"));
+        Proc { child, addr }
+    }
+
+    /// `chatd message-service` on the Redis backend (durable across its restarts).
+    fn message_service(listen: &str) -> Proc {
+        let mut c = chatd();
+        c.args(["message-service", "--listen", listen, "--backend", "redis"])
+            .args(["--redis", "redis://:redis123@127.0.0.1:6379/0"]);
+        Proc::spawn(c, "message-service")
+    }
+
+    /// `chatd serve --profile node1` (Redis presence, Kafka) on a free port, storing through
+    /// the MessageService at `store`.
+    fn node(node_id: &str, store: &str) -> Proc {
+        let mut c = chatd();
+        c.args([
+            "serve",
+            "--profile",
+            "node1",
+            "--port",
+            "0",
+            "--node-id",
+            node_id,
+        ])
+        .env("CHATD_STORE__URL", format!("grpc://{store}"))
+        .env("CHATD_SERVER__RATE_LIMIT_PER_SEC", "1000000")
+        .env("CHATD_SERVER__RATE_LIMIT_BURST", "1000000");
+        Proc::spawn(c, node_id)
+    }
+
+    fn ws(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// SIGKILL: nothing flushed, no goodbye, its presence lease left to lapse.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `chatd connect --json` as a user runs it, failing over between `urls`; every frame it
+/// prints is collected.
+struct Connect {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    frames: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Connect {
+    fn spawn(user: &str, urls: &[String]) -> Connect {
+        let mut c = chatd();
+        c.args(["connect", "--json", "--user", user, "--linger", "0.5"]);
+        for u in urls {
+            c.args(["--url", u]);
+        }
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let sink = frames.clone();
+        let lines = lines_of(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in lines {
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| panic!("connect printed a line that is not JSON: {line}"));
+                sink.lock().unwrap().push(v);
+            }
+        });
+        Connect {
+            stdin: child.stdin.take(),
+            child,
+            frames,
+        }
+    }
+
+    fn count(&self, frame_type: &str) -> usize {
+        self.frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f["type"] == frame_type)
+            .count()
+    }
+
+    fn of_type(&self, frame_type: &str) -> Vec<Value> {
+        self.frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f["type"] == frame_type)
+            .cloned()
+            .collect()
+    }
+
+    /// Writes lines to its stdin from a thread of its own (a pipe holds only so much), then
+    /// closes stdin: the client then waits for every ack and exits.
+    fn feed(&mut self, lines: Vec<String>, pause_every: usize) -> std::thread::JoinHandle<()> {
+        let mut stdin = self.stdin.take().unwrap();
+        std::thread::spawn(move || {
+            for (i, line) in lines.iter().enumerate() {
+                writeln!(stdin, "{line}").unwrap();
+                if pause_every > 0 && i % pause_every == 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        })
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "connect did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Connect {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn line(to: &str, i: usize) -> String {
+    json!({"type": "CHAT_MESSAGE", "receiverId": to, "chatId": "dur", "content": format!("m{i}"), "tempMessageId": format!("t{i}")})
+        .to_string()
+}
+
+/// Sends `total` messages from `client`, 100 in flight at a time; returns the acked ids in
+/// order.
+async fn stream(client: &mut Client, to: &str, total: usize) -> Vec<String> {
+    let mut acked = Vec::with_capacity(total);
+    for start in (1..=total).step_by(100) {
+        let end = (start + 99).min(total);
+        for i in start..=end {
+            client.send_text(&line(to, i)).await.unwrap();
+        }
+        for _ in start..=end {
+            let f = client
+                .wait_for("MESSAGE_ACK", LONG, |f| {
+                    assert_ne!(f["type"], "ERROR", "{f}");
+                })
+                .await
+                .unwrap();
+            acked.push(f["messageId"].as_str().unwrap().to_string());
+        }
+    }
+    acked
+}
+
+/// Checks what one device received: seq 1..=n in order, each message once.
+fn assert_gap_free(frames: &[Value], n: usize) {
+    let seqs: Vec<u64> = frames.iter().map(|f| f["seq"].as_u64().unwrap()).collect();
+    let expected: Vec<u64> = (1..=n as u64).collect();
+    if seqs != expected {
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|s| !seqs.contains(s))
+            .take(20)
+            .collect();
+        let mut seen = HashSet::new();
+        let repeated: Vec<_> = seqs.iter().filter(|s| !seen.insert(**s)).take(20).collect();
+        panic!(
+            "{} frames; missing seqs {missing:?}; repeated {repeated:?}; first out of order at {:?}",
+            seqs.len(),
+            seqs.windows(2).position(|w| w[1] != w[0] + 1)
+        );
+    }
+}
+
+/// The user's inbox as the store keeps it: the newest seq and the contents, in seq order.
+async fn inbox(service: &Proc, user: &str) -> (u64, Vec<String>) {
+    let store = GrpcStore::new(&format!("grpc://{}", service.addr), WAIT, 2).unwrap();
+    let (mut after, mut latest, mut contents) = (0, 0, Vec::new());
+    loop {
+        let page = store.fetch(user, after, 1000).await.unwrap();
+        latest = latest.max(page.latest);
+        let Some(last) = page.entries.last() else {
+            break;
+        };
+        after = last.seq;
+        contents.extend(
+            page.entries
+                .iter()
+                .map(|e| e.message.message.content.clone()),
+        );
+    }
+    (latest, contents)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_receivers_node_mid_stream_loses_and_repeats_nothing() {
+    let service = Proc::message_service("127.0.0.1:0");
+    let mut n1 = Proc::node(&unique("dur-a1"), &service.addr);
+    let n2 = Proc::node(&unique("dur-a2"), &service.addr);
+    let (a, b) = (unique("alice"), unique("bob"));
+    let receiver = Connect::spawn(&b, &[n1.ws(), n2.ws()]);
+    until("the receiver connects to node 1", WAIT, || {
+        receiver.count("CONNECTED") == 1
+    })
+    .await;
+
+    let total = 3000;
+    let ws = n2.ws();
+    let to = b.clone();
+    let sender = tokio::spawn(async move {
+        let mut c = Client::connect(&ws, &a, WAIT).await.unwrap();
+        stream(&mut c, &to, total).await
+    });
+    until("a third of the stream received", LONG, || {
+        receiver.count("CHAT_MESSAGE") >= total / 3
+    })
+    .await;
+    n1.kill();
+    let acked = sender.await.unwrap();
+    until("everything received after the failover", LONG, || {
+        receiver.count("CHAT_MESSAGE") >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert!(receiver.count("CONNECTED") >= 2, "the receiver reconnected");
+    let got = receiver.of_type("CHAT_MESSAGE");
+    assert_gap_free(&got, total);
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|f| f["messageId"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids, acked,
+        "every acknowledged message, once, in the order sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_senders_node_mid_stream_stores_every_message_once() {
+    let service = Proc::message_service("127.0.0.1:0");
+    let mut n1 = Proc::node(&unique("dur-b1"), &service.addr);
+    let n2 = Proc::node(&unique("dur-b2"), &service.addr);
+    let (a, b) = (unique("alice"), unique("bob"));
+    let mut receiver = Client::connect(&n2.ws(), &b, WAIT).await.unwrap();
+    let mut sender = Connect::spawn(&a, &[n1.ws(), n2.ws()]);
+    until("the sender connects to node 1", WAIT, || {
+        sender.count("CONNECTED") == 1
+    })
+    .await;
+
+    let total = 3000;
+    let feeder = sender.feed((1..=total).map(|i| line(&b, i)).collect(), 10);
+    let mut got = Vec::new();
+    while got.len() < total / 3 {
+        got.push(
+            receiver
+                .wait_for("CHAT_MESSAGE", LONG, |_| {})
+                .await
+                .unwrap(),
+        );
+    }
+    n1.kill();
+    while got.len() < total {
+        let f = receiver
+            .wait_for("CHAT_MESSAGE", LONG, |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("after {} messages: {e}", got.len()));
+        got.push(f);
+    }
+    feeder.join().unwrap();
+    let status = tokio::task::block_in_place(|| sender.wait_exit());
+    assert!(
+        status.success(),
+        "every send acknowledged in the end: {status}"
+    );
+    assert!(sender.count("CONNECTED") >= 2, "the sender reconnected");
+
+    // Acknowledged: by an ack, or by the copy of its own message replayed after reconnecting.
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    for f in sender
+        .of_type("MESSAGE_ACK")
+        .iter()
+        .chain(&sender.of_type("CHAT_MESSAGE"))
+    {
+        if let Some(t) = f["tempMessageId"].as_str() {
+            acked.insert(t.to_string());
+        }
+    }
+    assert_eq!(acked.len(), total);
+
+    assert_gap_free(&got, total);
+    let contents: BTreeSet<&str> = got.iter().map(|f| f["content"].as_str().unwrap()).collect();
+    assert_eq!(contents.len(), total, "each message received once");
+    let (latest, stored) = inbox(&service, &b).await;
+    assert_eq!(latest, total as u64, "each message stored once");
+    assert_eq!(stored.iter().collect::<BTreeSet<_>>().len(), total);
+    expect_silence(&mut receiver).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarting_the_message_service_under_traffic_loses_no_acknowledged_message() {
+    let mut service = Proc::message_service("127.0.0.1:0");
+    let addr = service.addr.clone();
+    let node = Proc::node(&unique("dur-c1"), &addr);
+    let (a, b) = (unique("alice"), unique("bob"));
+    let mut receiver = Client::connect(&node.ws(), &b, WAIT).await.unwrap();
+    let mut sender = Connect::spawn(&a, &[node.ws()]);
+    until("the sender connects", WAIT, || {
+        sender.count("CONNECTED") == 1
+    })
+    .await;
+
+    let total = 2000;
+    let feeder = sender.feed((1..=total).map(|i| line(&b, i)).collect(), 5);
+    let mut got = Vec::new();
+    while got.len() < total / 4 {
+        got.push(
+            receiver
+                .wait_for("CHAT_MESSAGE", LONG, |_| {})
+                .await
+                .unwrap(),
+        );
+    }
+    service.kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let service = Proc::message_service(&addr);
+    while got.len() < total {
+        let f = receiver
+            .wait_for("CHAT_MESSAGE", LONG, |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("after {} messages: {e}", got.len()));
+        got.push(f);
+    }
+    feeder.join().unwrap();
+    let status = tokio::task::block_in_place(|| sender.wait_exit());
+    assert!(
+        status.success(),
+        "every send acknowledged in the end: {status}"
+    );
+    let refused = sender
+        .of_type("ERROR")
+        .iter()
+        .filter(|e| e["code"] == "STORE_UNAVAILABLE")
+        .count();
+    assert!(
+        refused > 0,
+        "the outage was under traffic: some sends were refused and retried"
+    );
+
+    assert_gap_free(&got, total);
+    let contents: BTreeSet<&str> = got.iter().map(|f| f["content"].as_str().unwrap()).collect();
+    assert_eq!(contents.len(), total);
+    let (latest, _) = inbox(&service, &b).await;
+    assert_eq!(latest, total as u64, "each message stored once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_senders_on_two_node_processes_give_one_gap_free_seq() {
+    let service = Proc::message_service("127.0.0.1:0");
+    let n1 = Proc::node(&unique("dur-d1"), &service.addr);
+    let n2 = Proc::node(&unique("dur-d2"), &service.addr);
+    let b = unique("bob");
+    let mut on1 = Client::connect(&n1.ws(), &b, WAIT).await.unwrap();
+    let mut on2 = Client::connect(&n2.ws(), &b, WAIT).await.unwrap();
+    let per_sender = 400;
+    let mut senders = Vec::new();
+    for (i, ws) in [n1.ws(), n2.ws(), n1.ws(), n2.ws()].into_iter().enumerate() {
+        let to = b.clone();
+        senders.push(tokio::spawn(async move {
+            let mut c = Client::connect(&ws, &unique(&format!("s{i}")), WAIT)
+                .await
+                .unwrap();
+            stream(&mut c, &to, per_sender).await
+        }));
+    }
+    let total = 4 * per_sender;
+    for device in [&mut on1, &mut on2] {
+        let mut got = Vec::new();
+        while got.len() < total {
+            let f = device
+                .wait_for("CHAT_MESSAGE", LONG, |_| {})
+                .await
+                .unwrap_or_else(|e| panic!("after {} messages: {e}", got.len()));
+            got.push(f);
+        }
+        assert_gap_free(&got, total);
+    }
+    for s in senders {
+        assert_eq!(s.await.unwrap().len(), per_sender);
+    }
+    expect_silence(&mut on1).await;
+}
