@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The services cluster mode needs, on loopback only:
 #   Redis  (Debian's redis-server) on 127.0.0.1:$REDIS_PORT with password $REDIS_PASSWORD,
-#          no persistence;
+#          persisted to .services/ with an fsync per write (appendonly, appendfsync always),
+#          so an acknowledged message survives Redis being killed;
 #   Kafka  (Tansu, an Apache Kafka API compatible broker, pinned to $TANSU_VERSION) on
-#          127.0.0.1:$KAFKA_PORT with in-memory storage.
+#          127.0.0.1:$KAFKA_PORT with in-memory storage;
+#   the MessageService (`chatd message-service --backend redis`) on 127.0.0.1:$STORE_PORT,
+#          which the node1/node2 profiles store through (built with cargo if missing).
 #
 #   scripts/services.sh up       install what is missing, start both, wait until both answer
 #   scripts/services.sh down     stop what `up` started (by its pid files, never by name)
@@ -17,6 +20,8 @@ cd "$(dirname "$0")/.."
 REDIS_PORT=${REDIS_PORT:-6379}
 REDIS_PASSWORD=${REDIS_PASSWORD:-redis123}
 KAFKA_PORT=${KAFKA_PORT:-9092}
+STORE_PORT=${STORE_PORT:-20882}
+CHATD=target/release/chatd
 TANSU_VERSION=0.6.0
 STATE=.services
 TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
@@ -57,7 +62,7 @@ start_redis() {
     exit 1
   fi
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --requirepass "$REDIS_PASSWORD" \
-    --save "" --appendonly no --daemonize yes \
+    --save "" --appendonly yes --appendfsync always --dir "$PWD/$STATE" --daemonize yes \
     --pidfile "$PWD/$STATE/redis.pid" --logfile "$PWD/$STATE/redis.log"
 }
 
@@ -73,6 +78,26 @@ start_kafka() {
     --storage-engine "memory://tansu/" \
     >"$STATE/kafka.log" 2>&1 &
   echo $! >"$STATE/kafka.pid"
+}
+
+start_store() {
+  if pid_alive "$STATE/message-service.pid"; then return; fi
+  if port_open "$STORE_PORT"; then
+    echo "error: something else listens on 127.0.0.1:$STORE_PORT; stop it or set STORE_PORT" >&2
+    exit 1
+  fi
+  if [ ! -x "$CHATD" ]; then
+    echo "building chatd for the message-service..."
+    cargo build --release --locked
+  fi
+  nohup "$CHATD" message-service --listen "127.0.0.1:$STORE_PORT" --backend redis \
+    --redis "redis://:$REDIS_PASSWORD@127.0.0.1:$REDIS_PORT/0" \
+    >"$STATE/message-service.log" 2>&1 &
+  echo $! >"$STATE/message-service.pid"
+}
+
+store_ready() {
+  pid_alive "$STATE/message-service.pid" && port_open "$STORE_PORT"
 }
 
 wait_until() { # what seconds command...
@@ -119,6 +144,11 @@ status() {
   else
     echo "kafka: down"; rc=1
   fi
+  if store_ready; then
+    echo "message-service: up on 127.0.0.1:$STORE_PORT (pid $(cat "$STATE/message-service.pid"))"
+  else
+    echo "message-service: down"; rc=1
+  fi
   return $rc
 }
 
@@ -130,9 +160,12 @@ case "${1:-}" in
     start_kafka
     wait_until "redis on 127.0.0.1:$REDIS_PORT" 20 redis_ping
     wait_until "kafka (tansu) on 127.0.0.1:$KAFKA_PORT" 30 kafka_ready
+    start_store
+    wait_until "message-service on 127.0.0.1:$STORE_PORT" 30 store_ready
     status
     ;;
   down)
+    stop message-service
     stop kafka
     stop redis
     ;;

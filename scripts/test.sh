@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of chatd: unit tests beside the code, black-box tests that start real nodes
 # and speak real WebSocket to them, and the CLI tests that run the real binary (SIGTERM
-# included), the cluster tests against a real Redis and Kafka broker (scripts/services.sh),
+# included), the cluster tests against a real Redis, Kafka broker and MessageService
+# (scripts/services.sh), the crash tests that SIGKILL nodes and the MessageService,
 # and the test page in a headless browser. Installs what is missing: Chromium and
 # redis-server (apt-get), playwright-core (npm), Tansu (cargo install, ~16 min once).
 # One release build serves the binary and the tests.
@@ -29,8 +30,14 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
   (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
-# Cluster tests need a real Redis and a real Kafka-compatible broker (Tansu). Start them unless
-# they already run, and stop what this script started when it ends, tests failing or not.
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all -- --check
+fi
+cargo build --release --locked
+
+# Cluster tests need a real Redis, a real Kafka-compatible broker (Tansu) and the
+# MessageService the node profiles store through. Start them unless they already run, and
+# stop what this script started when it ends, tests failing or not.
 if scripts/services.sh status >/dev/null 2>&1; then
   echo "using the services already running (scripts/services.sh status)"
 else
@@ -38,10 +45,6 @@ else
   scripts/services.sh up
 fi
 
-if cargo fmt --version >/dev/null 2>&1; then
-  cargo fmt --all -- --check
-fi
-cargo build --release --locked
 cargo test --release --locked "$@"
 
 # The seed's cross-node scenarios, as an operator runs them: two node processes, real Redis,
