@@ -324,3 +324,32 @@ async fn a_cursor_ahead_of_the_inbox_is_told_and_reset() {
     assert_eq!(seqs(&seq_frames(&mut b1, 1).await), [2]);
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_whose_publish_failed_arrives_at_the_next_heartbeat() {
+    let shared = shared_backends();
+    let n1 = start_with(config("sync-pub1"), shared.clone()).await;
+    let n2 = start_with(config("sync-pub2"), shared.clone()).await;
+    let (a, b) = (unique("alice"), unique("bob"));
+    let mut b2 = n2.client(&b).await;
+    eventually("bob is seen on node 2", || async {
+        shared.presence.devices(&b).await.unwrap().len() == 1
+    })
+    .await;
+    // Node 2 stops consuming: node 1's publish to it fails (as to a broker that is down).
+    shared.bus.unsubscribe("sync-pub2").await;
+    let mut a1 = n1.client(&a).await;
+    let ack = send_acked(&mut a1, &b, "lost in transit?", "t1").await;
+    assert_eq!(ack["remoteFailed"], 1, "{ack}");
+    expect_silence(&mut b2).await;
+    b2.send_json(&json!({"type": "HEARTBEAT", "content": "ping"}))
+        .await
+        .unwrap();
+    let got = expect(&mut b2, "CHAT_MESSAGE").await;
+    assert_eq!(
+        (got["seq"].as_u64(), got["content"].as_str()),
+        (Some(1), Some("lost in transit?"))
+    );
+    n1.stop().await;
+    n2.stop().await;
+}
