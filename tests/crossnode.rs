@@ -24,7 +24,7 @@ fn every_scenario_passes_on_two_spawned_nodes() {
     assert!(failed.is_empty(), "failed checks: {failed:#?}");
     assert!(out.status.success());
     assert_eq!(report["passed"], true);
-    assert_eq!(checks.len(), 8, "{checks:#?}");
+    assert_eq!(checks.len(), 9, "{checks:#?}");
     for name in [
         "scenario 1",
         "scenario 2",
@@ -33,6 +33,7 @@ fn every_scenario_passes_on_two_spawned_nodes() {
         "other device",
         "Redis",
         "offline",
+        "away",
     ] {
         assert!(
             checks

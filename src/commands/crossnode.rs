@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::chat::ids::now_ms;
-use crate::client::{Client, ClientError};
+use crate::client::{chat_url_with_token, with_since, Client, ClientError};
 use crate::config::{AuthMode, Overrides};
 use crate::presence::{Presence, RedisPresence};
 
@@ -186,7 +186,7 @@ fn table(checks: &[Check]) -> Table {
     table
 }
 
-const STEPS: usize = 8;
+const STEPS: usize = 9;
 
 /// Records one check: `f` returns the detail on success or the reason on failure.
 async fn check<F, Fut>(checks: &mut Vec<Check>, bar: &ProgressBar, name: &'static str, f: F)
@@ -213,8 +213,22 @@ where
 
 /// Connects `user`, with a token minted from `secret` when the nodes run in auth mode token.
 async fn connect(node: &str, user: &str, secret: Option<&str>) -> Result<Client, String> {
+    connect_since(node, user, secret, None).await
+}
+
+/// [`connect`], asking for a replay of the inbox after `since`.
+async fn connect_since(
+    node: &str,
+    user: &str,
+    secret: Option<&str>,
+    since: Option<u64>,
+) -> Result<Client, String> {
     let token = secret.map(|secret| super::token::mint(secret, user, 600, now_ms() / 1000));
-    Client::connect_with_token(node, user, token.as_deref(), WAIT)
+    let mut url = chat_url_with_token(node, user, token.as_deref());
+    if let Some(since) = since {
+        url = with_since(&url, since);
+    }
+    Client::connect_url(&url, WAIT)
         .await
         .map_err(|e| e.to_string())
 }
@@ -283,6 +297,8 @@ async fn scenarios(
     let (n1, n2) = (node_names[0].clone(), node_names[1].clone());
 
     let mut message_id = Value::Null;
+    // The last seq bob's device saw, for the catch-up check.
+    let mut bob_seen = 0u64;
     check(
         &mut checks,
         bar,
@@ -293,6 +309,7 @@ async fn scenarios(
                 .map_err(|e| e.to_string())?;
             let ack = frame(&mut a, "MESSAGE_ACK").await?;
             let m = frame(&mut b, "CHAT_MESSAGE").await?;
+            bob_seen = bob_seen.max(m["seq"].as_u64().unwrap_or(0));
             if ack["route"] != "remote" {
                 return Err(format!("route is {} (expected remote)", ack["route"]));
             }
@@ -375,7 +392,8 @@ async fn scenarios(
                 .map_err(|e| e.to_string())?;
             let ack = frame(&mut a, "MESSAGE_ACK").await?;
             let copy = frame(&mut second, "CHAT_MESSAGE").await?;
-            frame(&mut b, "CHAT_MESSAGE").await?;
+            let to_bob = frame(&mut b, "CHAT_MESSAGE").await?;
+            bob_seen = bob_seen.max(to_bob["seq"].as_u64().unwrap_or(0));
             if copy["messageId"] != ack["messageId"] || copy["senderId"] != alice.as_str() {
                 return Err(format!("alice's second device got {copy}"));
             }
@@ -439,6 +457,44 @@ async fn scenarios(
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        },
+    )
+    .await;
+
+    check(
+        &mut checks,
+        bar,
+        "bob, away, gets what he missed on the other node, in order",
+        || async {
+            let missed = 3;
+            for i in 1..=missed {
+                a.send_json(&chat(&bob, &format!("while away {i}"), &format!("x8-{i}")))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                frame(&mut a, "MESSAGE_ACK").await?;
+            }
+            let mut back = connect_since(&nodes[0], &bob, secret, Some(bob_seen)).await?;
+            for i in 1..=missed {
+                let m = frame(&mut back, "CHAT_MESSAGE").await?;
+                let want = bob_seen + i;
+                if m["seq"] != want || m["content"] != format!("while away {i}").as_str() {
+                    return Err(format!("expected seq {want} \"while away {i}\", got {m}"));
+                }
+            }
+            let synced = frame(&mut back, "SYNCED").await?;
+            if synced["seq"] != bob_seen + missed {
+                return Err(format!(
+                    "SYNCED at {} (expected {})",
+                    synced["seq"],
+                    bob_seen + missed
+                ));
+            }
+            back.close().await;
+            Ok(format!(
+                "seq {}..{} replayed from the store on node 1, then SYNCED",
+                bob_seen + 1,
+                bob_seen + missed
+            ))
         },
     )
     .await;
