@@ -125,8 +125,40 @@ pub struct Node {
 struct Target<'a> {
     user_id: &'a str,
     except: Option<&'a str>,
-    frame: Utf8Bytes,
     seq: u64,
+    frame: std::cell::OnceCell<Utf8Bytes>,
+    /// A chat message's frame is encoded only if some device needs it (a sender's copy
+    /// mostly does not: most users have one device).
+    chat: Option<&'a crate::store::NewMessage>,
+}
+
+impl<'a> Target<'a> {
+    fn ready(user_id: &'a str, seq: u64, frame: Utf8Bytes) -> Self {
+        Self {
+            user_id,
+            except: None,
+            seq,
+            frame: frame.into(),
+            chat: None,
+        }
+    }
+
+    fn chat(m: &'a crate::store::NewMessage, user_id: &'a str, seq: u64) -> Self {
+        Self {
+            user_id,
+            except: None,
+            seq,
+            frame: std::cell::OnceCell::new(),
+            chat: Some(m),
+        }
+    }
+
+    fn frame(&self) -> &Utf8Bytes {
+        self.frame.get_or_init(|| match self.chat {
+            Some(m) => sync::chat_frame(m, self.seq, self.user_id),
+            None => Utf8Bytes::from_static(""),
+        })
+    }
 }
 
 /// Where one target's copy went.
@@ -279,21 +311,14 @@ impl Node {
         // it by its seq, so nobody gets it twice.
         // The sender's other devices get a copy at its place in the sender's inbox.
         let copy = Target {
-            user_id: &m.sender_id,
             except: Some(&*from.connection_id),
-            frame: sync::chat_frame(m, stored.sender_seq, &m.sender_id),
-            seq: stored.sender_seq,
+            ..Target::chat(m, &m.sender_id, stored.sender_seq)
         };
         let reach = if m.receiver_id == m.sender_id {
             // A note to self: the user's other devices get it once.
             self.fan_out(FrameKind::Chat, vec![copy]).await
         } else {
-            let receiver = Target {
-                user_id: &m.receiver_id,
-                except: None,
-                frame: sync::chat_frame(m, stored.receiver_seq, &m.receiver_id),
-                seq: stored.receiver_seq,
-            };
+            let receiver = Target::chat(m, &m.receiver_id, stored.receiver_seq);
             self.fan_out(FrameKind::Chat, vec![receiver, copy]).await
         };
         let route = Route::from_parts(reach[0].local > 0, reach[0].remote_nodes > 0);
@@ -344,12 +369,11 @@ impl Node {
         let m = &receipt.message.message;
         self.fan_out(
             FrameKind::Receipt,
-            vec![Target {
-                user_id: &m.sender_id,
-                except: None,
-                frame: sync::receipt_frame(m, receipt.seq),
-                seq: receipt.seq,
-            }],
+            vec![Target::ready(
+                &m.sender_id,
+                receipt.seq,
+                sync::receipt_frame(m, receipt.seq),
+            )],
         )
         .await;
     }
@@ -371,12 +395,7 @@ impl Node {
         .into();
         self.fan_out(
             FrameKind::Typing,
-            vec![Target {
-                user_id: receiver_id,
-                except: None,
-                frame,
-                seq: 0,
-            }],
+            vec![Target::ready(receiver_id, 0, frame)],
         )
         .await;
     }
@@ -388,7 +407,8 @@ impl Node {
         let mut by_node: BTreeMap<String, Vec<(usize, Recipient)>> = BTreeMap::new();
         // Devices here first: they never wait for presence.
         for (i, t) in targets.iter().enumerate() {
-            reach[i].local = self.deliver_local(t.user_id, &t.frame, kind, t.except, t.seq);
+            reach[i].local =
+                self.deliver_local(t.user_id, || t.frame().clone(), kind, t.except, t.seq);
         }
         // Then every target's devices elsewhere, looked up concurrently (one round trip).
         let lookups = futures_util::future::join_all(
@@ -417,7 +437,7 @@ impl Node {
                             user_id: t.user_id.to_string(),
                             except_connection: t.except.map(String::from),
                             seq: t.seq,
-                            frame: t.frame.as_str().to_string(),
+                            frame: t.frame().as_str().to_string(),
                         },
                     ));
                 }
@@ -459,7 +479,7 @@ impl Node {
     fn deliver_local(
         &self,
         user_id: &str,
-        frame: &Utf8Bytes,
+        frame: impl Fn() -> Utf8Bytes,
         kind: FrameKind,
         except: Option<&str>,
         seq: u64,
@@ -483,9 +503,10 @@ impl Node {
     pub fn deliver_envelope(&self, envelope: Envelope) {
         Metrics::inc(&self.metrics.envelopes_consumed);
         for r in envelope.recipients {
+            let frame = Utf8Bytes::from(r.frame);
             let n = self.deliver_local(
                 &r.user_id,
-                &Utf8Bytes::from(r.frame),
+                || frame.clone(),
                 envelope.kind,
                 r.except_connection.as_deref(),
                 r.seq,

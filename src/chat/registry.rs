@@ -239,13 +239,13 @@ impl Registry {
         }
     }
 
-    /// Queues `frame` to every local device of `user_id` but `except`, in inbox order when
-    /// it has a place there (`seq` > 0). Returns how many devices take it, and the devices
+    /// Queues `frame()` (made only when a device takes it) to every local device of
+    /// `user_id` but `except`, in inbox order when it has a place there (`seq` > 0). Returns how many devices take it, and the devices
     /// that need a catch-up from the store first.
     pub fn deliver(
         &self,
         user_id: &str,
-        frame: &Utf8Bytes,
+        frame: impl Fn() -> Utf8Bytes,
         kind: FrameKind,
         except: Option<&str>,
         seq: u64,
@@ -257,10 +257,10 @@ impl Registry {
         };
         for h in handles.iter().filter(|h| except != Some(&*h.connection_id)) {
             if seq == 0 {
-                delivered.devices += usize::from(h.push(frame.clone(), kind, metrics));
+                delivered.devices += usize::from(h.push(frame(), kind, metrics));
                 continue;
             }
-            match h.offer(seq, frame.clone(), kind, metrics) {
+            match h.offer(seq, frame(), kind, metrics) {
                 Offered::Accepted => delivered.devices += 1,
                 Offered::Dropped => {}
                 Offered::NeedsCatchUp => {
@@ -315,13 +315,13 @@ mod tests {
         let frame = Utf8Bytes::from_static("{}");
         assert_eq!(
             registry
-                .deliver("u", &frame, FrameKind::Chat, None, 0, &metrics)
+                .deliver("u", || frame.clone(), FrameKind::Chat, None, 0, &metrics)
                 .devices,
             1
         );
         assert_eq!(
             registry
-                .deliver("u", &frame, FrameKind::Typing, None, 0, &metrics)
+                .deliver("u", || frame.clone(), FrameKind::Typing, None, 0, &metrics)
                 .devices,
             0
         );
@@ -329,7 +329,7 @@ mod tests {
         assert!(ends.close.borrow().is_none());
         assert_eq!(
             registry
-                .deliver("u", &frame, FrameKind::Chat, None, 0, &metrics)
+                .deliver("u", || frame.clone(), FrameKind::Chat, None, 0, &metrics)
                 .devices,
             0
         );
@@ -351,7 +351,14 @@ mod tests {
         let frame = Utf8Bytes::from_static("{}");
         assert_eq!(
             registry
-                .deliver("u", &frame, FrameKind::Chat, Some("c1"), 0, &metrics)
+                .deliver(
+                    "u",
+                    || frame.clone(),
+                    FrameKind::Chat,
+                    Some("c1"),
+                    0,
+                    &metrics
+                )
                 .devices,
             1
         );
