@@ -480,3 +480,96 @@ async fn bench_measures_a_spawned_node() {
             >= report["memory"]["rssBeforeKiB"].as_u64().unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
+    let node = start(config("n1")).await;
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let state = std::env::temp_dir().join(format!("{}.json", unique("cursors")));
+    let url = node.ws();
+    // Runs `chatd connect` as bob until stdin ends; returns the frames it printed.
+    let run_bob = |extra: &'static [&'static str]| {
+        let (url, bob, state) = (url.clone(), bob.clone(), state.clone());
+        tokio::task::spawn_blocking(move || {
+            let out = chatd()
+                .args([
+                    "connect", "--json", "--linger", "1.5", "--url", &url, "--user", &bob,
+                ])
+                .arg("--state")
+                .arg(&state)
+                .args(extra)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut a = node.client(&alice).await;
+    let first = run_bob(&[]);
+    // Sent while the first run is connected (it lingers 1.5 s after its stdin ends).
+    eventually("bob is online", || async {
+        node.node.sessions.devices_of(&bob) == 1
+    })
+    .await;
+    for i in 1..=2 {
+        a.send_json(&chat(&bob, &format!("live {i}"), &format!("l{i}")))
+            .await
+            .unwrap();
+        expect(&mut a, "MESSAGE_ACK").await;
+    }
+    let first = first.await.unwrap();
+    let got: Vec<_> = first
+        .iter()
+        .filter(|f| f["type"] == "CHAT_MESSAGE")
+        .collect();
+    assert_eq!(got.len(), 2, "{first:?}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(saved[&bob], 2, "{saved}");
+
+    // Bob is away: three more. The next run asks for what came after seq 2.
+    for i in 3..=5 {
+        a.send_json(&chat(&bob, &format!("away {i}"), &format!("w{i}")))
+            .await
+            .unwrap();
+        expect(&mut a, "MESSAGE_ACK").await;
+    }
+    let second = run_bob(&[]).await.unwrap();
+    let got: Vec<_> = second
+        .iter()
+        .filter(|f| f["type"] == "CHAT_MESSAGE")
+        .map(|f| {
+            (
+                f["seq"].as_u64().unwrap(),
+                f["content"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (3, "away 3".to_string()),
+            (4, "away 4".into()),
+            (5, "away 5".into())
+        ]
+    );
+    assert!(second
+        .iter()
+        .any(|f| f["type"] == "SYNCED" && f["seq"] == 5));
+    // --since 0 replays everything.
+    let all = run_bob(&["--since", "0"]).await.unwrap();
+    assert_eq!(
+        all.iter().filter(|f| f["type"] == "CHAT_MESSAGE").count(),
+        5
+    );
+    let _ = std::fs::remove_file(&state);
+    node.stop().await;
+}

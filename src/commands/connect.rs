@@ -55,6 +55,10 @@ pub struct ConnectArgs {
     /// or ~/.local/state/chatd/cursors.json]
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
+    /// Replay the inbox after this seq on connecting, instead of after the saved cursor (0:
+    /// the whole inbox)
+    #[arg(long, value_name = "SEQ")]
+    pub since: Option<u64>,
     /// Exit when the connection ends instead of reconnecting
     #[arg(long)]
     pub no_reconnect: bool,
@@ -252,7 +256,10 @@ struct Chat {
 
 pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let json_mode = args.json || (!args.interactive && !std::io::stdin().is_terminal());
-    let state = CursorFile::open(args.state.clone())?;
+    let mut state = CursorFile::open(args.state.clone())?;
+    if let Some(since) = args.since {
+        state.set(&args.user, since);
+    }
     let (lines_tx, lines) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
         let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -398,6 +405,10 @@ impl Chat {
             tokio::select! {
                 incoming = client.reader.next(wake.saturating_duration_since(Instant::now())) => match incoming {
                     Ok(Incoming::Frame(frame)) => self.received(&frame),
+                    Ok(Incoming::Closed { code: 1000, reason }) => {
+                        eprintln!("connection closed by the server: 1000 {reason}");
+                        return Ok(End::Quit);
+                    }
                     Ok(Incoming::Closed { code, reason }) => {
                         return Ok(End::Lost {
                             why: format!("connection closed by the server: {code} {reason}"),
