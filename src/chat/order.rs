@@ -129,6 +129,10 @@ impl Order {
     /// when it began), or just before the first frame held since, whichever is lower: nothing
     /// delivered after the session was registered is skipped.
     pub fn start_at(&mut self, latest: Option<u64>) {
+        if self.cursor.is_some() {
+            // The device sent SYNC before its start was known: its cursor stands.
+            return;
+        }
         let first_held = self.held.keys().next().map(|s| s - 1);
         self.cursor = match (latest, first_held) {
             (Some(l), Some(h)) => Some(l.min(h)),
@@ -291,6 +295,15 @@ mod tests {
         assert_eq!(o.offer(5, f(5), 2), Decision::CatchUp);
         assert_eq!(o.offer(6, f(6), 2), Decision::Held);
         assert_eq!(o.offer(7, f(7), 2), Decision::Overflow);
+    }
+
+    #[test]
+    fn a_sync_sent_before_the_start_is_known_wins() {
+        let mut o = Order::starting();
+        assert!(!o.rewind(3));
+        o.start_at(Some(10));
+        assert_eq!(o.cursor(), Some(3));
+        assert!(o.take_refetch());
     }
 
     #[test]

@@ -236,7 +236,11 @@ impl Node {
                     fetch = true;
                     continue;
                 }
-                if h.order().cursor() == Some(after) && h.order().gap_before().is_some() {
+                let stalled = {
+                    let order = h.order();
+                    order.cursor() == Some(after) && order.gap_before().is_some()
+                };
+                if stalled {
                     stalls += 1;
                 }
             }
@@ -255,8 +259,12 @@ impl Node {
             if let Some(first_held) = gap {
                 if stalls >= MAX_STALLS {
                     // The store does not have what lies before the held frames: say so.
-                    let cursor = h.order().cursor().unwrap_or(0);
-                    h.order().skip_to(first_held - 1);
+                    let cursor = {
+                        let mut order = h.order();
+                        let cursor = order.cursor().unwrap_or(0);
+                        order.skip_to(first_held - 1);
+                        cursor
+                    };
                     Metrics::inc(&self.metrics.sync_too_old);
                     let e = FrameError::new(
                         ErrorCode::SyncTooOld,
