@@ -213,6 +213,17 @@ async fn stream(client: &mut Client, to: &str, total: usize) -> Vec<String> {
     acked
 }
 
+/// Reads `CHAT_MESSAGE` frames from `client` into `got` until it holds `n`.
+async fn receive(client: &mut Client, got: &mut Vec<Value>, n: usize) {
+    while got.len() < n {
+        let f = client
+            .wait_for("CHAT_MESSAGE", LONG, |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("after {} messages: {e}", got.len()));
+        got.push(f);
+    }
+}
+
 /// Checks what one device received: seq 1..=n in order, each message once.
 fn assert_gap_free(frames: &[Value], n: usize) {
     let seqs: Vec<u64> = frames.iter().map(|f| f["seq"].as_u64().unwrap()).collect();
@@ -313,22 +324,9 @@ async fn killing_the_senders_node_mid_stream_stores_every_message_once() {
     let total = 3000;
     let feeder = sender.feed((1..=total).map(|i| line(&b, i)).collect(), 10);
     let mut got = Vec::new();
-    while got.len() < total / 3 {
-        got.push(
-            receiver
-                .wait_for("CHAT_MESSAGE", LONG, |_| {})
-                .await
-                .unwrap(),
-        );
-    }
+    receive(&mut receiver, &mut got, total / 3).await;
     n1.kill();
-    while got.len() < total {
-        let f = receiver
-            .wait_for("CHAT_MESSAGE", LONG, |_| {})
-            .await
-            .unwrap_or_else(|e| panic!("after {} messages: {e}", got.len()));
-        got.push(f);
-    }
+    receive(&mut receiver, &mut got, total).await;
     feeder.join().unwrap();
     let status = tokio::task::block_in_place(|| sender.wait_exit());
     assert!(
@@ -375,24 +373,11 @@ async fn restarting_the_message_service_under_traffic_loses_no_acknowledged_mess
     let total = 2000;
     let feeder = sender.feed((1..=total).map(|i| line(&b, i)).collect(), 5);
     let mut got = Vec::new();
-    while got.len() < total / 4 {
-        got.push(
-            receiver
-                .wait_for("CHAT_MESSAGE", LONG, |_| {})
-                .await
-                .unwrap(),
-        );
-    }
+    receive(&mut receiver, &mut got, total / 4).await;
     service.kill();
     tokio::time::sleep(Duration::from_millis(700)).await;
     let service = Proc::message_service(&addr);
-    while got.len() < total {
-        let f = receiver
-            .wait_for("CHAT_MESSAGE", LONG, |_| {})
-            .await
-            .unwrap_or_else(|e| panic!("after {} messages: {e}", got.len()));
-        got.push(f);
-    }
+    receive(&mut receiver, &mut got, total).await;
     feeder.join().unwrap();
     let status = tokio::task::block_in_place(|| sender.wait_exit());
     assert!(
@@ -438,13 +423,7 @@ async fn concurrent_senders_on_two_node_processes_give_one_gap_free_seq() {
     let total = 4 * per_sender;
     for device in [&mut on1, &mut on2] {
         let mut got = Vec::new();
-        while got.len() < total {
-            let f = device
-                .wait_for("CHAT_MESSAGE", LONG, |_| {})
-                .await
-                .unwrap_or_else(|e| panic!("after {} messages: {e}", got.len()));
-            got.push(f);
-        }
+        receive(device, &mut got, total).await;
         assert_gap_free(&got, total);
     }
     for s in senders {

@@ -240,8 +240,9 @@ impl Registry {
     }
 
     /// Queues `frame()` (made only when a device takes it) to every local device of
-    /// `user_id` but `except`, in inbox order when it has a place there (`seq` > 0). Returns how many devices take it, and the devices
-    /// that need a catch-up from the store first.
+    /// `user_id` but `except`, in inbox order when it has a place there (`seq` > 0).
+    /// Returns how many devices take it, and the devices that need a catch-up from the
+    /// store first.
     pub fn deliver(
         &self,
         user_id: &str,
