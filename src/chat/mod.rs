@@ -126,10 +126,14 @@ struct Target<'a> {
     user_id: &'a str,
     except: Option<&'a str>,
     seq: u64,
-    frame: std::cell::OnceCell<Utf8Bytes>,
+    frame: TargetFrame<'a>,
+}
+
+enum TargetFrame<'a> {
+    Ready(Utf8Bytes),
     /// A chat message's frame is encoded only if some device needs it (a sender's copy
     /// mostly does not: most users have one device).
-    chat: Option<&'a crate::store::NewMessage>,
+    Chat(&'a crate::store::NewMessage, std::cell::OnceCell<Utf8Bytes>),
 }
 
 impl<'a> Target<'a> {
@@ -138,8 +142,7 @@ impl<'a> Target<'a> {
             user_id,
             except: None,
             seq,
-            frame: frame.into(),
-            chat: None,
+            frame: TargetFrame::Ready(frame),
         }
     }
 
@@ -148,16 +151,17 @@ impl<'a> Target<'a> {
             user_id,
             except: None,
             seq,
-            frame: std::cell::OnceCell::new(),
-            chat: Some(m),
+            frame: TargetFrame::Chat(m, std::cell::OnceCell::new()),
         }
     }
 
     fn frame(&self) -> &Utf8Bytes {
-        self.frame.get_or_init(|| match self.chat {
-            Some(m) => sync::chat_frame(m, self.seq, self.user_id),
-            None => Utf8Bytes::from_static(""),
-        })
+        match &self.frame {
+            TargetFrame::Ready(frame) => frame,
+            TargetFrame::Chat(m, encoded) => {
+                encoded.get_or_init(|| sync::chat_frame(m, self.seq, self.user_id))
+            }
+        }
     }
 }
 

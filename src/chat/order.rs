@@ -195,14 +195,15 @@ impl Order {
         self.held.keys().next().copied()
     }
 
-    /// Ends the catch-up when nothing is held any more; returns `Some(announce)` when it
-    /// ended, `None` when the caller must go on.
-    pub fn try_finish(&mut self) -> Option<bool> {
+    /// Ends the catch-up when nothing is held and no rewind waits; returns whether it
+    /// ended (else the caller goes on).
+    pub fn try_finish(&mut self) -> bool {
         if !self.held.is_empty() || self.refetch {
-            return None;
+            return false;
         }
         self.catching_up = false;
-        Some(std::mem::take(&mut self.announce))
+        self.announce = false;
+        true
     }
 
     /// Whether the running catch-up must announce its end (without clearing it).
@@ -239,7 +240,7 @@ mod tests {
     fn in_order_frames_go_straight_out_and_repeats_are_dropped() {
         let mut o = Order::starting();
         o.start_at(Some(4));
-        assert_eq!(o.try_finish(), Some(false));
+        assert!(o.try_finish());
         assert_eq!(o.offer(5, f(5), 8), Decision::Send);
         assert_eq!(o.offer(6, f(6), 8), Decision::Send);
         assert_eq!(o.offer(6, f(6), 8), Decision::Duplicate);
@@ -259,7 +260,7 @@ mod tests {
         assert!(o.take_fetched(2));
         assert!(ready(&mut o) == ["3"]);
         assert!(!o.take_fetched(3));
-        assert_eq!(o.try_finish(), Some(false));
+        assert!(o.try_finish());
         assert_eq!(o.offer(4, f(4), 8), Decision::Send);
     }
 
@@ -272,7 +273,7 @@ mod tests {
         o.start_at(Some(8));
         assert_eq!(o.cursor(), Some(6));
         assert_eq!(ready(&mut o), ["7", "8"]);
-        assert_eq!(o.try_finish(), Some(false));
+        assert!(o.try_finish());
     }
 
     #[test]
@@ -314,10 +315,11 @@ mod tests {
         assert!(o.rewind(2));
         assert_eq!(o.cursor(), Some(2));
         assert!(!o.rewind(3));
-        assert_eq!(o.try_finish(), None, "a rewind asks for a fetch first");
+        assert!(!o.try_finish(), "a rewind asks for a fetch first");
         assert!(o.take_refetch());
-        assert_eq!(o.try_finish(), Some(true));
-        assert_eq!(o.try_finish(), Some(false));
+        assert!(o.wants_announce());
+        assert!(o.try_finish());
+        assert!(!o.wants_announce());
     }
 
     #[test]

@@ -288,7 +288,7 @@ impl Node {
                 let seq = h.order().cursor().unwrap_or(0);
                 self.reply(h, &ServerFrame::Synced { seq, replayed }).await;
             }
-            if h.order().try_finish().is_some() {
+            if h.order().try_finish() {
                 return;
             }
         }
