@@ -151,7 +151,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__connect)
-            opts="-h -V --user --url --token --json --interactive --chat --linger --state --since --no-reconnect --ack-timeout --help --version"
+            opts="-h -V --user --url --token --json --interactive --chat --linger --state-dir --since --no-reconnect --ack-timeout --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -177,7 +177,7 @@ _chatd() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --state)
+                --state-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -59,7 +59,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand connect" -l url -d 'The node
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l token -d 'A token for nodes in auth mode token (see `chatd token`)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l chat -d 'Chat id for messages you send (default: the two user ids, sorted, joined by _)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l linger -d 'After stdin ends and every send is acknowledged, keep printing received frames this many seconds before closing' -r
-complete -c chatd -n "__fish_chatd_using_subcommand connect" -l state -d 'Where the last seq seen is kept per user [default: $XDG_STATE_HOME/chatd/cursors.json or ~/.local/state/chatd/cursors.json]' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand connect" -l state-dir -d 'Where the last seq seen is kept, one file per user (`{user}.cursor`) [default: $XDG_STATE_HOME/chatd or ~/.local/state/chatd]' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l since -d 'Replay the inbox after this seq on connecting, instead of after the saved cursor (0: the whole inbox)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l ack-timeout -d 'After stdin ends, give up on sends still not acknowledged after this many seconds (exit status 1)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l json -d 'Raw JSON frames in on stdin, one JSON line out per received frame (the default when stdin is not a terminal)'

@@ -485,7 +485,7 @@ async fn bench_measures_a_spawned_node() {
 async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
     let node = start(config("n1")).await;
     let (alice, bob) = (unique("alice"), unique("bob"));
-    let state = std::env::temp_dir().join(format!("{}.json", unique("cursors")));
+    let state = std::env::temp_dir().join(unique("cursors"));
     let url = node.ws();
     // Runs `chatd connect` as bob until stdin ends; returns the frames it printed.
     let run_bob = |extra: &'static [&'static str]| {
@@ -495,7 +495,7 @@ async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
                 .args([
                     "connect", "--json", "--linger", "1.5", "--url", &url, "--user", &bob,
                 ])
-                .arg("--state")
+                .arg("--state-dir")
                 .arg(&state)
                 .args(extra)
                 .stdin(Stdio::null())
@@ -531,9 +531,15 @@ async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
         .filter(|f| f["type"] == "CHAT_MESSAGE")
         .collect();
     assert_eq!(got.len(), 2, "{first:?}");
-    let saved: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
-    assert_eq!(saved[&bob], 2, "{saved}");
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state.join(format!("{bob}.cursor"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (&saved["userId"], &saved["seq"]),
+        (&serde_json::json!(bob), &serde_json::json!(2)),
+        "{saved}"
+    );
 
     // Bob is away: three more. The next run asks for what came after seq 2.
     for i in 3..=5 {
@@ -570,6 +576,6 @@ async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
         all.iter().filter(|f| f["type"] == "CHAT_MESSAGE").count(),
         5
     );
-    let _ = std::fs::remove_file(&state);
+    let _ = std::fs::remove_dir_all(&state);
     node.stop().await;
 }

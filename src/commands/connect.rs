@@ -51,10 +51,10 @@ pub struct ConnectArgs {
     /// many seconds before closing
     #[arg(long, default_value_t = 2.0, value_name = "SECS")]
     pub linger: f64,
-    /// Where the last seq seen is kept per user [default: $XDG_STATE_HOME/chatd/cursors.json
-    /// or ~/.local/state/chatd/cursors.json]
-    #[arg(long, value_name = "FILE")]
-    pub state: Option<PathBuf>,
+    /// Where the last seq seen is kept, one file per user (`{user}.cursor`) [default:
+    /// $XDG_STATE_HOME/chatd or ~/.local/state/chatd]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Replay the inbox after this seq on connecting, instead of after the saved cursor (0:
     /// the whole inbox)
     #[arg(long, value_name = "SEQ")]
@@ -74,65 +74,74 @@ struct Seen {
     sender_id: String,
 }
 
-/// The state file: the last seq seen, by user. Written atomically (temp file + rename) at
-/// most every [`CursorFile::EVERY`], and at every disconnect and exit.
-struct CursorFile {
+/// The user's state file: the last seq seen. Written atomically (a temp file of this
+/// process, then rename) at most every [`Cursor::EVERY`], and at every disconnect and exit.
+/// One file per user, so clients of different users on one machine never write the same
+/// file.
+struct Cursor {
+    user: String,
     path: Option<PathBuf>,
-    cursors: BTreeMap<String, u64>,
+    seq: Option<u64>,
     dirty: bool,
     last_write: Instant,
 }
 
-impl CursorFile {
+impl Cursor {
     const EVERY: Duration = Duration::from_millis(250);
 
-    fn default_path() -> Option<PathBuf> {
+    fn default_dir() -> Option<PathBuf> {
         let base = std::env::var_os("XDG_STATE_HOME")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
-        Some(base.join("chatd").join("cursors.json"))
+        Some(base.join("chatd"))
     }
 
-    fn open(path: Option<PathBuf>) -> anyhow::Result<CursorFile> {
-        let path = path.or_else(Self::default_path);
-        let cursors = match &path {
+    /// Reads `{dir}/{user}.cursor` (user ids hold no `/`); none yet is no cursor.
+    fn open(dir: Option<PathBuf>, user: &str) -> anyhow::Result<Cursor> {
+        let path = dir
+            .or_else(Self::default_dir)
+            .map(|d| d.join(format!("{user}.cursor")));
+        let seq = match &path {
             Some(p) => match std::fs::read_to_string(p) {
-                Ok(text) => serde_json::from_str(&text).with_context(|| {
-                    format!(
-                        "state file {} is not a JSON object of user -> seq; fix or delete it",
-                        p.display()
-                    )
-                })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+                Ok(text) => {
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    Some(v["seq"].as_u64().with_context(|| {
+                        format!(
+                            "state file {} is not {{\"userId\": ..., \"seq\": N}}; fix or delete it",
+                            p.display()
+                        )
+                    })?)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
             },
-            None => BTreeMap::new(),
+            None => None,
         };
-        Ok(CursorFile {
+        Ok(Cursor {
+            user: user.to_string(),
             path,
-            cursors,
+            seq,
             dirty: false,
             last_write: Instant::now(),
         })
     }
 
-    fn get(&self, user: &str) -> Option<u64> {
-        self.cursors.get(user).copied()
+    fn get(&self) -> Option<u64> {
+        self.seq
     }
 
     /// Records `seq` as seen (the highest wins).
-    fn saw(&mut self, user: &str, seq: u64) {
-        let c = self.cursors.entry(user.to_string()).or_insert(0);
-        if seq > *c {
-            *c = seq;
+    fn saw(&mut self, seq: u64) {
+        if self.seq.is_none_or(|c| seq > c) {
+            self.seq = Some(seq);
             self.dirty = true;
         }
     }
 
     /// Sets the cursor, also backwards.
-    fn set(&mut self, user: &str, seq: u64) {
-        if self.cursors.insert(user.to_string(), seq) != Some(seq) {
+    fn set(&mut self, seq: u64) {
+        if self.seq.replace(seq) != Some(seq) {
             self.dirty = true;
         }
     }
@@ -144,7 +153,9 @@ impl CursorFile {
     }
 
     fn save(&mut self) {
-        let Some(path) = &self.path else { return };
+        let (Some(path), Some(seq)) = (&self.path, self.seq) else {
+            return;
+        };
         if !self.dirty {
             return;
         }
@@ -152,8 +163,8 @@ impl CursorFile {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, serde_json::to_string_pretty(&self.cursors)?)?;
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, json!({"userId": self.user, "seq": seq}).to_string())?;
             std::fs::rename(&tmp, path)
         };
         match write() {
@@ -242,7 +253,7 @@ enum End {
 struct Chat {
     args: ConnectArgs,
     json_mode: bool,
-    state: CursorFile,
+    state: Cursor,
     unacked: Unacked,
     seen: HashMap<String, Seen>,
     temp_seq: u64,
@@ -256,9 +267,9 @@ struct Chat {
 
 pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let json_mode = args.json || (!args.interactive && !std::io::stdin().is_terminal());
-    let mut state = CursorFile::open(args.state.clone())?;
+    let mut state = Cursor::open(args.state_dir.clone(), &args.user)?;
     if let Some(since) = args.since {
-        state.set(&args.user, since);
+        state.set(since);
     }
     let (lines_tx, lines) = mpsc::channel::<String>(64);
     tokio::spawn(async move {
@@ -287,7 +298,7 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
     loop {
         let url = &chat.args.urls[url_index % chat.args.urls.len()];
         let base = chat_url_with_token(url, &chat.args.user, chat.args.token.as_deref());
-        let full = match chat.state.get(&chat.args.user) {
+        let full = match chat.state.get() {
             Some(since) => with_since(&base, since),
             None => base,
         };
@@ -377,7 +388,7 @@ impl Chat {
         }
         let mut heartbeat = tokio::time::interval(client.heartbeat_interval());
         heartbeat.tick().await;
-        let mut flush = tokio::time::interval(CursorFile::EVERY);
+        let mut flush = tokio::time::interval(Cursor::EVERY);
         let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
         loop {
             if !self.stdin_open && self.unacked.is_empty() && self.linger_until.is_none() {
@@ -481,8 +492,8 @@ impl Chat {
         match (kind, frame["seq"].as_u64()) {
             // Everything up to seq was sent: authoritative, also when it is lower than our
             // cursor (the server's store was reset: CURSOR_AHEAD came before it).
-            ("SYNCED", Some(seq)) => self.state.set(user, seq),
-            (_, Some(seq)) => self.state.saw(user, seq),
+            ("SYNCED", Some(seq)) => self.state.set(seq),
+            (_, Some(seq)) => self.state.saw(seq),
             _ => {}
         }
         if self.json_mode {
