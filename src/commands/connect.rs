@@ -322,6 +322,11 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
                 if chat.args.no_reconnect || !retry {
                     anyhow::bail!("{why}");
                 }
+                if chat.linger_until.is_some_and(|t| Instant::now() >= t) {
+                    // Done sending and lingering: nothing left to reconnect for.
+                    eprintln!("{why}");
+                    break;
+                }
                 if chat.ack_deadline.is_some_and(|d| Instant::now() >= d) {
                     anyhow::bail!(
                         "{why}; {} sends were never acknowledged (see --ack-timeout)",
