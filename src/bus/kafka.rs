@@ -3,10 +3,21 @@
 //! The sender's node publishes once per node that holds a target device: targeted, never a
 //! broadcast. Offline-push events go to their own topic.
 //!
-//! The producer is idempotent with `acks=all`; a publish waits for the broker's ack (up to
+//! The producer publishes with `acks=all` and waits for the broker's ack (up to
 //! `kafka.publish_timeout_ms`), so a failure reaches the sender's `MESSAGE_ACK` route and the
-//! counters instead of vanishing. The consumer stores an offset only after the frame was
-//! handed to local delivery.
+//! counters instead of vanishing. It is not idempotent: a frame the broker gets twice, or out
+//! of order, is dropped or reordered by seq at the device (`chat::order`), while an idempotent
+//! producer stays wedged (every publish timing out) after a broker restart that lost its
+//! producer state. The consumer stores an offset only after the frame was handed to local
+//! delivery.
+//!
+//! A broker that goes away and comes back without its state (Tansu with in-memory storage
+//! does) must not take the node down: librdkafka 2.12 crashes a consumer that asks such a
+//! broker for its topic before the topic exists again (a topic with no name in the metadata
+//! answer). So when all brokers are down the consumer is destroyed, and a new one is made
+//! once the broker answers and this node's topic exists again. Frames published while the
+//! broker was away are not lost to devices: the store has them, and every local device
+//! catches up from it once the consumer is back (see `chat::sync`).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -15,7 +26,7 @@ use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message};
@@ -23,7 +34,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{Bus, BusError, Envelope, OfflinePush};
+use super::{Bus, BusError, Envelope, Inbound, OfflinePush};
 use crate::config::KafkaConfig;
 
 /// Envelopes consumed but not yet delivered locally; a full queue pauses consumption.
@@ -50,20 +61,27 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(format!("kafka {what}: {e}"))
 }
 
+fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "false")
+        // Only the node that consumes a topic creates it (two creators raced on a broker
+        // that came back empty, and publishes failed for a minute after).
+        .set("allow.auto.create.topics", "false")
+        .set("topic.metadata.refresh.interval.ms", "10000")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", config.publish_timeout_ms.to_string())
+        .set("socket.keepalive.enable", "true")
+        .create()
+        .map_err(|e| unavailable("producer", e))
+}
+
 impl KafkaBus {
     pub fn new(config: &KafkaConfig) -> Result<Self, BusError> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "0")
-            .set("message.timeout.ms", config.publish_timeout_ms.to_string())
-            .set("socket.keepalive.enable", "true")
-            .create()
-            .map_err(|e| unavailable("producer", e))?;
         Ok(Self {
             config: config.clone(),
-            producer,
+            producer: new_producer(config)?,
             consumer: Mutex::new(None),
         })
     }
@@ -75,45 +93,49 @@ impl KafkaBus {
     pub fn group(&self, node_id: &str) -> String {
         group(&self.config, node_id)
     }
+}
 
-    /// Creates the topics if missing; returns those that were created now (empty ones).
-    async fn ensure_topics(&self, topics: &[String]) -> Result<Vec<String>, BusError> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
-            .create()
-            .map_err(|e| unavailable("admin", e))?;
-        let new: Vec<NewTopic<'_>> = topics
-            .iter()
-            .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-            .collect();
-        let options = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_millis(self.config.publish_timeout_ms)))
-            .request_timeout(Some(Duration::from_millis(self.config.publish_timeout_ms)));
-        let mut created = Vec::new();
-        for result in admin
-            .create_topics(&new, &options)
-            .await
-            .map_err(|e| unavailable("create topics", e))?
-        {
-            match result {
-                Ok(topic) => created.push(topic),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => {
-                    return Err(unavailable(&format!("create topic {topic}"), code))
-                }
-            }
+/// Creates the topics if missing; returns those that were created now (empty ones).
+async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<Vec<String>, BusError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .create()
+        .map_err(|e| unavailable("admin", e))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_millis(config.publish_timeout_ms)))
+        .request_timeout(Some(Duration::from_millis(config.publish_timeout_ms)));
+    let mut created = Vec::new();
+    for result in admin
+        .create_topics(&new, &options)
+        .await
+        .map_err(|e| unavailable("create topics", e))?
+    {
+        match result {
+            Ok(topic) => created.push(topic),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(unavailable(&format!("create topic {topic}"), code)),
         }
-        Ok(created)
     }
+    Ok(created)
+}
 
+impl KafkaBus {
     /// Where this node starts reading its topic. A topic made just now starts at its
     /// beginning; an older one where the group left off (a restarted node picks up what was
-    /// routed to it meanwhile), else at its end. Deciding this before the node accepts
-    /// connections means nothing routed to it can be skipped: no device is here before.
+    /// routed to it meanwhile), else at its end, or at its beginning when `resuming` after
+    /// the broker came back (the topic was made again, perhaps by a publisher before this
+    /// node: what was published since is for devices here now; what they had is dropped by
+    /// seq). Deciding this before the node accepts connections means nothing routed to it
+    /// can be skipped: no device is here before.
     fn start_offset(
         consumer: &StreamConsumer,
         topic: &str,
         fresh: bool,
+        resuming: bool,
     ) -> Result<Offset, BusError> {
         if fresh {
             return Ok(Offset::Beginning);
@@ -126,6 +148,7 @@ impl KafkaBus {
         Ok(
             match committed.find_partition(topic, 0).map(|p| p.offset()) {
                 Some(Offset::Offset(n)) => Offset::Offset(n),
+                _ if resuming => Offset::Beginning,
                 _ => Offset::End,
             },
         )
@@ -139,6 +162,107 @@ impl KafkaBus {
             .await
             .map(|_| ())
             .map_err(|(e, _)| unavailable(&format!("publish to {topic}"), e))
+    }
+}
+
+/// Makes this node's consumer: its topic exists (created if missing), the partition assigned
+/// at the start offset [`KafkaBus::start_offset`] decides.
+async fn open_consumer(
+    config: &KafkaConfig,
+    node_id: &str,
+    resuming: bool,
+) -> Result<(StreamConsumer, Offset), BusError> {
+    let topic = node_topic(config, node_id);
+    let created = ensure_topics(config, &[topic.clone(), config.offline_topic.clone()]).await?;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", group(config, node_id))
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
+        .set("socket.keepalive.enable", "true")
+        .create()
+        .map_err(|e| unavailable("consumer", e))?;
+    // One partition, one consumer: assigned directly, so there is no group rebalance to
+    // wait for before frames flow (a subscribe would join the group first, and frames
+    // published meanwhile could be skipped).
+    let fresh = created.contains(&topic);
+    tokio::task::spawn_blocking(move || {
+        let offset = KafkaBus::start_offset(&consumer, &topic, fresh, resuming)?;
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&topic, 0, offset)
+            .map_err(|e| unavailable("assign", e))?;
+        consumer
+            .assign(&assignment)
+            .map_err(|e| unavailable(&format!("assign {topic}"), e))?;
+        Ok::<_, BusError>((consumer, offset))
+    })
+    .await
+    .map_err(|e| unavailable("assign", e))?
+}
+
+/// Consumes this node's topic into `tx` until the node stops consuming; makes a new consumer
+/// whenever all brokers went away (see the module's note).
+async fn consume(
+    config: KafkaConfig,
+    node_id: String,
+    mut consumer: StreamConsumer,
+    tx: mpsc::Sender<Inbound>,
+) {
+    loop {
+        let message = match consumer.recv().await {
+            Ok(m) => m,
+            Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown)) => {
+                tracing::warn!(
+                    "the Kafka broker is gone; this node's consumer waits for it to come back"
+                );
+                // Destroyed before the broker returns: see the module's note.
+                let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+                consumer = reopen(&config, &node_id).await;
+                if tx.send(Inbound::Resumed).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("kafka receive failed: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        match message.payload().map(serde_json::from_slice::<Envelope>) {
+            Some(Ok(envelope)) => {
+                tracing::debug!(from = %envelope.from_node, "received a frame from the broker");
+                if tx.send(Inbound::Envelope(envelope)).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(e)) => tracing::error!(
+                offset = message.offset(),
+                "skipping an unreadable envelope: {e}"
+            ),
+            None => {
+                tracing::error!(offset = message.offset(), "skipping an empty envelope")
+            }
+        }
+        if let Err(e) = consumer.store_offset_from_message(&message) {
+            tracing::warn!("cannot store offset {}: {e}", message.offset());
+        }
+    }
+}
+
+/// A new consumer once the broker answers again, trying every second.
+async fn reopen(config: &KafkaConfig, node_id: &str) -> StreamConsumer {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match open_consumer(config, node_id, true).await {
+            Ok((consumer, offset)) => {
+                tracing::info!(start = ?offset, "the Kafka broker is back; consuming this node's topic again");
+                return consumer;
+            }
+            Err(e) => tracing::debug!("the Kafka broker is not back yet: {e}"),
+        }
     }
 }
 
@@ -160,71 +284,16 @@ impl Bus for KafkaBus {
             .await
     }
 
-    async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Envelope>, BusError> {
-        let topic = self.node_topic(node_id);
-        let created = self
-            .ensure_topics(&[topic.clone(), self.config.offline_topic.clone()])
-            .await?;
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
-            .set("group.id", self.group(node_id))
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("fetch.wait.max.ms", self.config.fetch_wait_ms.to_string())
-            .set("socket.keepalive.enable", "true")
-            .create()
-            .map_err(|e| unavailable("consumer", e))?;
-        // One partition, one consumer: assigned directly, so there is no group rebalance to
-        // wait for before frames flow (a subscribe would join the group first, and frames
-        // published meanwhile could be skipped).
-        let fresh = created.contains(&topic);
-        let (consumer, offset) = tokio::task::spawn_blocking(move || {
-            let offset = Self::start_offset(&consumer, &topic, fresh)?;
-            let mut assignment = TopicPartitionList::new();
-            assignment
-                .add_partition_offset(&topic, 0, offset)
-                .map_err(|e| unavailable("assign", e))?;
-            consumer
-                .assign(&assignment)
-                .map_err(|e| unavailable(&format!("assign {topic}"), e))?;
-            Ok::<_, BusError>((consumer, offset))
-        })
-        .await
-        .map_err(|e| unavailable("assign", e))??;
-        let topic = self.node_topic(node_id);
-        tracing::info!(%topic, group = %self.group(node_id), start = ?offset, "consuming this node's topic");
-
+    async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Inbound>, BusError> {
+        let (consumer, offset) = open_consumer(&self.config, node_id, false).await?;
+        tracing::info!(topic = %self.node_topic(node_id), group = %self.group(node_id), start = ?offset, "consuming this node's topic");
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
-        let task = tokio::spawn(async move {
-            loop {
-                let message = match consumer.recv().await {
-                    Ok(m) => m,
-                    Err(e) => {
-                        tracing::warn!("kafka receive failed: {e}; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                };
-                match message.payload().map(serde_json::from_slice::<Envelope>) {
-                    Some(Ok(envelope)) => {
-                        tracing::debug!(from = %envelope.from_node, "received a frame from the broker");
-                        if tx.send(envelope).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Err(e)) => tracing::error!(
-                        offset = message.offset(),
-                        "skipping an unreadable envelope: {e}"
-                    ),
-                    None => {
-                        tracing::error!(offset = message.offset(), "skipping an empty envelope")
-                    }
-                }
-                if let Err(e) = consumer.store_offset_from_message(&message) {
-                    tracing::warn!("cannot store offset {}: {e}", message.offset());
-                }
-            }
-        });
+        let task = tokio::spawn(consume(
+            self.config.clone(),
+            node_id.to_string(),
+            consumer,
+            tx,
+        ));
         if let Some(old) = self
             .consumer
             .lock()

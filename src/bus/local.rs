@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
-use super::{Bus, BusError, Envelope, OfflinePush};
+use super::{Bus, BusError, Envelope, Inbound, OfflinePush};
 
 /// Envelopes waiting for one node; a full queue makes publishers wait, which is the
 /// back-pressure a broker would give.
@@ -13,7 +13,7 @@ const QUEUE_LEN: usize = 4096;
 
 #[derive(Default)]
 pub struct LocalBus {
-    nodes: DashMap<String, mpsc::Sender<Envelope>>,
+    nodes: DashMap<String, mpsc::Sender<Inbound>>,
 }
 
 impl LocalBus {
@@ -31,7 +31,7 @@ impl Bus for LocalBus {
             .get(node_id)
             .map(|tx| tx.clone())
             .ok_or_else(|| BusError::UnknownNode(node_id.to_string()))?;
-        tx.send(envelope)
+        tx.send(Inbound::Envelope(envelope))
             .await
             .map_err(|_| BusError::Closed(node_id.to_string()))
     }
@@ -49,7 +49,7 @@ impl Bus for LocalBus {
         Ok(())
     }
 
-    async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Envelope>, BusError> {
+    async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Inbound>, BusError> {
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
         self.nodes.insert(node_id.to_string(), tx);
         Ok(rx)
@@ -89,7 +89,7 @@ mod tests {
             }],
         };
         bus.publish("n2", env.clone()).await.unwrap();
-        assert_eq!(n2.recv().await.unwrap(), env);
+        assert_eq!(n2.recv().await.unwrap(), Inbound::Envelope(env.clone()));
         assert!(n1.try_recv().is_err());
         assert!(matches!(
             bus.publish("n9", env.clone()).await,

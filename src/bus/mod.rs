@@ -54,6 +54,15 @@ pub struct Envelope {
     pub recipients: Vec<Recipient>,
 }
 
+/// What a node's bus queue yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    Envelope(Envelope),
+    /// The bus was away and is back: frames published to this node meanwhile may be lost,
+    /// so its devices catch up from the store.
+    Resumed,
+}
+
 /// A message for a user with no device online: a push service should wake the user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -85,7 +94,7 @@ pub trait Bus: Send + Sync {
     /// Emits an offline-push event.
     async fn offline_push(&self, event: OfflinePush) -> Result<(), BusError>;
     /// Starts consuming this node's queue.
-    async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Envelope>, BusError>;
+    async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Inbound>, BusError>;
     /// Stops consuming (graceful shutdown).
     async fn unsubscribe(&self, node_id: &str);
     async fn health(&self) -> Result<(), BusError>;

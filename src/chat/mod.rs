@@ -25,7 +25,7 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::watch;
 
-use crate::bus::{Bus, Envelope, FrameKind, KafkaBus, LocalBus, OfflinePush, Recipient};
+use crate::bus::{Bus, Envelope, FrameKind, Inbound, KafkaBus, LocalBus, OfflinePush, Recipient};
 use crate::config::{Config, PresenceBackend, RedisConfig};
 use crate::presence::{MemoryPresence, Presence, PresenceError, RedisPresence};
 use crate::protocol::{ChatSend, ErrorCode, FrameError, Route, ServerFrame};
@@ -194,9 +194,12 @@ impl Node {
         });
         let weak = Arc::downgrade(&node);
         tokio::spawn(async move {
-            while let Some(envelope) = inbox.recv().await {
+            while let Some(inbound) = inbox.recv().await {
                 let Some(node) = weak.upgrade() else { break };
-                node.deliver_envelope(envelope);
+                match inbound {
+                    Inbound::Envelope(envelope) => node.deliver_envelope(envelope),
+                    Inbound::Resumed => node.catch_up_everyone(),
+                }
             }
         });
         // The first lease is taken before the node serves anyone.

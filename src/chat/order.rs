@@ -40,6 +40,17 @@ pub enum Decision {
     Overflow,
 }
 
+/// What to do with an entry fetched from the store.
+#[derive(Debug, Clone)]
+pub enum Fetched {
+    /// The device has it.
+    Skip,
+    /// Send the entry.
+    Send,
+    /// Send this held ack in its place.
+    SendHeld(Held),
+}
+
 /// One device's place in its user's inbox.
 #[derive(Debug, Default)]
 pub struct Order {
@@ -153,15 +164,18 @@ impl Order {
         }
     }
 
-    /// Takes an entry fetched from the store at `seq` if the device needs it: whether to
-    /// send it. A held live copy of it is dropped.
-    pub fn take_fetched(&mut self, seq: u64) -> bool {
+    /// Takes an entry fetched from the store at `seq` if the device needs it. A held live
+    /// copy of it is dropped, but a held ack is sent instead of the entry: the sending
+    /// device waits for its ack.
+    pub fn take_fetched(&mut self, seq: u64) -> Fetched {
         if self.cursor.is_some_and(|c| seq <= c) {
-            return false;
+            return Fetched::Skip;
         }
-        self.held.remove(&seq);
         self.cursor = Some(seq);
-        true
+        match self.held.remove(&seq) {
+            Some(held) if held.ack => Fetched::SendHeld(held),
+            _ => Fetched::Send,
+        }
     }
 
     /// The next held frame to send, if it is the next one: held duplicates are dropped on
@@ -256,10 +270,10 @@ mod tests {
         assert_eq!(o.offer(2, f(2), 8), Decision::CatchUp);
         assert_eq!(o.offer(3, f(3), 8), Decision::Held);
         // The catch-up fetches 1..=3 from the store; the held live copies are not sent twice.
-        assert!(o.take_fetched(1));
-        assert!(o.take_fetched(2));
+        assert!(matches!(o.take_fetched(1), Fetched::Send));
+        assert!(matches!(o.take_fetched(2), Fetched::Send));
         assert!(ready(&mut o) == ["3"]);
-        assert!(!o.take_fetched(3));
+        assert!(matches!(o.take_fetched(3), Fetched::Skip));
         assert!(o.try_finish());
         assert_eq!(o.offer(4, f(4), 8), Decision::Send);
     }
@@ -286,6 +300,20 @@ mod tests {
         assert!(o.begin_catch_up(false));
         let ack = Held { ack: true, ..f(5) };
         assert_eq!(o.offer_ack(5, ack, 8), Decision::Send);
+    }
+
+    #[test]
+    fn a_held_ack_goes_out_in_place_of_the_fetched_copy() {
+        let mut o = Order::starting();
+        o.start_at(Some(0));
+        o.try_finish();
+        assert!(o.begin_catch_up(false));
+        let ack = Held { ack: true, ..f(1) };
+        assert_eq!(o.offer_ack(1, ack, 8), Decision::Held);
+        match o.take_fetched(1) {
+            Fetched::SendHeld(h) => assert!(h.ack),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 
 use super::metrics::Metrics;
-use super::order::{Decision, Held};
+use super::order::{Decision, Fetched, Held};
 use super::registry::SessionHandle;
 use super::{Node, REPLY_PATIENCE};
 use crate::bus::FrameKind;
@@ -118,6 +118,19 @@ impl Node {
         }
     }
 
+    /// Every local device looks for what it may have missed (the bus was away: frames
+    /// published to this node meanwhile are lost to it, not to the store).
+    pub fn catch_up_everyone(&self) {
+        let sessions = self.sessions.all();
+        tracing::info!(
+            sessions = sessions.len(),
+            "the bus is back: local devices catch up from the store"
+        );
+        for h in &sessions {
+            self.probe_inbox(h);
+        }
+    }
+
     pub(super) fn spawn_catch_up(&self, handle: &SessionHandle) {
         let Some(node) = self.me.upgrade() else {
             return;
@@ -221,15 +234,14 @@ impl Node {
                 }
                 let full = page.entries.len() >= PAGE;
                 for entry in &page.entries {
-                    if h.order().take_fetched(entry.seq) {
-                        h.reply(
-                            entry_frame(entry, &h.user_id),
-                            REPLY_PATIENCE,
-                            &self.metrics,
-                        )
-                        .await;
-                        replayed += 1;
-                    }
+                    let taken = h.order().take_fetched(entry.seq);
+                    let frame = match taken {
+                        Fetched::Skip => continue,
+                        Fetched::Send => entry_frame(entry, &h.user_id),
+                        Fetched::SendHeld(ack) => ack.frame,
+                    };
+                    h.reply(frame, REPLY_PATIENCE, &self.metrics).await;
+                    replayed += 1;
                 }
                 Metrics::add(&self.metrics.messages_replayed, page.entries.len() as u64);
                 if full {
