@@ -58,9 +58,14 @@ impl Proc {
 
     /// `chatd message-service` on the Redis backend (durable across its restarts).
     fn message_service(listen: &str) -> Proc {
+        Proc::message_service_on(listen, "redis://:redis123@127.0.0.1:6379/0")
+    }
+
+    /// [`Proc::message_service`] on the Redis at `redis_url`.
+    fn message_service_on(listen: &str, redis_url: &str) -> Proc {
         let mut c = chatd();
         c.args(["message-service", "--listen", listen, "--backend", "redis"])
-            .args(["--redis", "redis://:redis123@127.0.0.1:6379/0"]);
+            .args(["--redis", redis_url]);
         Proc::spawn(c, "message-service")
     }
 
@@ -555,4 +560,86 @@ async fn a_broker_restarted_empty_neither_crashes_the_nodes_nor_loses_a_message(
     }
     let _ = broker.kill();
     let _ = broker.wait();
+}
+
+/// A Redis of this test's own on `port`, persisting to `dir` with an fsync per write (as
+/// `scripts/services.sh` runs the shared one), so that killing it loses nothing acknowledged.
+fn redis_server(port: u16, dir: &std::path::Path) -> Child {
+    std::process::Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", "always"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server (installed by scripts/services.sh)")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(unique("redis-data"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut redis = redis_server(port, &dir);
+    until_async("the test's Redis listens", || port_open(port)).await;
+    let url = format!("redis://127.0.0.1:{port}/0");
+    // Presence and store both on this Redis: killing it takes both away.
+    let service = Proc::message_service_on("127.0.0.1:0", &url);
+    let env = [
+        ("CHATD_REDIS__URL", url.as_str()),
+        ("CHATD_REDIS__PASSWORD", ""),
+    ];
+    let node = Proc::node_with(&unique("dur-r1"), &service.addr, &env);
+    let (a, b) = (unique("alice"), unique("bob"));
+    let mut receiver = Client::connect(&node.ws(), &b, WAIT).await.unwrap();
+    let mut sender = Connect::spawn(&a, &[node.ws()]);
+    until("the sender connects", WAIT, || {
+        sender.count("CONNECTED") == 1
+    })
+    .await;
+
+    let total = 1500;
+    let feeder = sender.feed((1..=total).map(|i| line(&b, i)).collect(), 5);
+    let mut got = Vec::new();
+    receive(&mut receiver, &mut got, total / 4).await;
+    let _ = redis.kill();
+    let _ = redis.wait();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut redis = redis_server(port, &dir);
+    receive(&mut receiver, &mut got, total).await;
+    feeder.join().unwrap();
+    let status = tokio::task::block_in_place(|| sender.wait_exit());
+    assert!(
+        status.success(),
+        "every send acknowledged in the end: {status}"
+    );
+    assert!(
+        sender
+            .of_type("ERROR")
+            .iter()
+            .any(|e| e["code"] == "STORE_UNAVAILABLE"),
+        "the outage was under traffic: some sends were refused and retried"
+    );
+    assert_gap_free(&got, total);
+    let contents: BTreeSet<&str> = got.iter().map(|f| f["content"].as_str().unwrap()).collect();
+    assert_eq!(contents.len(), total);
+    let (latest, _) = inbox(&service, &b).await;
+    assert_eq!(
+        latest, total as u64,
+        "each message stored once, none lost with Redis"
+    );
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }
