@@ -277,8 +277,8 @@ fn assert_gap_free(frames: &[Value], n: usize) {
 }
 
 /// The user's inbox as the store keeps it: the newest seq and the contents, in seq order.
-async fn inbox(service: &Proc, user: &str) -> (u64, Vec<String>) {
-    let store = GrpcStore::new(&format!("grpc://{}", service.addr), WAIT, 2).unwrap();
+async fn inbox(store_addr: &str, user: &str) -> (u64, Vec<String>) {
+    let store = GrpcStore::new(&format!("grpc://{store_addr}"), WAIT, 2).unwrap();
     let (mut after, mut latest, mut contents) = (0, 0, Vec::new());
     loop {
         let page = store.fetch(user, after, 1000).await.unwrap();
@@ -383,17 +383,18 @@ async fn killing_the_senders_node_mid_stream_stores_every_message_once() {
     assert_gap_free(&got, total);
     let contents: BTreeSet<&str> = got.iter().map(|f| f["content"].as_str().unwrap()).collect();
     assert_eq!(contents.len(), total, "each message received once");
-    let (latest, stored) = inbox(&service, &b).await;
+    let (latest, stored) = inbox(&service.addr, &b).await;
     assert_eq!(latest, total as u64, "each message stored once");
     assert_eq!(stored.iter().collect::<BTreeSet<_>>().len(), total);
     expect_silence(&mut receiver).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn restarting_the_message_service_under_traffic_loses_no_acknowledged_message() {
-    let mut service = Proc::message_service("127.0.0.1:0");
-    let addr = service.addr.clone();
-    let node = Proc::node(&unique("dur-c1"), &addr);
+/// Streams `total` messages from a `chatd connect` sender to a receiver, both on `node`;
+/// once a quarter has arrived runs `outage` (which takes the store away and brings it back);
+/// then checks that every send was acknowledged in the end (some after `STORE_UNAVAILABLE`:
+/// the outage was under traffic), received once in seq order, and stored once (through the
+/// MessageService at `store`).
+async fn outage_under_traffic(node: &Proc, store: &str, total: usize, outage: impl FnOnce()) {
     let (a, b) = (unique("alice"), unique("bob"));
     let mut receiver = Client::connect(&node.ws(), &b, WAIT).await.unwrap();
     let mut sender = Connect::spawn(&a, &[node.ws()]);
@@ -401,14 +402,10 @@ async fn restarting_the_message_service_under_traffic_loses_no_acknowledged_mess
         sender.count("CONNECTED") == 1
     })
     .await;
-
-    let total = 2000;
     let feeder = sender.feed((1..=total).map(|i| line(&b, i)).collect(), 5);
     let mut got = Vec::new();
     receive(&mut receiver, &mut got, total / 4).await;
-    service.kill();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let service = Proc::message_service(&addr);
+    tokio::task::block_in_place(outage);
     receive(&mut receiver, &mut got, total).await;
     feeder.join().unwrap();
     let status = tokio::task::block_in_place(|| sender.wait_exit());
@@ -416,21 +413,31 @@ async fn restarting_the_message_service_under_traffic_loses_no_acknowledged_mess
         status.success(),
         "every send acknowledged in the end: {status}"
     );
-    let refused = sender
-        .of_type("ERROR")
-        .iter()
-        .filter(|e| e["code"] == "STORE_UNAVAILABLE")
-        .count();
     assert!(
-        refused > 0,
+        sender
+            .of_type("ERROR")
+            .iter()
+            .any(|e| e["code"] == "STORE_UNAVAILABLE"),
         "the outage was under traffic: some sends were refused and retried"
     );
-
     assert_gap_free(&got, total);
     let contents: BTreeSet<&str> = got.iter().map(|f| f["content"].as_str().unwrap()).collect();
     assert_eq!(contents.len(), total);
-    let (latest, _) = inbox(&service, &b).await;
-    assert_eq!(latest, total as u64, "each message stored once");
+    let (latest, _) = inbox(store, &b).await;
+    assert_eq!(latest, total as u64, "each message stored once, none lost");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarting_the_message_service_under_traffic_loses_no_acknowledged_message() {
+    let mut service = Proc::message_service("127.0.0.1:0");
+    let addr = service.addr.clone();
+    let node = Proc::node(&unique("dur-c1"), &addr);
+    outage_under_traffic(&node, &addr, 2000, || {
+        service.kill();
+        std::thread::sleep(Duration::from_millis(700));
+        service = Proc::message_service(&addr);
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -601,44 +608,13 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
         ("CHATD_REDIS__PASSWORD", ""),
     ];
     let node = Proc::node_with(&unique("dur-r1"), &service.addr, &env);
-    let (a, b) = (unique("alice"), unique("bob"));
-    let mut receiver = Client::connect(&node.ws(), &b, WAIT).await.unwrap();
-    let mut sender = Connect::spawn(&a, &[node.ws()]);
-    until("the sender connects", WAIT, || {
-        sender.count("CONNECTED") == 1
+    outage_under_traffic(&node, &service.addr, 1500, || {
+        let _ = redis.kill();
+        let _ = redis.wait();
+        std::thread::sleep(Duration::from_millis(700));
+        redis = redis_server(port, &dir);
     })
     .await;
-
-    let total = 1500;
-    let feeder = sender.feed((1..=total).map(|i| line(&b, i)).collect(), 5);
-    let mut got = Vec::new();
-    receive(&mut receiver, &mut got, total / 4).await;
-    let _ = redis.kill();
-    let _ = redis.wait();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let mut redis = redis_server(port, &dir);
-    receive(&mut receiver, &mut got, total).await;
-    feeder.join().unwrap();
-    let status = tokio::task::block_in_place(|| sender.wait_exit());
-    assert!(
-        status.success(),
-        "every send acknowledged in the end: {status}"
-    );
-    assert!(
-        sender
-            .of_type("ERROR")
-            .iter()
-            .any(|e| e["code"] == "STORE_UNAVAILABLE"),
-        "the outage was under traffic: some sends were refused and retried"
-    );
-    assert_gap_free(&got, total);
-    let contents: BTreeSet<&str> = got.iter().map(|f| f["content"].as_str().unwrap()).collect();
-    assert_eq!(contents.len(), total);
-    let (latest, _) = inbox(&service, &b).await;
-    assert_eq!(
-        latest, total as u64,
-        "each message stored once, none lost with Redis"
-    );
     let _ = redis.kill();
     let _ = redis.wait();
     let _ = std::fs::remove_dir_all(&dir);
