@@ -496,6 +496,11 @@ fn tansu(port: u16) -> Child {
         .unwrap_or_else(|e| panic!("{} (installed by scripts/services.sh): {e}", bin.display()))
 }
 
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
 async fn port_open(port: u16) -> bool {
     tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -519,11 +524,7 @@ where
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_restarted_empty_neither_crashes_the_nodes_nor_loses_a_message() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut broker = tansu(port);
     until_async("the test's broker listens", || port_open(port)).await;
     let brokers = format!("127.0.0.1:{port}");
@@ -591,11 +592,7 @@ fn redis_server(port: u16, dir: &std::path::Path) -> Child {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dir = std::env::temp_dir().join(unique("redis-data"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut redis = redis_server(port, &dir);
