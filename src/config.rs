@@ -24,8 +24,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Address to bind. Loopback by default: with `auth` not yet available, anyone who can
-    /// reach the port can claim any user id.
+    /// Address to bind. Loopback by default: with `auth.mode = "none"`, anyone who can reach
+    /// the port can claim any user id.
     pub host: String,
     /// Port for WebSocket and REST; 0 picks a free one (tests).
     pub port: u16,
