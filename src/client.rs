@@ -112,6 +112,33 @@ pub struct Client {
 
 pub struct ClientWriter {
     sink: SplitSink<Socket, Message>,
+    /// When set, text frames wait for a token first (see [`ClientWriter::pace_to`]).
+    pace: Option<Pace>,
+}
+
+/// A token bucket on the client's side, a little under the node's.
+struct Pace {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl Pace {
+    async fn wait(&mut self) {
+        loop {
+            let now = tokio::time::Instant::now();
+            let refill = now.duration_since(self.last).as_secs_f64() * self.per_sec;
+            self.tokens = (self.tokens + refill).min(self.burst);
+            self.last = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                return;
+            }
+            let missing = (1.0 - self.tokens) / self.per_sec;
+            tokio::time::sleep(Duration::from_secs_f64(missing)).await;
+        }
+    }
 }
 
 pub struct ClientReader {
@@ -158,7 +185,7 @@ impl Client {
         };
         let (sink, stream) = socket.split();
         let mut client = Client {
-            writer: ClientWriter { sink },
+            writer: ClientWriter { sink, pace: None },
             reader: ClientReader { stream },
             welcome: Value::Null,
         };
@@ -228,7 +255,25 @@ impl ClientWriter {
     }
 
     pub async fn send_text(&mut self, text: &str) -> Result<(), ClientError> {
+        if let Some(pace) = &mut self.pace {
+            pace.wait().await;
+        }
         Ok(self.sink.send(Message::text(text)).await?)
+    }
+
+    /// Paces text frames under the node's rate limit (told in `CONNECTED`): 90% of its rate,
+    /// half its burst, so that frames bunched on the way still fit. 0 leaves them unpaced.
+    pub fn pace_to(&mut self, per_sec: u64, burst: u64) {
+        if per_sec == 0 {
+            return;
+        }
+        let burst = (burst as f64 / 2.0).max(1.0);
+        self.pace = Some(Pace {
+            per_sec: per_sec as f64 * 0.9,
+            burst,
+            tokens: burst,
+            last: tokio::time::Instant::now(),
+        });
     }
 
     /// Sends any WebSocket message (tests use this for binary and oversized frames).

@@ -394,6 +394,10 @@ pub enum ServerFrame<'a> {
         node_id: &'a str,
         connection_id: &'a str,
         heartbeat_interval_ms: u64,
+        /// This connection's rate limit, so a client can pace itself instead of being
+        /// refused (`RATE_LIMITED`) and then closed (1008).
+        rate_limit_per_sec: u32,
+        rate_limit_burst: u32,
     },
     ChatMessage {
         message_id: &'a str,

@@ -579,3 +579,49 @@ async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
     let _ = std::fs::remove_dir_all(&state);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_paces_its_sends_under_the_nodes_rate_limit() {
+    let mut c = config("n1");
+    c.server.rate_limit_per_sec = 20;
+    c.server.rate_limit_burst = 10;
+    let node = start(c).await;
+    let url = node.ws();
+    let lines: String = (0..50)
+        .map(|i| {
+            format!(
+                "{{\"type\":\"CHAT_MESSAGE\",\"receiverId\":\"bob\",\"chatId\":\"c\",\"content\":\"m{i}\",\"tempMessageId\":\"p{i}\"}}\n"
+            )
+        })
+        .collect();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = chatd()
+            .args([
+                "connect", "--json", "--linger", "0", "--url", &url, "--user", "pacer",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // All at once: a script piping a file.
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("\"MESSAGE_ACK\"").count(), 50, "{stdout}");
+    assert!(!stdout.contains("RATE_LIMITED"), "{stdout}");
+    node.stop().await;
+}

@@ -16,6 +16,10 @@ async fn connected_is_the_first_frame() {
     assert_eq!(client.welcome["userId"], "alice");
     assert_eq!(client.welcome["nodeId"], "n1");
     assert_eq!(client.welcome["heartbeatIntervalMs"], 30_000);
+    assert_eq!(
+        client.welcome["rateLimitPerSec"], 1_000_000,
+        "the test config's limit"
+    );
     assert!(client.connection_id().starts_with('c'));
     node.stop().await;
 }

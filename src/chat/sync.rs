@@ -193,7 +193,17 @@ impl Node {
                 let page = match self.fetch(&h.user_id, after, PAGE).await {
                     Ok(page) => page,
                     Err(e) => {
-                        h.order().suspend();
+                        // Held frames stay held; the next heartbeat (or frame) tries again.
+                        let asked = {
+                            let mut order = h.order();
+                            order.suspend();
+                            order.wants_announce()
+                        };
+                        tracing::warn!(user = %h.user_id, "catch-up from the store failed: {e}");
+                        if !asked {
+                            // A probe or a gap the device does not know of: no need to tell it.
+                            return;
+                        }
                         let e = FrameError::new(
                             ErrorCode::StoreUnavailable,
                             format!("missed messages could not be fetched ({e}); they are kept: send SYNC with your last seq to retry"),

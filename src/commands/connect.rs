@@ -388,6 +388,11 @@ impl Chat {
                 client.connection_id()
             );
         }
+        // Sent no faster than the node accepts: a refusal, and then a close (1008), costs more.
+        client.writer.pace_to(
+            client.welcome["rateLimitPerSec"].as_u64().unwrap_or(0),
+            client.welcome["rateLimitBurst"].as_u64().unwrap_or(0),
+        );
         if let Err(e) = self.unacked.resend_all(&mut client.writer).await {
             return Ok(lost(e));
         }
@@ -440,7 +445,8 @@ impl Chat {
                     }
                     Err(e) => return Ok(lost(e)),
                 },
-                line = self.lines.recv(), if self.stdin_open => match line {
+                // While the node refuses sends for now, new lines wait (no more refusals).
+                line = self.lines.recv(), if self.stdin_open && self.unacked.retry_at.is_none() => match line {
                     Some(line) => {
                         match self.handle_line(&mut client.writer, &line).await {
                             Ok(true) => {

@@ -165,6 +165,8 @@ where
             node_id: &node.node_id,
             connection_id: &connection_id,
             heartbeat_interval_ms: server.heartbeat_interval_ms,
+            rate_limit_per_sec: server.rate_limit_per_sec,
+            rate_limit_burst: server.rate_limit_burst,
         },
     )
     .await;
