@@ -49,6 +49,19 @@ impl Inbox {
     fn oldest(&self) -> u64 {
         self.latest + 1 - self.entries.len() as u64
     }
+
+    /// Drops entries from the front while there are more than `max` or the front one's
+    /// message was evicted (the store no longer keeps it).
+    fn trim(&mut self, max: usize) {
+        while self.entries.len() > max
+            || self
+                .entries
+                .front()
+                .is_some_and(|(_, s)| s.evicted.load(Ordering::Relaxed))
+        {
+            self.entries.pop_front();
+        }
+    }
 }
 
 pub struct MemoryStore {
@@ -97,14 +110,7 @@ impl MemoryStore {
         };
         inbox.latest += 1;
         inbox.entries.push_back((kind, slot.clone()));
-        while inbox.entries.len() > self.inbox_max_entries
-            || inbox
-                .entries
-                .front()
-                .is_some_and(|(_, s)| s.evicted.load(Ordering::Relaxed))
-        {
-            inbox.entries.pop_front();
-        }
+        inbox.trim(self.inbox_max_entries);
         inbox.latest
     }
 }
@@ -179,13 +185,23 @@ impl Store for MemoryStore {
         let stored = state.stored.clone();
         drop(state);
         for old in evicted {
-            let old = lock(&old.state);
-            if let Some(t) = &old.stored.message.temp_message_id {
-                let old_id = &old.stored.message.message_id;
-                self.idempotency.remove_if(
-                    &(old.stored.message.sender_id.clone(), t.clone()),
-                    |_, id| id == old_id,
-                );
+            let (sender, receiver) = {
+                let old = lock(&old.state);
+                let m = &old.stored.message;
+                if let Some(t) = &m.temp_message_id {
+                    self.idempotency
+                        .remove_if(&(m.sender_id.clone(), t.clone()), |_, id| {
+                            *id == m.message_id
+                        });
+                }
+                (m.sender_id.clone(), m.receiver_id.clone())
+            };
+            // The inboxes that held it let go of it too (it is mostly at their front), so
+            // the store keeps about `capacity` messages however many users there are.
+            for user in [sender, receiver] {
+                if let Some(mut inbox) = self.inboxes.get_mut(&user) {
+                    inbox.trim(self.inbox_max_entries);
+                }
             }
         }
         Ok(SaveOutcome::Saved(stored))
@@ -384,6 +400,22 @@ mod tests {
         assert_eq!((a.oldest, a.latest), (1, 2));
         let nobody = s.fetch("nobody", 0, 10).await.unwrap();
         assert_eq!((nobody.oldest, nobody.latest), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn inboxes_let_go_of_evicted_messages() {
+        let s = MemoryStore::new(64, 100);
+        for i in 0..5_000 {
+            // Every message to a user of its own: no later save touches that inbox again.
+            s.save(between(&format!("m{i}"), "a", &format!("u{i}")))
+                .await
+                .unwrap();
+        }
+        let held: usize = s.inboxes.iter().map(|i| i.entries.len()).sum();
+        // The sender's inbox and the receivers' together: about twice the capacity.
+        assert!(held <= 2 * (64 + SHARDS) + 100, "{held}");
+        let gone = s.fetch("u0", 0, 10).await.unwrap();
+        assert_eq!((gone.oldest, gone.latest, gone.entries.len()), (2, 1, 0));
     }
 
     #[tokio::test]
