@@ -473,7 +473,7 @@ async fn concurrent_senders_on_two_node_processes_give_one_gap_free_seq() {
 
 /// A Tansu broker of this test's own (the one `scripts/services.sh` installs), in memory: a
 /// restart loses every topic, offset and producer id, as a broker that lost its disk would.
-fn tansu(port: u16) -> Child {
+fn tansu(port: u16) -> KillOnDrop {
     let bin = std::env::var_os("TANSU")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
@@ -481,7 +481,7 @@ fn tansu(port: u16) -> Child {
                 .join(".cargo/bin/tansu")
         });
     let url = format!("tcp://127.0.0.1:{port}");
-    std::process::Command::new(&bin)
+    let child = std::process::Command::new(&bin)
         .args([
             "broker",
             "--listener-url",
@@ -493,7 +493,8 @@ fn tansu(port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("{} (installed by scripts/services.sh): {e}", bin.display()))
+        .unwrap_or_else(|e| panic!("{} (installed by scripts/services.sh): {e}", bin.display()));
+    KillOnDrop(child)
 }
 
 fn free_port() -> u16 {
@@ -541,8 +542,7 @@ async fn a_broker_restarted_empty_neither_crashes_the_nodes_nor_loses_a_message(
     receive(&mut receiver, &mut got, half).await;
 
     // The broker dies and comes back empty while the stream goes on.
-    let _ = broker.kill();
-    let _ = broker.wait();
+    broker.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut broker = tansu(port);
     until_async("the test's broker is back", || port_open(port)).await;
@@ -566,14 +566,13 @@ async fn a_broker_restarted_empty_neither_crashes_the_nodes_nor_loses_a_message(
                 .unwrap();
         assert_eq!(status, 200);
     }
-    let _ = broker.kill();
-    let _ = broker.wait();
+    broker.kill();
 }
 
 /// A Redis of this test's own on `port`, persisting to `dir` with an fsync per write (as
 /// `scripts/services.sh` runs the shared one), so that killing it loses nothing acknowledged.
-fn redis_server(port: u16, dir: &std::path::Path) -> Child {
-    std::process::Command::new("redis-server")
+fn redis_server(port: u16, dir: &std::path::Path) -> KillOnDrop {
+    let child = std::process::Command::new("redis-server")
         .args([
             "--bind",
             "127.0.0.1",
@@ -587,7 +586,8 @@ fn redis_server(port: u16, dir: &std::path::Path) -> Child {
         .arg(dir)
         .stdout(Stdio::null())
         .spawn()
-        .expect("redis-server (installed by scripts/services.sh)")
+        .expect("redis-server (installed by scripts/services.sh)");
+    KillOnDrop(child)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -606,13 +606,11 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
     ];
     let node = Proc::node_with(&unique("dur-r1"), &service.addr, &env);
     outage_under_traffic(&node, &service.addr, 1500, || {
-        let _ = redis.kill();
-        let _ = redis.wait();
+        redis.kill();
         std::thread::sleep(Duration::from_millis(700));
         redis = redis_server(port, &dir);
     })
     .await;
-    let _ = redis.kill();
-    let _ = redis.wait();
+    redis.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }

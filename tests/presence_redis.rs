@@ -334,13 +334,3 @@ async fn a_stalled_then_restarted_redis_degrades_the_node_and_it_recovers_by_its
     .await;
     node.stop().await;
 }
-
-/// A child process that is killed when the test ends, passed or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}

@@ -308,3 +308,20 @@ pub fn chatd() -> std::process::Command {
     );
     c
 }
+
+/// A helper process of a test's own (a Redis, a broker), SIGKILLed when dropped, also when
+/// the test fails.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
