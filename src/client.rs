@@ -11,6 +11,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::rate::TokenBucket;
+
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 #[derive(Debug, thiserror::Error)]
@@ -113,32 +115,7 @@ pub struct Client {
 pub struct ClientWriter {
     sink: SplitSink<Socket, Message>,
     /// When set, text frames wait for a token first (see [`ClientWriter::pace_to`]).
-    pace: Option<Pace>,
-}
-
-/// A token bucket on the client's side, a little under the node's.
-struct Pace {
-    per_sec: f64,
-    burst: f64,
-    tokens: f64,
-    last: tokio::time::Instant,
-}
-
-impl Pace {
-    async fn wait(&mut self) {
-        loop {
-            let now = tokio::time::Instant::now();
-            let refill = now.duration_since(self.last).as_secs_f64() * self.per_sec;
-            self.tokens = (self.tokens + refill).min(self.burst);
-            self.last = now;
-            if self.tokens >= 1.0 {
-                self.tokens -= 1.0;
-                return;
-            }
-            let missing = (1.0 - self.tokens) / self.per_sec;
-            tokio::time::sleep(Duration::from_secs_f64(missing)).await;
-        }
-    }
+    pace: Option<TokenBucket>,
 }
 
 pub struct ClientReader {
@@ -256,7 +233,7 @@ impl ClientWriter {
 
     pub async fn send_text(&mut self, text: &str) -> Result<(), ClientError> {
         if let Some(pace) = &mut self.pace {
-            pace.wait().await;
+            pace.take().await;
         }
         Ok(self.sink.send(Message::text(text)).await?)
     }
@@ -268,12 +245,7 @@ impl ClientWriter {
             return;
         }
         let burst = (burst as f64 / 2.0).max(1.0);
-        self.pace = Some(Pace {
-            per_sec: per_sec as f64 * 0.9,
-            burst,
-            tokens: burst,
-            last: tokio::time::Instant::now(),
-        });
+        self.pace = Some(TokenBucket::new(per_sec as f64 * 0.9, burst));
     }
 
     /// Sends any WebSocket message (tests use this for binary and oversized frames).

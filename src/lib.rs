@@ -13,6 +13,7 @@
 //! - [`redis_client`]: the Redis pool with a deadline on every call
 //! - [`client`]: the WebSocket client used by `connect`, `send` and the tests
 //! - [`http`]: the small HTTP GET the operator commands use on the REST API
+//! - [`rate`]: the token bucket of the rate limit (node) and of pacing (`connect`)
 
 pub mod auth;
 pub mod bus;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod http;
 pub mod presence;
 pub mod protocol;
+pub mod rate;
 pub mod redis_client;
 pub mod server;
 pub mod store;

@@ -25,6 +25,7 @@ use crate::chat::Node;
 use crate::protocol::{
     parse_client_frame, ClientFrame, ErrorCode, FrameError, ParseContext, ServerFrame,
 };
+use crate::rate::TokenBucket;
 
 /// Longest a single write to a socket may take before the connection counts as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -107,40 +108,24 @@ pub async fn upgrade(
         .into_response()
 }
 
-/// A token bucket: `rate` frames a second on average, `burst` at once.
+/// The connection's rate limit, and how many frames it got refused in a row.
 struct RateLimit {
-    tokens: f64,
-    last: tokio::time::Instant,
-    rate: f64,
-    burst: f64,
-    /// Frames refused in a row.
+    bucket: TokenBucket,
     strikes: u32,
 }
 
 impl RateLimit {
     fn new(rate: u32, burst: u32) -> Self {
         Self {
-            tokens: burst as f64,
-            last: tokio::time::Instant::now(),
-            rate: rate as f64,
-            burst: burst as f64,
+            bucket: TokenBucket::new(rate as f64, burst as f64),
             strikes: 0,
         }
     }
 
     fn allow(&mut self) -> bool {
-        let now = tokio::time::Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            self.strikes = 0;
-            true
-        } else {
-            self.strikes += 1;
-            false
-        }
+        let allowed = self.bucket.try_take();
+        self.strikes = if allowed { 0 } else { self.strikes + 1 };
+        allowed
     }
 }
 
