@@ -497,11 +497,6 @@ fn tansu(port: u16) -> KillOnDrop {
     KillOnDrop(child)
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 async fn port_open(port: u16) -> bool {
     tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -569,33 +564,12 @@ async fn a_broker_restarted_empty_neither_crashes_the_nodes_nor_loses_a_message(
     broker.kill();
 }
 
-/// A Redis of this test's own on `port`, persisting to `dir` with an fsync per write (as
-/// `scripts/services.sh` runs the shared one), so that killing it loses nothing acknowledged.
-fn redis_server(port: u16, dir: &std::path::Path) -> KillOnDrop {
-    let child = std::process::Command::new("redis-server")
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "yes", "--appendfsync", "always"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server (installed by scripts/services.sh)");
-    KillOnDrop(child)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
     let port = free_port();
     let dir = std::env::temp_dir().join(unique("redis-data"));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut redis = redis_server(port, &dir);
+    let mut redis = redis_server(port, Some(&dir));
     until_async("the test's Redis listens", || port_open(port)).await;
     let url = format!("redis://127.0.0.1:{port}/0");
     // Presence and store both on this Redis: killing it takes both away.
@@ -608,7 +582,7 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
     outage_under_traffic(&node, &service.addr, 1500, || {
         redis.kill();
         std::thread::sleep(Duration::from_millis(700));
-        redis = redis_server(port, &dir);
+        redis = redis_server(port, Some(&dir));
     })
     .await;
     redis.kill();

@@ -253,28 +253,8 @@ async fn a_node_killed_with_sigkill_has_its_users_read_offline() {
 #[tokio::test]
 async fn a_stalled_then_restarted_redis_degrades_the_node_and_it_recovers_by_itself() {
     // A Redis of this test's own, so stopping it does not disturb the other tests.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let start_redis = || {
-        KillOnDrop(
-            Command::new("redis-server")
-                .args([
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("redis-server (installed by scripts/services.sh)"),
-        )
-    };
+    let port = free_port();
+    let start_redis = || redis_server(port, None);
     let redis = start_redis();
     let mut c = redis_config("lonely");
     c.redis.url = format!("redis://127.0.0.1:{port}/0");

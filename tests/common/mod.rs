@@ -325,3 +325,36 @@ impl Drop for KillOnDrop {
         self.kill();
     }
 }
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A Redis of a test's own on `port` (no password), so that stopping it disturbs no other
+/// test. With `persist_to`, it writes every change to disk there first (appendonly,
+/// appendfsync always, as `scripts/services.sh` runs the shared one) and a restart on the
+/// same directory keeps everything; without, nothing survives it.
+pub fn redis_server(port: u16, persist_to: Option<&std::path::Path>) -> KillOnDrop {
+    let mut c = std::process::Command::new("redis-server");
+    c.args([
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+    ]);
+    match persist_to {
+        Some(dir) => c
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(dir),
+        None => c.args(["--appendonly", "no"]),
+    };
+    KillOnDrop(
+        c.stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by scripts/services.sh)"),
+    )
+}
