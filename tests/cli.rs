@@ -22,6 +22,30 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
 }
 
+/// Runs `chatd connect ARGS` in the background: writes `input` to its stdin, keeps stdin
+/// open `hold` longer, then closes it; the handle gives its output.
+fn run_connect(
+    args: Vec<String>,
+    input: String,
+    hold: Duration,
+) -> tokio::task::JoinHandle<std::process::Output> {
+    tokio::task::spawn_blocking(move || {
+        let mut child = chatd()
+            .arg("connect")
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).unwrap();
+        std::thread::sleep(hold);
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+}
+
 /// Starts `chatd serve` on a free port; returns the child and the address it logged.
 fn spawn_serve(extra: &[&str]) -> (Child, String) {
     let mut child = chatd()
@@ -155,20 +179,15 @@ async fn connect_json_mode_sends_stdin_frames_and_prints_every_frame() {
     let node = start(config("n1")).await;
     let mut bob = node.client("bob").await;
     let url = node.ws();
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = chatd()
-            .args(["connect", "--url", &url, "--user", "alice", "--json", "--linger", "1"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, r#"{{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c","content":"from a script","tempMessageId":"s1"}}"#).unwrap();
-        writeln!(stdin, "garbage").unwrap();
-        drop(stdin);
-        child.wait_with_output().unwrap()
-    })
+    let input = concat!(
+        r#"{"type":"CHAT_MESSAGE","receiverId":"bob","chatId":"c","content":"from a script","tempMessageId":"s1"}"#,
+        "\ngarbage\n"
+    );
+    let out = run_connect(
+        strings(&["--url", &url, "--user", "alice", "--json", "--linger", "1"]),
+        input.into(),
+        Duration::ZERO,
+    )
     .await
     .unwrap();
     assert!(
@@ -372,21 +391,12 @@ async fn connect_sends_heartbeats_by_itself() {
     c.server.idle_timeout_ms = 400;
     let node = start(c).await;
     let url = node.ws();
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = chatd()
-            .args([
-                "connect", "--url", &url, "--user", "alice", "--json", "--linger", "0",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Silent on stdin for well over the idle timeout.
-        std::thread::sleep(Duration::from_millis(1500));
-        drop(child.stdin.take());
-        child.wait_with_output().unwrap()
-    })
+    // Silent on stdin for well over the idle timeout.
+    let out = run_connect(
+        strings(&["--url", &url, "--user", "alice", "--json", "--linger", "0"]),
+        String::new(),
+        Duration::from_millis(1500),
+    )
     .await
     .unwrap();
     assert!(
@@ -489,18 +499,13 @@ async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
     let url = node.ws();
     // Runs `chatd connect` as bob until stdin ends; returns the frames it printed.
     let run_bob = |extra: &'static [&'static str]| {
-        let (url, bob, state) = (url.clone(), bob.clone(), state.clone());
-        tokio::task::spawn_blocking(move || {
-            let out = chatd()
-                .args([
-                    "connect", "--json", "--linger", "1.5", "--url", &url, "--user", &bob,
-                ])
-                .arg("--state-dir")
-                .arg(&state)
-                .args(extra)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
+        let mut args = strings(&["--json", "--linger", "1.5", "--url", &url, "--user", &bob]);
+        args.push("--state-dir".into());
+        args.push(state.display().to_string());
+        args.extend(strings(extra));
+        let run = run_connect(args, String::new(), Duration::ZERO);
+        async move {
+            let out = run.await.unwrap();
             assert!(
                 out.status.success(),
                 "{}",
@@ -510,7 +515,7 @@ async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
                 .lines()
                 .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
                 .collect::<Vec<_>>()
-        })
+        }
     };
     let mut a = node.client(&alice).await;
     let first = run_bob(&[]);
@@ -525,7 +530,7 @@ async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
             .unwrap();
         expect(&mut a, "MESSAGE_ACK").await;
     }
-    let first = first.await.unwrap();
+    let first = first.await;
     let got: Vec<_> = first
         .iter()
         .filter(|f| f["type"] == "CHAT_MESSAGE")
@@ -548,7 +553,7 @@ async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
             .unwrap();
         expect(&mut a, "MESSAGE_ACK").await;
     }
-    let second = run_bob(&[]).await.unwrap();
+    let second = run_bob(&[]).await;
     let got: Vec<_> = second
         .iter()
         .filter(|f| f["type"] == "CHAT_MESSAGE")
@@ -571,7 +576,7 @@ async fn connect_keeps_its_cursor_and_gets_what_it_missed_next_time() {
         .iter()
         .any(|f| f["type"] == "SYNCED" && f["seq"] == 5));
     // --since 0 replays everything.
-    let all = run_bob(&["--since", "0"]).await.unwrap();
+    let all = run_bob(&["--since", "0"]).await;
     assert_eq!(
         all.iter().filter(|f| f["type"] == "CHAT_MESSAGE").count(),
         5
@@ -594,25 +599,12 @@ async fn connect_paces_its_sends_under_the_nodes_rate_limit() {
             )
         })
         .collect();
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = chatd()
-            .args([
-                "connect", "--json", "--linger", "0", "--url", &url, "--user", "pacer",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // All at once: a script piping a file.
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(lines.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    })
+    // All at once: a script piping a file.
+    let out = run_connect(
+        strings(&["--json", "--linger", "0", "--url", &url, "--user", "pacer"]),
+        lines,
+        Duration::ZERO,
+    )
     .await
     .unwrap();
     assert!(
