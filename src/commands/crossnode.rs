@@ -5,16 +5,16 @@
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::spawn::{NodeSpec, Spawned};
 use crate::chat::ids::now_ms;
 use crate::client::{chat_url_with_token, with_since, Client, ClientError};
 use crate::config::{AuthMode, Overrides};
@@ -51,59 +51,6 @@ struct Check {
     detail: String,
 }
 
-/// Two spawned nodes, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Spawned(Vec<Child>);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-        }
-        for child in &mut self.0 {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn spawn_node(
-    args: &CrossnodeArgs,
-    profile: &str,
-    node_id: &str,
-) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(std::env::current_exe()?)
-        .args([
-            "serve",
-            "--profile",
-            profile,
-            "--port",
-            "0",
-            "--node-id",
-            node_id,
-        ])
-        .arg("--config-dir")
-        .arg(&args.config_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start chatd serve")?;
-    let stderr = child.stderr.take().context("no stderr")?;
-    match super::serve::listening_address(stderr, Duration::from_secs(30)) {
-        Ok(addr) => Ok((child, format!("ws://{addr}"))),
-        Err(why) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("node {node_id} (profile {profile}) failed to start: {why}")
-        }
-    }
-}
-
 pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
     let layers = super::ConfigArgs {
         profile: Some(args.profile.clone()),
@@ -115,20 +62,27 @@ pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
     let presence = RedisPresence::from_config(&config).map_err(anyhow::Error::msg)?;
 
     let run_id = now_ms() % 1_000_000_000;
-    let (_spawned, nodes) = if args.spawn {
-        let (c1, u1) = spawn_node(&args, "node1", &format!("xn{run_id}-1"))?;
-        let (c2, u2) = spawn_node(&args, "node2", &format!("xn{run_id}-2"))?;
-        (Some(Spawned(vec![c1, c2])), vec![u1, u2])
+    let mut spawned = Spawned::default();
+    let nodes = if args.spawn {
+        let mut urls = Vec::new();
+        for (profile, n) in [("node1", 1), ("node2", 2)] {
+            let node_id = format!("xn{run_id}-{n}");
+            let spec = NodeSpec {
+                profile: Some(profile),
+                node_id: &node_id,
+                config_dir: &args.config_dir,
+                env: &[],
+            };
+            urls.push(spawned.start(&spec).await?);
+        }
+        urls
     } else if args.nodes.is_empty() {
-        (
-            None,
-            vec![
-                "ws://127.0.0.1:9430".to_string(),
-                "ws://127.0.0.1:9431".to_string(),
-            ],
-        )
+        vec![
+            "ws://127.0.0.1:9430".to_string(),
+            "ws://127.0.0.1:9431".to_string(),
+        ]
     } else if args.nodes.len() == 2 {
-        (None, args.nodes.clone())
+        args.nodes.clone()
     } else {
         bail!("give exactly two --node URLs (or none for the node1/node2 profiles, or --spawn)");
     };
@@ -144,6 +98,7 @@ pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
     };
     let checks = scenarios(&nodes, secret, &presence, &format!("xn{run_id}"), &bar).await;
     bar.finish_and_clear();
+    spawned.stop().await;
 
     let failed = checks.iter().filter(|c| !c.ok).count();
     if args.json {

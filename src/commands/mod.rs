@@ -8,6 +8,7 @@ pub mod message_service;
 pub mod presence;
 pub mod send;
 pub mod serve;
+pub mod spawn;
 pub mod stats;
 pub mod token;
 

@@ -4,14 +4,27 @@
 //! starts the node itself and reports its memory: resident set before, with `--idle` idle
 //! connections open, and per connection.
 
-use std::process::{Child, Command, Stdio};
+mod cluster;
+
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
 
+use super::spawn::{NodeSpec, Spawned};
 use crate::client::Client;
+
+/// The environment of a spawned node: limits that would throttle a benchmark lifted, and
+/// per-message logging off.
+const UNLIMITED: &[(&str, &str)] = &[
+    ("CHATD_SERVER__RATE_LIMIT_PER_SEC", "1000000000"),
+    ("CHATD_SERVER__RATE_LIMIT_BURST", "1000000000"),
+    ("CHATD_SERVER__MAX_CONNECTIONS", "18000"),
+    ("CHATD_SERVER__MAX_DEVICES_PER_USER", "100000"),
+    ("RUST_LOG", "warn,chatd::commands::serve=info"),
+];
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -34,19 +47,36 @@ pub struct BenchArgs {
     /// Idle connections to open for the memory figure (with --spawn)
     #[arg(long, default_value_t = 2000)]
     pub idle: usize,
+    /// Measure the cross-node path instead: start two nodes (profile node1 settings, node ids
+    /// benchA and benchB) on the services of scripts/services.sh, senders on the first,
+    /// receivers on the second
+    #[arg(long, conflicts_with = "spawn")]
+    pub cluster: bool,
+    /// With --cluster: offer this many messages a second in all (open loop, latency measured
+    /// from when each message was due); without it, each sender keeps --window in flight
+    #[arg(long, requires = "cluster")]
+    pub rate: Option<u32>,
+    /// With --cluster: seconds of sending
+    #[arg(long, default_value_t = 15, requires = "cluster")]
+    pub duration: u64,
+    /// With --cluster: the profile whose services (Redis, broker, MessageService) the nodes use
+    #[arg(long, default_value = "node1", requires = "cluster")]
+    pub profile: String,
+    /// Directory of the profiles
+    #[arg(long, value_name = "DIR", default_value = "config")]
+    pub config_dir: PathBuf,
+    /// With --cluster: where scripts/services.sh keeps its pid files, for the CPU time of
+    /// Redis, the broker and the MessageService
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = ".services",
+        requires = "cluster"
+    )]
+    pub services_dir: PathBuf,
     /// Machine output
     #[arg(long)]
     pub json: bool,
-}
-
-/// The spawned node, stopped when dropped.
-struct SpawnedNode(Child);
-
-impl Drop for SpawnedNode {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -59,26 +89,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.pairs == 0 || args.messages == 0 || args.window == 0 {
         bail!("--pairs, --messages and --window must be at least 1");
     }
-    let (node, url) = if args.spawn {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--port", "0", "--node-id", "bench"])
-            .env("CHATD_SERVER__RATE_LIMIT_PER_SEC", "1000000000")
-            .env("CHATD_SERVER__RATE_LIMIT_BURST", "1000000000")
-            .env("CHATD_SERVER__MAX_CONNECTIONS", "18000")
-            .env("CHATD_SERVER__MAX_DEVICES_PER_USER", "100000")
-            .env("RUST_LOG", "warn,chatd::commands::serve=info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start chatd serve")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let addr = super::serve::listening_address(stderr, Duration::from_secs(30))
-            .map_err(anyhow::Error::msg)?;
-        (Some(SpawnedNode(child)), format!("ws://{addr}"))
+    if args.cluster {
+        return cluster::run(&args).await;
+    }
+    let mut spawned = Spawned::default();
+    let url = if args.spawn {
+        let spec = NodeSpec {
+            profile: None,
+            node_id: "bench",
+            config_dir: &args.config_dir,
+            env: UNLIMITED,
+        };
+        spawned.start(&spec).await?
     } else {
-        (None, args.url.clone())
+        args.url.clone()
     };
-    let pid = node.as_ref().map(|n| n.0.id());
+    let pid = spawned.pids().first().copied();
     let wait = Duration::from_secs(30);
 
     // Throughput and latency.
@@ -158,6 +184,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         drop(idle);
     }
 
+    spawned.stop().await;
     let report = json!({
         "url": url,
         "pairs": args.pairs,

@@ -1,0 +1,600 @@
+//! `chatd bench --cluster`: the cross-node path, measured end to end. Two nodes of this binary
+//! (the profile's settings, node ids `benchA` and `benchB`) on the services of
+//! `scripts/services.sh`; every sender on the first node, its receiver on the second, so each
+//! message is stored, routed through the broker and delivered by the other node.
+//!
+//! Open loop (`--rate`): messages are due on a fixed schedule whatever the node answers, and
+//! latency counts from when a message was due, so a node that falls behind shows it in the
+//! percentiles instead of slowing the senders down. Closed loop (no `--rate`): each sender
+//! keeps `--window` messages in flight, which finds the maximum.
+//!
+//! Reported: delivered per second, latency, messages acknowledged but never delivered (lost)
+//! and delivered twice (repeated), the CPU time of every process per delivered message (both
+//! nodes, Redis, the broker, the MessageService, from `/proc`), and Redis commands per message
+//! (`INFO commandstats`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::{BenchArgs, UNLIMITED};
+use crate::chat::ids::now_ms;
+use crate::client::{Client, ClientError, ClientReader, ClientWriter, Incoming};
+use crate::commands::spawn::{NodeSpec, Spawned};
+use crate::commands::ConfigArgs;
+use crate::config::Overrides;
+use crate::redis_client::RedisClient;
+
+/// How long after the last send a message may still arrive before it counts as lost.
+const DRAIN: Duration = Duration::from_secs(15);
+const CONNECT_WAIT: Duration = Duration::from_secs(30);
+/// Clock ticks per second of `/proc/PID/stat` (USER_HZ, 100 on Linux).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// What one pair's tasks share: how far the sender got, and whether its acks are all in.
+#[derive(Default)]
+struct PairState {
+    sent: AtomicU64,
+    sending_done: AtomicBool,
+    acked: AtomicU64,
+    acks_done: AtomicBool,
+}
+
+/// One pair's outcome.
+struct PairResult {
+    /// By message number: acknowledged by the sender's node.
+    acked: Vec<bool>,
+    /// By message number: how many times the receiver got it.
+    received: Vec<u32>,
+    latencies: Vec<Duration>,
+    errors: BTreeMap<String, u64>,
+}
+
+/// A process whose CPU time is measured.
+struct Process {
+    name: &'static str,
+    pid: Option<u32>,
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn pid_file(dir: &Path, name: &str) -> Option<u32> {
+    std::fs::read_to_string(dir.join(format!("{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Calls of every Redis command so far (`INFO commandstats`).
+async fn redis_calls(redis: &RedisClient) -> anyhow::Result<BTreeMap<String, u64>> {
+    let info: String = redis
+        .call("INFO commandstats", |mut c| async move {
+            redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut c)
+                .await
+        })
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(parse_commandstats(&info))
+}
+
+fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+fn chat_frame(to: &str, n: u64, due_us: u128) -> String {
+    json!({"type": "CHAT_MESSAGE", "receiverId": to, "chatId": "bench",
+        "content": format!("{n}:{due_us}"), "tempMessageId": format!("b{n}")})
+    .to_string()
+}
+
+fn mark(v: &mut Vec<bool>, n: usize) {
+    if v.len() <= n {
+        v.resize(n + 1, false);
+    }
+    v[n] = true;
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.pairs == 0 || args.window == 0 || args.duration == 0 || args.rate == Some(0) {
+        bail!("--pairs, --window, --duration and --rate must be at least 1");
+    }
+    let layers = ConfigArgs {
+        profile: Some(args.profile.clone()),
+        config: None,
+        config_dir: args.config_dir.clone(),
+    };
+    let config = layers.load(Overrides::default())?;
+    if config.kafka.brokers.is_empty() {
+        bail!(
+            "profile {:?} names no [kafka] brokers: --cluster needs a cluster profile (node1) \
+             and its services (scripts/services.sh up)",
+            args.profile
+        );
+    }
+    let redis = RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?;
+    redis_calls(&redis).await.with_context(|| {
+        format!(
+            "Redis at {} does not answer: start the services with scripts/services.sh up",
+            config.redis.url
+        )
+    })?;
+
+    let mut spawned = Spawned::default();
+    let mut urls = Vec::new();
+    for node_id in ["benchA", "benchB"] {
+        let spec = NodeSpec {
+            profile: Some(&args.profile),
+            node_id,
+            config_dir: &args.config_dir,
+            env: UNLIMITED,
+        };
+        urls.push(spawned.start(&spec).await?);
+    }
+    let node_pids = spawned.pids();
+    let processes = [
+        Process {
+            name: "node A (senders)",
+            pid: node_pids.first().copied(),
+        },
+        Process {
+            name: "node B (receivers)",
+            pid: node_pids.get(1).copied(),
+        },
+        Process {
+            name: "Redis",
+            pid: pid_file(&args.services_dir, "redis"),
+        },
+        Process {
+            name: "broker",
+            pid: pid_file(&args.services_dir, "kafka"),
+        },
+        Process {
+            name: "MessageService",
+            pid: pid_file(&args.services_dir, "message-service"),
+        },
+    ];
+
+    let run_id = now_ms() % 1_000_000_000;
+    let mut pairs = Vec::with_capacity(args.pairs);
+    for i in 0..args.pairs {
+        let to = format!("bench{run_id}-r{i}");
+        let sender =
+            Client::connect(&urls[0], &format!("bench{run_id}-s{i}"), CONNECT_WAIT).await?;
+        let receiver = Client::connect(&urls[1], &to, CONNECT_WAIT).await?;
+        pairs.push((to, sender, receiver));
+    }
+    // One message per pair first, not counted: every path is up (presence written, the
+    // producer knows the topic) before the clock starts.
+    let warm = futures_util::future::join_all(pairs.iter_mut().map(|(to, s, r)| async move {
+        let frame = json!({"type": "CHAT_MESSAGE", "receiverId": to, "chatId": "bench",
+            "content": "warm-up", "tempMessageId": "warm-up"});
+        s.send_json(&frame).await?;
+        s.wait_for("MESSAGE_ACK", CONNECT_WAIT, |_| {}).await?;
+        r.wait_for("CHAT_MESSAGE", CONNECT_WAIT, |_| {}).await?;
+        Ok::<_, ClientError>(())
+    }))
+    .await;
+    for w in warm {
+        w.context("the warm-up message did not cross from node A to node B")?;
+    }
+
+    let cpu_before: Vec<Option<u64>> = processes
+        .iter()
+        .map(|p| p.pid.and_then(cpu_ticks))
+        .collect();
+    let calls_before = redis_calls(&redis).await?;
+    let started = Instant::now();
+    let end = started + Duration::from_secs(args.duration);
+    let mut tasks = Vec::with_capacity(args.pairs);
+    for (to, sender, receiver) in pairs {
+        let state = Arc::new(PairState::default());
+        let window = Arc::new(Semaphore::new(args.window));
+        let Client { writer, reader, .. } = sender;
+        let pace = match args.rate {
+            Some(rate) => Pace::Every(Duration::from_secs_f64(args.pairs as f64 / rate as f64)),
+            None => Pace::Window(window.clone()),
+        };
+        let send = tokio::spawn(send_loop(writer, to, pace, started, end, state.clone()));
+        let acks = tokio::spawn(ack_loop(reader, window, end + DRAIN, state.clone()));
+        let receive = tokio::spawn(receive_loop(receiver.reader, started, end + DRAIN, state));
+        tasks.push((send, acks, receive));
+    }
+    let mut results = Vec::with_capacity(tasks.len());
+    for (send, acks, receive) in tasks {
+        send.await?.context("a sender failed")?;
+        let (acked, errors) = acks.await?;
+        let (received, latencies, last) = receive.await?;
+        results.push((
+            PairResult {
+                acked,
+                received,
+                latencies,
+                errors,
+            },
+            last,
+        ));
+    }
+    let elapsed = results
+        .iter()
+        .filter_map(|(_, last)| *last)
+        .max()
+        .unwrap_or(end)
+        .saturating_duration_since(started);
+    let cpu_after: Vec<Option<u64>> = processes
+        .iter()
+        .map(|p| p.pid.and_then(cpu_ticks))
+        .collect();
+    let calls_after = redis_calls(&redis).await?;
+    spawned.stop().await;
+
+    let results: Vec<PairResult> = results.into_iter().map(|(r, _)| r).collect();
+    let report = Report::new(args, &results, elapsed);
+    let cpu: Vec<(&str, Option<f64>)> = processes
+        .iter()
+        .zip(cpu_before.iter().zip(&cpu_after))
+        .map(|(p, (b, a))| {
+            let secs = match (b, a) {
+                (Some(b), Some(a)) => Some(a.saturating_sub(*b) as f64 / TICKS_PER_SEC),
+                _ => None,
+            };
+            (p.name, secs)
+        })
+        .collect();
+    let mut calls: Vec<(String, u64)> = calls_after
+        .iter()
+        .map(|(k, after)| {
+            (
+                k.clone(),
+                after - calls_before.get(k).copied().unwrap_or(0).min(*after),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    calls.sort_by(|a, b| b.1.cmp(&a.1));
+    report.print(args, &cpu, &calls)
+}
+
+/// How a sender spaces its messages.
+enum Pace {
+    /// Open loop: one message every this long, whatever the node answers.
+    Every(Duration),
+    /// Closed loop: one permit per message in flight, returned by its ack.
+    Window(Arc<Semaphore>),
+}
+
+async fn send_loop(
+    mut writer: ClientWriter,
+    to: String,
+    pace: Pace,
+    started: Instant,
+    end: Instant,
+    state: Arc<PairState>,
+) -> Result<(), ClientError> {
+    let mut n: u64 = 0;
+    let result = loop {
+        let due = match &pace {
+            Pace::Every(interval) => {
+                let due = started + interval.mul_f64(n as f64);
+                tokio::time::sleep_until(due).await;
+                due
+            }
+            Pace::Window(window) => match window.acquire().await {
+                Ok(permit) => {
+                    permit.forget();
+                    Instant::now()
+                }
+                Err(_) => break Ok(()),
+            },
+        };
+        if due >= end {
+            break Ok(());
+        }
+        let frame = chat_frame(&to, n, due.duration_since(started).as_micros());
+        if let Err(e) = writer.send_text(&frame).await {
+            break Err(e);
+        }
+        n += 1;
+        state.sent.store(n, Ordering::Release);
+    };
+    state.sending_done.store(true, Ordering::Release);
+    result
+}
+
+/// Counts the sender's acks (and errors) until every sent message has one, or `deadline`.
+async fn ack_loop(
+    mut reader: ClientReader,
+    window: Arc<Semaphore>,
+    deadline: Instant,
+    state: Arc<PairState>,
+) -> (Vec<bool>, BTreeMap<String, u64>) {
+    let mut acked = Vec::new();
+    let mut count = 0u64;
+    let mut errors = BTreeMap::new();
+    loop {
+        let all_in = state.sending_done.load(Ordering::Acquire)
+            && count >= state.sent.load(Ordering::Acquire);
+        if all_in || Instant::now() >= deadline {
+            break;
+        }
+        let frame = match reader.next(Duration::from_millis(100)).await {
+            Ok(Incoming::Frame(f)) => f,
+            Err(ClientError::Timeout(_)) => continue,
+            Ok(Incoming::Closed { code, reason }) => {
+                *errors.entry(format!("closed {code} {reason}")).or_insert(0) += 1;
+                break;
+            }
+            Err(e) => {
+                *errors.entry(format!("{e}")).or_insert(0) += 1;
+                break;
+            }
+        };
+        let temp = frame["tempMessageId"]
+            .as_str()
+            .and_then(|t| t.strip_prefix('b'));
+        match (
+            frame["type"].as_str(),
+            temp.and_then(|t| t.parse::<usize>().ok()),
+        ) {
+            (Some("MESSAGE_ACK"), Some(n)) => {
+                mark(&mut acked, n);
+                count += 1;
+                window.add_permits(1);
+            }
+            (Some("ERROR"), n) => {
+                let code = frame["code"].as_str().unwrap_or("?").to_string();
+                *errors.entry(code).or_insert(0) += 1;
+                if n.is_some() {
+                    // A refused send frees its place in the window too.
+                    count += 1;
+                    window.add_permits(1);
+                }
+            }
+            _ => {}
+        }
+    }
+    state.acked.store(count, Ordering::Release);
+    state.acks_done.store(true, Ordering::Release);
+    window.close();
+    (acked, errors)
+}
+
+/// Records every message the receiver gets until it has all the acknowledged ones, or
+/// `deadline`. Returns how often each arrived, the latencies, and when the last one came.
+async fn receive_loop(
+    mut reader: ClientReader,
+    started: Instant,
+    deadline: Instant,
+    state: Arc<PairState>,
+) -> (Vec<u32>, Vec<Duration>, Option<Instant>) {
+    let mut received: Vec<u32> = Vec::new();
+    let mut unique = 0u64;
+    let mut latencies = Vec::new();
+    let mut last = None;
+    loop {
+        let done = state.acks_done.load(Ordering::Acquire)
+            && unique >= state.acked.load(Ordering::Acquire);
+        if done || Instant::now() >= deadline {
+            break;
+        }
+        let frame = match reader.next(Duration::from_millis(100)).await {
+            Ok(Incoming::Frame(f)) => f,
+            Err(ClientError::Timeout(_)) => continue,
+            _ => break,
+        };
+        if frame["type"] != "CHAT_MESSAGE" {
+            continue;
+        }
+        let Some((n, due_us)) = frame["content"].as_str().and_then(|c| c.split_once(':')) else {
+            continue;
+        };
+        let (Ok(n), Ok(due_us)) = (n.parse::<usize>(), due_us.parse::<u64>()) else {
+            continue;
+        };
+        let now = Instant::now();
+        if received.len() <= n {
+            received.resize(n + 1, 0);
+        }
+        received[n] += 1;
+        if received[n] == 1 {
+            unique += 1;
+            let due = started + Duration::from_micros(due_us);
+            latencies.push(now.saturating_duration_since(due));
+        }
+        last = Some(now);
+    }
+    (received, latencies, last)
+}
+
+/// What the run measured, before the processes' CPU is added.
+struct Report {
+    delivered: u64,
+    acked: u64,
+    lost: u64,
+    repeated: u64,
+    errors: BTreeMap<String, u64>,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Report {
+    fn new(_args: &BenchArgs, results: &[PairResult], elapsed: Duration) -> Self {
+        let mut r = Report {
+            delivered: 0,
+            acked: 0,
+            lost: 0,
+            repeated: 0,
+            errors: BTreeMap::new(),
+            elapsed,
+            latencies: Vec::new(),
+        };
+        for p in results {
+            for (n, acked) in p.acked.iter().enumerate() {
+                let got = p.received.get(n).copied().unwrap_or(0);
+                if *acked {
+                    r.acked += 1;
+                    if got == 0 {
+                        r.lost += 1;
+                    }
+                }
+            }
+            for got in &p.received {
+                if *got > 0 {
+                    r.delivered += 1;
+                    r.repeated += u64::from(got - 1);
+                }
+            }
+            for (k, v) in &p.errors {
+                *r.errors.entry(k.clone()).or_insert(0) += v;
+            }
+            r.latencies.extend_from_slice(&p.latencies);
+        }
+        r.latencies.sort();
+        r
+    }
+
+    fn percentile(&self, q: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        self.latencies[((self.latencies.len() as f64 - 1.0) * q) as usize]
+    }
+
+    fn print(
+        &self,
+        args: &BenchArgs,
+        cpu: &[(&str, Option<f64>)],
+        calls: &[(String, u64)],
+    ) -> anyhow::Result<()> {
+        let secs = self.elapsed.as_secs_f64().max(1e-9);
+        let per_msg = |x: f64| x / self.delivered.max(1) as f64;
+        let rate = self.delivered as f64 / secs;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let (p50, p99, max) = (
+            self.percentile(0.5),
+            self.percentile(0.99),
+            self.percentile(1.0),
+        );
+        let total_calls: u64 = calls.iter().map(|(_, n)| n).sum();
+        if args.json {
+            let report = json!({
+                "mode": if args.rate.is_some() { "open-loop" } else { "closed-loop" },
+                "offeredPerSec": args.rate,
+                "window": args.rate.is_none().then_some(args.window),
+                "pairs": args.pairs,
+                "durationSecs": args.duration,
+                "acked": self.acked,
+                "delivered": self.delivered,
+                "lost": self.lost,
+                "repeated": self.repeated,
+                "errors": self.errors,
+                "elapsedSecs": secs,
+                "deliveredPerSec": rate,
+                "latencyMs": { "p50": ms(p50), "p99": ms(p99), "max": ms(max) },
+                "cpu": cpu.iter().map(|(name, s)| json!({
+                    "process": name,
+                    "cores": s.map(|s| s / secs),
+                    "usPerMessage": s.map(|s| per_msg(s) * 1e6),
+                })).collect::<Vec<_>>(),
+                "redisCommandsPerMessage": per_msg(total_calls as f64),
+                "redisCommands": calls.iter().map(|(k, n)| (k.clone(), json!(per_msg(*n as f64)))).collect::<serde_json::Map<_, _>>(),
+            });
+            println!("{report}");
+        } else {
+            let mut table = crate::commands::table(["measure", "value"]);
+            let load = match args.rate {
+                Some(r) => format!(
+                    "open loop, {r} msg/s offered, {} pairs, {} s",
+                    args.pairs, args.duration
+                ),
+                None => format!(
+                    "closed loop, window {} x {} pairs, {} s",
+                    args.window, args.pairs, args.duration
+                ),
+            };
+            table.add_row(["load".to_string(), load]);
+            table.add_row([
+                "delivered".to_string(),
+                format!("{} in {secs:.2} s: {rate:.0} msg/s", self.delivered),
+            ]);
+            table.add_row([
+                "latency p50 / p99 / max".to_string(),
+                format!("{:.2} / {:.2} / {:.2} ms", ms(p50), ms(p99), ms(max)),
+            ]);
+            table.add_row([
+                "acknowledged, lost, repeated".to_string(),
+                format!("{} / {} / {}", self.acked, self.lost, self.repeated),
+            ]);
+            if !self.errors.is_empty() {
+                table.add_row(["errors".to_string(), format!("{:?}", self.errors)]);
+            }
+            for (name, s) in cpu {
+                let value = match s {
+                    Some(s) => format!("{:.2} cores, {:.1} µs/msg", s / secs, per_msg(*s) * 1e6),
+                    None => "not measured (no pid)".to_string(),
+                };
+                table.add_row([format!("CPU {name}"), value]);
+            }
+            let top: Vec<String> = calls
+                .iter()
+                .take(6)
+                .map(|(k, n)| format!("{k} {:.2}", per_msg(*n as f64)))
+                .collect();
+            table.add_row([
+                "Redis commands / msg".to_string(),
+                format!("{:.2} ({})", per_msg(total_calls as f64), top.join(", ")),
+            ]);
+            println!("{table}");
+        }
+        if self.lost > 0 || self.repeated > 0 {
+            bail!(
+                "{} acknowledged messages were lost and {} repeated",
+                self.lost,
+                self.repeated
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commandstats_are_read() {
+        let info = "# Commandstats\r\ncmdstat_evalsha:calls=17032,usec=1,usec_per_call=0.1,rejected_calls=0\r\ncmdstat_ping:calls=3,usec=0\r\n";
+        let calls = parse_commandstats(info);
+        assert_eq!(calls.get("evalsha"), Some(&17032));
+        assert_eq!(calls.get("ping"), Some(&3));
+        assert_eq!(calls.len(), 2);
+    }
+
+    #[test]
+    fn cpu_of_this_process_is_read() {
+        assert!(cpu_ticks(std::process::id()).is_some());
+    }
+}
