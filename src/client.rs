@@ -142,7 +142,10 @@ impl Client {
     /// any token redacted.
     pub async fn connect_url(url: &str, wait: Duration) -> Result<Client, ClientError> {
         let shown = redact_token(url);
-        let socket = match tokio::time::timeout(wait, tokio_tungstenite::connect_async(url)).await {
+        // Nagle off, as browsers do: a small frame sent while an earlier one is unacknowledged
+        // would otherwise wait for the server's delayed ACK (tens of ms).
+        let connecting = tokio_tungstenite::connect_async_with_config(url, None, true);
+        let socket = match tokio::time::timeout(wait, connecting).await {
             Err(_) => return Err(ClientError::Timeout(wait)),
             Ok(Ok((socket, _))) => socket,
             Ok(Err(tungstenite::Error::Http(response))) => {

@@ -44,6 +44,9 @@ pub struct ServerConfig {
     /// Frames waiting to be written to one connection; a reader that falls this far behind is
     /// closed (1013) so that it reconnects, rather than growing memory without bound.
     pub send_queue_len: usize,
+    /// Chat messages of one connection being stored and delivered at once: the reader goes on
+    /// reading while earlier ones are on their way, and waits (reads nothing) at this many.
+    pub max_in_flight: usize,
     /// On SIGINT/SIGTERM, how long to wait for sessions to close before exiting anyway.
     pub shutdown_grace_ms: u64,
     /// This node's REST base URL as other nodes and `chatd stats` should reach it (stored
@@ -82,6 +85,7 @@ impl Default for ServerConfig {
             max_frame_bytes: 64 * 1024,
             max_content_chars: 4096,
             send_queue_len: 256,
+            max_in_flight: 64,
             shutdown_grace_ms: 5_000,
             advertise_url: String::new(),
             allowed_origins: Vec::new(),
@@ -133,9 +137,10 @@ pub struct RedisConfig {
     pub url: String,
     /// Put into the URL when it has no credentials of its own. Redacted when printed.
     pub password: String,
-    /// Connections in the pool.
+    /// Connections to Redis, each multiplexed (every task's calls pipelined on it); calls are
+    /// spread over them in turn.
     pub pool_size: usize,
-    /// Deadline of every Redis call, waiting for a pooled connection included.
+    /// Deadline of every Redis call, connecting included.
     pub timeout_ms: u64,
 }
 
@@ -144,7 +149,7 @@ impl Default for RedisConfig {
         Self {
             url: "redis://127.0.0.1:6379/0".into(),
             password: String::new(),
-            pool_size: 16,
+            pool_size: 2,
             timeout_ms: 1000,
         }
     }
@@ -167,6 +172,9 @@ pub struct KafkaConfig {
     /// How long the broker may hold a fetch when there is nothing new (latency of an idle
     /// topic; librdkafka's own default of 500 ms would delay every cross-node frame).
     pub fetch_wait_ms: u64,
+    /// How long the producer gathers frames before a request to the broker: frames for one
+    /// node within this window leave together. 0 sends each at once (one request each).
+    pub linger_ms: u64,
 }
 
 impl Default for KafkaConfig {
@@ -178,6 +186,7 @@ impl Default for KafkaConfig {
             group_prefix: "chatd-node-".into(),
             publish_timeout_ms: 5000,
             fetch_wait_ms: 10,
+            linger_ms: 2,
         }
     }
 }
@@ -401,6 +410,9 @@ impl Config {
         if s.send_queue_len == 0 {
             return bad("server.send_queue_len", "must be at least 1".into());
         }
+        if !(1..=4096).contains(&s.max_in_flight) {
+            return bad("server.max_in_flight", "must be between 1 and 4096".into());
+        }
         if self.presence.ttl_secs == 0 {
             return bad("presence.ttl_secs", "must be at least 1".into());
         }
@@ -439,6 +451,9 @@ impl Config {
         }
         if !(1..=1000).contains(&k.fetch_wait_ms) {
             return bad("kafka.fetch_wait_ms", "must be between 1 and 1000".into());
+        }
+        if k.linger_ms > 1000 {
+            return bad("kafka.linger_ms", "must be between 0 and 1000".into());
         }
         if k.publish_timeout_ms < 100 {
             return bad("kafka.publish_timeout_ms", "must be at least 100".into());

@@ -1,16 +1,28 @@
-//! One Redis connection pool with a deadline on every call, shared by the Redis presence and
-//! the Redis store. A Redis that stalls or dies costs a call `redis.timeout_ms`, never a hang.
+//! The Redis connections of a process, shared by the Redis presence and the Redis store:
+//! `redis.pool_size` multiplexed connections, calls spread over them in turn. A multiplexed
+//! connection carries the calls of every task at once, pipelined, with no checkout: a pool
+//! checked each connection out with a PING and an UNWATCH, two extra commands per call.
+//! Every call has a deadline; a connection that fails or misses one is dropped and made
+//! again by the next call, so a Redis that stalls or dies costs a call `redis.timeout_ms`,
+//! never a hang.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_redis::{Pool, Runtime};
+use redis::aio::MultiplexedConnection;
+use redis::AsyncConnectionConfig;
 
 use crate::config::RedisConfig;
 
 #[derive(Clone)]
 pub struct RedisClient {
-    pool: Pool,
-    /// Deadline of every call, waiting for a pooled connection included.
+    client: redis::Client,
+    /// The connections, each made on first use and again after a failure.
+    slots: Arc<[tokio::sync::Mutex<Option<MultiplexedConnection>>]>,
+    /// Which slot the next call uses.
+    next: Arc<AtomicUsize>,
+    /// Deadline of every call, connecting included.
     timeout: Duration,
 }
 
@@ -36,43 +48,76 @@ pub fn url_with_password(url: &str, password: &str) -> String {
 impl RedisClient {
     pub fn new(config: &RedisConfig) -> Result<Self, String> {
         let timeout = Duration::from_millis(config.timeout_ms);
-        let pool =
-            deadpool_redis::Config::from_url(url_with_password(&config.url, &config.password))
-                .builder()
-                .map_err(|e| format!("redis.url: {e}"))?
-                .max_size(config.pool_size)
-                .wait_timeout(Some(timeout))
-                .create_timeout(Some(timeout))
-                .recycle_timeout(Some(timeout))
-                .runtime(Runtime::Tokio1)
-                .build()
-                .map_err(|e| format!("redis pool: {e}"))?;
-        Ok(Self { pool, timeout })
+        let client = redis::Client::open(url_with_password(&config.url, &config.password))
+            .map_err(|e| format!("redis.url: {e}"))?;
+        let slots = (0..config.pool_size.max(1))
+            .map(|_| tokio::sync::Mutex::new(None))
+            .collect();
+        Ok(Self {
+            client,
+            slots,
+            next: Arc::new(AtomicUsize::new(0)),
+            timeout,
+        })
     }
 
-    /// Runs `f` on a pooled connection within the deadline; the error names `what` failed.
+    /// A connection of `slot`, made now if it has none.
+    async fn connection(&self, slot: usize) -> redis::RedisResult<MultiplexedConnection> {
+        let mut held = self.slots[slot].lock().await;
+        if let Some(c) = &*held {
+            return Ok(c.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(self.timeout)
+            .set_response_timeout(self.timeout);
+        let c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        *held = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Forgets `slot`'s connection after a failure; the next call makes a new one.
+    async fn drop_connection(&self, slot: usize) {
+        *self.slots[slot].lock().await = None;
+    }
+
+    /// Runs `f` on a connection within the deadline; the error names `what` failed.
     pub async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, String>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         let work = async {
-            let conn = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| format!("redis {what}: {e}"))?;
-            f(conn).await.map_err(|e| format!("redis {what}: {e}"))
+            let conn = self.connection(slot).await?;
+            f(conn).await
         };
         let started = std::time::Instant::now();
         let result = tokio::time::timeout(self.timeout, work).await;
         crate::chat::metrics::REDIS_CALLS.observe(started.elapsed());
         match result {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "redis {what}: no answer within {} ms",
-                self.timeout.as_millis()
-            )),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => {
+                // A reply that is an error (a script's, NOSCRIPT) leaves the connection good.
+                if e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || e.is_unrecoverable_error()
+                {
+                    self.drop_connection(slot).await;
+                }
+                Err(format!("redis {what}: {e}"))
+            }
+            Err(_) => {
+                self.drop_connection(slot).await;
+                Err(format!(
+                    "redis {what}: no answer within {} ms",
+                    self.timeout.as_millis()
+                ))
+            }
         }
     }
 

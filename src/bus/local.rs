@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 
-use super::{Bus, BusError, Envelope, Inbound, OfflinePush};
+use super::{Bus, BusError, Envelope, Inbound, OfflinePush, Publish};
 
 /// Envelopes waiting for one node; a full queue makes publishers wait, which is the
 /// back-pressure a broker would give.
@@ -24,16 +24,26 @@ impl LocalBus {
 
 #[async_trait]
 impl Bus for LocalBus {
-    async fn publish(&self, node_id: &str, envelope: Envelope) -> Result<(), BusError> {
-        // Clone the sender out so the map's shard lock is not held across the await.
-        let tx = self
-            .nodes
-            .get(node_id)
-            .map(|tx| tx.clone())
-            .ok_or_else(|| BusError::UnknownNode(node_id.to_string()))?;
-        tx.send(Inbound::Envelope(envelope))
-            .await
-            .map_err(|_| BusError::Closed(node_id.to_string()))
+    fn publish(&self, node_id: &str, envelope: Envelope) -> Publish {
+        // Cloned out so the map's shard lock is not held by the returned future.
+        let Some(tx) = self.nodes.get(node_id).map(|tx| tx.clone()) else {
+            return Box::pin(std::future::ready(Err(BusError::UnknownNode(
+                node_id.to_string(),
+            ))));
+        };
+        let closed = || BusError::Closed(node_id.to_string());
+        match tx.try_send(Inbound::Envelope(envelope)) {
+            Ok(()) => Box::pin(std::future::ready(Ok(()))),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Box::pin(std::future::ready(Err(closed())))
+            }
+            // Full: the publisher waits for room (the back-pressure a broker would give); a
+            // frame that overtakes another meanwhile is put back in order by its seq.
+            Err(mpsc::error::TrySendError::Full(inbound)) => {
+                let closed = closed();
+                Box::pin(async move { tx.send(inbound).await.map_err(|_| closed) })
+            }
+        }
     }
 
     async fn offline_push(&self, event: OfflinePush) -> Result<(), BusError> {

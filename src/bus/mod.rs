@@ -9,6 +9,9 @@ mod local;
 pub use kafka::{topic_lag, KafkaBus};
 pub use local::LocalBus;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -87,10 +90,16 @@ pub enum BusError {
     Unavailable(String),
 }
 
+/// A publish under way. The envelope is queued by the time [`Bus::publish`] returns, so
+/// envelopes for one node leave in the order they were published; this resolves once the bus
+/// has it (for Kafka: the broker's ack, `acks=all`).
+pub type Publish = Pin<Box<dyn Future<Output = Result<(), BusError>> + Send>>;
+
 #[async_trait]
 pub trait Bus: Send + Sync {
-    /// Hands `envelope` to node `node_id`.
-    async fn publish(&self, node_id: &str, envelope: Envelope) -> Result<(), BusError>;
+    /// Queues `envelope` for node `node_id` at once; the returned future says whether it got
+    /// there. Publishes to different nodes are independent and may be awaited together.
+    fn publish(&self, node_id: &str, envelope: Envelope) -> Publish;
     /// Emits an offline-push event.
     async fn offline_push(&self, event: OfflinePush) -> Result<(), BusError>;
     /// Starts consuming this node's queue.

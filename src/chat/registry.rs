@@ -38,7 +38,7 @@ pub struct SessionHandle {
 }
 
 /// What [`SessionHandle::offer`] did with a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Offered {
     /// Queued to the socket, or held until the frames before it arrive.
     Accepted,
@@ -46,6 +46,9 @@ pub enum Offered {
     Dropped,
     /// Held, with a gap before it: the caller starts a catch-up for this device.
     NeedsCatchUp,
+    /// Next in order, but the device's queue is full: the caller waits for room (up to the
+    /// reply patience) and then sends what was held meanwhile.
+    Waits(Utf8Bytes),
 }
 
 /// What the session task keeps: the other ends of the handle's channels.
@@ -138,13 +141,17 @@ impl SessionHandle {
         };
         match order.offer(seq, held.clone(), self.max_held) {
             // Queued under the lock, so that frames leave in the order they were decided.
-            Decision::Send => {
-                if self.push(held.frame, kind, metrics) {
-                    Offered::Accepted
-                } else {
-                    Offered::Dropped
+            Decision::Send => match self.outbox.try_send(held.frame) {
+                Ok(()) => Offered::Accepted,
+                Err(mpsc::error::TrySendError::Closed(_)) => Offered::Dropped,
+                // A burst (a batch of messages for this device) filled the queue: everything
+                // after this frame is held while it waits for room, so order holds. A device
+                // that does not read is closed once the wait runs out or too much is held.
+                Err(mpsc::error::TrySendError::Full(frame)) => {
+                    order.begin_catch_up(false);
+                    Offered::Waits(frame)
                 }
-            }
+            },
             Decision::Duplicate => Offered::Dropped,
             Decision::Held => Offered::Accepted,
             Decision::CatchUp => Offered::NeedsCatchUp,
@@ -208,6 +215,8 @@ pub struct Delivered {
     pub devices: usize,
     /// Devices that hold it behind a gap; the store must fill the gap.
     pub catch_up: Vec<SessionHandle>,
+    /// Devices whose queue is full: the frame waits for room, then what they hold is sent.
+    pub waits: Vec<(SessionHandle, Utf8Bytes)>,
 }
 
 /// Local sessions by user. Sharded, so delivery to different users does not contend.
@@ -267,6 +276,10 @@ impl Registry {
                 Offered::NeedsCatchUp => {
                     delivered.devices += 1;
                     delivered.catch_up.push(h.clone());
+                }
+                Offered::Waits(frame) => {
+                    delivered.devices += 1;
+                    delivered.waits.push((h.clone(), frame));
                 }
             }
         }

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::metrics::Metrics;
 use super::order::{Decision, Fetched, Held};
@@ -65,6 +66,13 @@ fn entry_frame(entry: &InboxEntry, user_id: &str) -> Utf8Bytes {
         EntryKind::Message => chat_frame(&entry.message.message, entry.seq, user_id),
         EntryKind::Receipt => receipt_frame(&entry.message.message, entry.seq),
     }
+}
+
+/// An ack that waits for room in its device's queue.
+struct AckWait {
+    frame: Utf8Bytes,
+    /// Frames after it are held meanwhile: a catch-up sends them once it is out.
+    catch_up_after: bool,
 }
 
 impl Node {
@@ -141,9 +149,51 @@ impl Node {
 
     /// Acknowledges the device's own send at `seq` (its place in the sender's inbox), in
     /// order with the rest of what the device gets. An ack is never dropped.
-    pub async fn send_ack(&self, handle: &SessionHandle, seq: u64, frame: Utf8Bytes) {
+    /// Never waits: when the device's queue is full, the rest is done by a task of its own
+    /// (the batched chat path must not wait for one slow device). `permit`, the message's
+    /// place in its connection's in-flight limit, is given back once the ack is queued.
+    pub(super) fn send_ack(
+        &self,
+        handle: &SessionHandle,
+        seq: u64,
+        frame: Utf8Bytes,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        if let Some(wait) = self.offer_ack(handle, seq, frame) {
+            self.spawn_wait(handle.clone(), wait.frame, wait.catch_up_after, permit);
+        }
+    }
+
+    /// A frame that is next in order for a device whose queue is full: a task waits for room
+    /// (up to `REPLY_PATIENCE`, then the device is closed as a slow consumer), and with
+    /// `catch_up_after` then sends what was held meanwhile.
+    pub(super) fn spawn_wait(
+        &self,
+        handle: SessionHandle,
+        frame: Utf8Bytes,
+        catch_up_after: bool,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let Some(node) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            handle.reply(frame, REPLY_PATIENCE, &node.metrics).await;
+            drop(permit);
+            if catch_up_after {
+                node.catch_up(&handle, false).await;
+            }
+        });
+    }
+
+    /// Decides an ack and queues it if there is room; returns what is left when the queue
+    /// is full.
+    fn offer_ack(&self, handle: &SessionHandle, seq: u64, frame: Utf8Bytes) -> Option<AckWait> {
         if seq == 0 {
-            return handle.reply(frame, REPLY_PATIENCE, &self.metrics).await;
+            return handle.try_reply(frame).err().map(|frame| AckWait {
+                frame,
+                catch_up_after: false,
+            });
         }
         let held = Held {
             frame: frame.clone(),
@@ -155,7 +205,7 @@ impl Node {
             let catching_up = order.is_catching_up();
             match order.offer_ack(seq, held, handle.max_held()) {
                 Decision::Send => match handle.try_reply(frame.clone()) {
-                    Ok(()) => return,
+                    Ok(()) => return None,
                     // Full: hold everything after it while this waits for room.
                     Err(_) => (Decision::Send, !catching_up && order.begin_catch_up(false)),
                 },
@@ -164,15 +214,16 @@ impl Node {
         };
         match decision {
             Decision::Send => {
-                handle.reply(frame, REPLY_PATIENCE, &self.metrics).await;
-                if catch_up_after {
-                    self.catch_up(handle, false).await;
-                }
+                return Some(AckWait {
+                    frame,
+                    catch_up_after,
+                })
             }
             Decision::CatchUp => self.spawn_catch_up(handle),
             Decision::Overflow => handle.close_too_far_behind(&self.metrics),
             Decision::Held | Decision::Duplicate => {}
         }
+        None
     }
 
     /// Sends the device what it misses, from the store and from what is held, in order,

@@ -39,6 +39,15 @@ pub trait Presence: Send + Sync {
     async fn heartbeat(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError>;
     /// The user's live devices (expired ones are not returned).
     async fn devices(&self, user_id: &str) -> Result<Vec<Device>, PresenceError>;
+    /// The live devices of each user, in the order asked; one round trip where the backend
+    /// can (the message path asks for every target of a batch at once).
+    async fn devices_many(&self, user_ids: &[&str]) -> Result<Vec<Vec<Device>>, PresenceError> {
+        let mut out = Vec::with_capacity(user_ids.len());
+        for u in user_ids {
+            out.push(self.devices(u).await?);
+        }
+        Ok(out)
+    }
     /// Users with at least one live device, cluster-wide.
     async fn online_user_count(&self) -> Result<usize, PresenceError>;
     /// Removes every device of a node (graceful shutdown); returns how many.

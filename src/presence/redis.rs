@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::redis::{self, AsyncCommands, Script};
+use redis::{AsyncCommands, Script};
 
 use super::{Device, Presence, PresenceError};
 use crate::chat::ids::now_ms;
@@ -90,6 +90,28 @@ end
 return out
 "#;
 
+/// The live devices of every user in KEYS (each a device hash), one flat [conn, value, ...]
+/// list per key, in order; each node's lease is looked up once.
+const DEVICES_MANY: &str = r#"
+local leases = {}
+local out = {}
+for k = 1, #KEYS do
+  local all = redis.call('HGETALL', KEYS[k])
+  local list = {}
+  for i = 1, #all, 2 do
+    local v = all[i + 1]
+    local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
+    if leases[node] == nil then leases[node] = redis.call('EXISTS', ARGV[1] .. node) == 1 end
+    if leases[node] then
+      list[#list + 1] = all[i]
+      list[#list + 1] = v
+    end
+  end
+  out[k] = list
+end
+return out
+"#;
+
 /// Every node of KEYS[1] (`chat:nodes`) and its lease's value, "" when it lapsed: a flat
 /// [node, url, ...] list.
 const NODES_WITH_LEASES: &str = r#"
@@ -128,6 +150,7 @@ pub struct RedisPresence {
     disconnect: Script,
     heartbeat: Script,
     devices: Script,
+    devices_many: Script,
     clear_node: Script,
     nodes: Script,
 }
@@ -142,6 +165,7 @@ impl RedisPresence {
             disconnect: Script::new(DISCONNECT),
             heartbeat: Script::new(HEARTBEAT),
             devices: Script::new(DEVICES),
+            devices_many: Script::new(DEVICES_MANY),
             clear_node: Script::new(CLEAR_NODE),
             nodes: Script::new(NODES_WITH_LEASES),
         }
@@ -158,13 +182,29 @@ impl RedisPresence {
 
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, PresenceError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         self.redis
             .call(what, f)
             .await
             .map_err(PresenceError::Unavailable)
+    }
+
+    /// Devices from a flat [conn, `{node}|{lastSeenMs}`, ...] list, the expired ones left out.
+    fn live_devices(&self, flat: Vec<String>) -> Vec<Device> {
+        let now = now_ms();
+        flat.chunks_exact(2)
+            .filter_map(|pair| {
+                let (node, seen) = pair[1].split_once('|')?;
+                let last_seen_ms: i64 = seen.parse().ok()?;
+                (now - last_seen_ms < self.ttl_ms).then(|| Device {
+                    connection_id: pair[0].clone(),
+                    node_id: node.to_string(),
+                    last_seen_ms,
+                })
+            })
+            .collect()
     }
 
     /// Refreshes this node's lease (with its REST URL as value) and its place in `chat:nodes`.
@@ -312,18 +352,31 @@ impl Presence for RedisPresence {
                     .await
             })
             .await?;
-        let now = now_ms();
-        Ok(flat
-            .chunks_exact(2)
-            .filter_map(|pair| {
-                let (node, seen) = pair[1].split_once('|')?;
-                let last_seen_ms: i64 = seen.parse().ok()?;
-                (now - last_seen_ms < self.ttl_ms).then(|| Device {
-                    connection_id: pair[0].clone(),
-                    node_id: node.to_string(),
-                    last_seen_ms,
-                })
+        Ok(self.live_devices(flat))
+    }
+
+    async fn devices_many(&self, user_ids: &[&str]) -> Result<Vec<Vec<Device>>, PresenceError> {
+        let mut call = self.devices_many.prepare_invoke();
+        for u in user_ids {
+            call.key(devices_key(u));
+        }
+        call.arg(LEASE_PREFIX);
+        let call = &call;
+        let lists: Vec<Vec<String>> = self
+            .call("devices of many", |mut c| async move {
+                call.invoke_async(&mut c).await
             })
+            .await?;
+        if lists.len() != user_ids.len() {
+            return Err(PresenceError::Unavailable(format!(
+                "devices script answered {} lists for {} users",
+                lists.len(),
+                user_ids.len()
+            )));
+        }
+        Ok(lists
+            .into_iter()
+            .map(|flat| self.live_devices(flat))
             .collect())
     }
 

@@ -1,6 +1,7 @@
 //! The WebSocket endpoint: the checks before the upgrade, then one session per connection,
-//! split into a reader (this task: frames in, the message path) and a writer (a task draining
-//! the connection's bounded outbox).
+//! split into a reader (this task: frames in, checked, chat messages handed to the node's
+//! batched path without waiting for them) and a writer (a task draining the connection's
+//! bounded outbox).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use axum::http::StatusCode;
 use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_tungstenite::tungstenite;
 
 use super::handshake::{self, Identity};
@@ -185,6 +186,11 @@ where
         user_id: &user_id,
         max_content_chars: server.max_content_chars,
     };
+    // Chat messages of this connection on their way (stored, routed, not yet acked).
+    // Never more than its queue holds: their acks must fit in it.
+    let in_flight = Arc::new(Semaphore::new(
+        server.max_in_flight.min(server.send_queue_len),
+    ));
 
     let ended = loop {
         tokio::select! {
@@ -210,7 +216,7 @@ where
                 }
                 Ok(Some(Ok(Message::Text(text)))) => {
                     if rate.allow() {
-                        handle_text(&node, &handle, &text, ctx).await;
+                        handle_text(&node, &handle, &text, ctx, &in_flight).await;
                     } else if rate.strikes >= server.rate_limit_strikes {
                         handle.request_close(1008, "rate limit exceeded again and again");
                         break "flooding";
@@ -264,10 +270,22 @@ where
     tracing::info!(user = %user_id, connection = %connection_id, reason = ended, "disconnected");
 }
 
-async fn handle_text(node: &Node, handle: &SessionHandle, text: &str, ctx: ParseContext<'_>) {
+async fn handle_text(
+    node: &Node,
+    handle: &SessionHandle,
+    text: &str,
+    ctx: ParseContext<'_>,
+    in_flight: &Arc<Semaphore>,
+) {
     match parse_client_frame(text, ctx) {
         Err(e) => node.reply_error(handle, &e).await,
-        Ok(ClientFrame::Chat(send)) => node.handle_chat(handle, send).await,
+        Ok(ClientFrame::Chat(send)) => {
+            // At the limit, this connection is not read until an earlier message is acked.
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            node.submit_chat(handle, send, permit).await
+        }
         Ok(ClientFrame::Sync { since }) => node.handle_sync(handle, since),
         Ok(ClientFrame::Heartbeat) => {
             node.heartbeat(handle).await;

@@ -81,6 +81,9 @@ fn entry_from_pb(e: pb::InboxEntry) -> Option<InboxEntry> {
     })
 }
 
+/// Most messages one `SaveMessages` call may carry.
+pub const MAX_BATCH: usize = 1024;
+
 /// The node's side: a [`Store`] that calls a MessageService.
 pub struct GrpcStore {
     client: MessageServiceClient<Channel>,
@@ -159,6 +162,53 @@ impl Store for GrpcStore {
         } else {
             SaveOutcome::Saved(stored)
         })
+    }
+
+    async fn save_batch(&self, messages: Vec<NewMessage>) -> Vec<Result<SaveOutcome, StoreError>> {
+        let n = messages.len();
+        let request = pb::SaveMessagesRequest {
+            messages: messages
+                .into_iter()
+                .map(|m| to_pb(&StoredMessage::unsequenced(m)))
+                .collect(),
+        };
+        let reply = self
+            .with_retries("save messages", |mut c| {
+                let request = request.clone();
+                async move { c.save_messages(Request::new(request)).await }
+            })
+            .await;
+        let failed = |e: &StoreError| {
+            (0..n)
+                .map(|_| Err(StoreError::Unavailable(e.to_string())))
+                .collect()
+        };
+        let results = match reply {
+            Ok(r) if r.results.len() == n => r.results,
+            Ok(r) => {
+                let why = format!(
+                    "MessageService {}: {} answers to {n} saves",
+                    self.url,
+                    r.results.len()
+                );
+                return failed(&StoreError::Unavailable(why));
+            }
+            Err(e) => return failed(&e),
+        };
+        results
+            .into_iter()
+            .map(|r| match r.message {
+                Some(m) if r.error.is_empty() => Ok(if r.duplicate {
+                    SaveOutcome::Duplicate(from_pb(m))
+                } else {
+                    SaveOutcome::Saved(from_pb(m))
+                }),
+                _ => Err(StoreError::Unavailable(format!(
+                    "MessageService {} save: {}",
+                    self.url, r.error
+                ))),
+            })
+            .collect()
     }
 
     async fn mark_read(
@@ -283,6 +333,52 @@ impl MessageService for Service {
             message: Some(to_pb(&stored)),
             duplicate,
         }))
+    }
+
+    async fn save_messages(
+        &self,
+        request: Request<pb::SaveMessagesRequest>,
+    ) -> Result<Response<pb::SaveMessagesResponse>, Status> {
+        let messages = request.into_inner().messages;
+        if messages.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} messages in one call, got {}",
+                messages.len()
+            )));
+        }
+        if messages
+            .iter()
+            .any(|m| m.message_id.is_empty() || m.sender_id.is_empty())
+        {
+            return Err(Status::invalid_argument(
+                "every message needs its message_id and sender_id",
+            ));
+        }
+        let saved = self
+            .store
+            .save_batch(messages.into_iter().map(|m| from_pb(m).message).collect())
+            .await;
+        let results = saved
+            .into_iter()
+            .map(|r| match r {
+                Ok(SaveOutcome::Saved(m)) => pb::SaveResult {
+                    message: Some(to_pb(&m)),
+                    duplicate: false,
+                    error: String::new(),
+                },
+                Ok(SaveOutcome::Duplicate(m)) => pb::SaveResult {
+                    message: Some(to_pb(&m)),
+                    duplicate: true,
+                    error: String::new(),
+                },
+                Err(e) => pb::SaveResult {
+                    message: None,
+                    duplicate: false,
+                    error: e.to_string(),
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::SaveMessagesResponse { results }))
     }
 
     async fn mark_read(

@@ -124,6 +124,15 @@ pub enum StoreError {
 #[async_trait]
 pub trait Store: Send + Sync {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, StoreError>;
+    /// Saves several messages, in the order given, each as [`save`](Self::save) would (its
+    /// own outcome, idempotent); a store that can does it in one round trip.
+    async fn save_batch(&self, messages: Vec<NewMessage>) -> Vec<Result<SaveOutcome, StoreError>> {
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            out.push(self.save(m).await);
+        }
+        out
+    }
     /// Marks a message read by its receiver; returns it (its sender is who to tell) with the
     /// receipt's place in the sender's inbox. Marking again changes nothing and returns the
     /// same receipt.

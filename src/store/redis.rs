@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use deadpool_redis::redis::{self, Script};
+use redis::Script;
 
 use super::{
     EntryKind, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome, Store, StoreError,
@@ -157,6 +157,13 @@ impl RedisStore {
     }
 }
 
+/// The same failure for each of `n` saves.
+fn failed_all(n: usize, why: &str) -> Vec<Result<SaveOutcome, StoreError>> {
+    (0..n)
+        .map(|_| Err(StoreError::Unavailable(why.to_string())))
+        .collect()
+}
+
 fn from_fields(message_id: &str, f: &HashMap<String, String>) -> Option<StoredMessage> {
     let get = |k: &str| f.get(k).cloned();
     let seq = |k: &str| get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -176,39 +183,36 @@ fn from_fields(message_id: &str, f: &HashMap<String, String>) -> Option<StoredMe
     })
 }
 
-#[async_trait]
-impl Store for RedisStore {
-    async fn save(&self, message: NewMessage) -> Result<SaveOutcome, StoreError> {
-        let temp = message.temp_message_id.clone().unwrap_or_default();
-        let m = &message;
-        let script = &self.save;
-        let retention = self.retention_ms;
-        let max = self.inbox_max_entries;
-        let reply: Vec<String> = self
-            .redis
-            .call("save message", |mut c| async move {
-                script
-                    .key(message_key(&m.message_id))
-                    .key(idempotency_key(&m.sender_id, &temp))
-                    .key(seq_key(&m.receiver_id))
-                    .key(inbox_key(&m.receiver_id))
-                    .key(seq_key(&m.sender_id))
-                    .key(inbox_key(&m.sender_id))
-                    .arg(&m.message_id)
-                    .arg(&m.sender_id)
-                    .arg(&m.receiver_id)
-                    .arg(&m.chat_id)
-                    .arg(&m.content)
-                    .arg(m.timestamp)
-                    .arg(&temp)
-                    .arg(retention)
-                    .arg(MSG_PREFIX)
-                    .arg(max)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await
-            .map_err(StoreError::Unavailable)?;
+impl RedisStore {
+    /// The save script's call for `m`.
+    fn save_invocation<'a>(&'a self, m: &NewMessage) -> redis::ScriptInvocation<'a> {
+        let temp = m.temp_message_id.as_deref().unwrap_or_default();
+        let mut call = self.save.prepare_invoke();
+        call.key(message_key(&m.message_id))
+            .key(idempotency_key(&m.sender_id, temp))
+            .key(seq_key(&m.receiver_id))
+            .key(inbox_key(&m.receiver_id))
+            .key(seq_key(&m.sender_id))
+            .key(inbox_key(&m.sender_id))
+            .arg(&m.message_id)
+            .arg(&m.sender_id)
+            .arg(&m.receiver_id)
+            .arg(&m.chat_id)
+            .arg(&m.content)
+            .arg(m.timestamp)
+            .arg(temp)
+            .arg(self.retention_ms)
+            .arg(MSG_PREFIX)
+            .arg(self.inbox_max_entries);
+        call
+    }
+
+    /// What the save script's `reply` for `message` means.
+    async fn save_outcome(
+        &self,
+        message: NewMessage,
+        reply: Vec<String>,
+    ) -> Result<SaveOutcome, StoreError> {
         let bad_reply = || StoreError::Unavailable(format!("save script answered {reply:?}"));
         match reply.as_slice() {
             [empty, rseq, sseq] if empty.is_empty() => Ok(SaveOutcome::Saved(StoredMessage {
@@ -225,6 +229,59 @@ impl Store for RedisStore {
             },
             _ => Err(bad_reply()),
         }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn save(&self, message: NewMessage) -> Result<SaveOutcome, StoreError> {
+        let call = self.save_invocation(&message);
+        let reply: Vec<String> = self
+            .redis
+            .call("save message", |mut c| async move {
+                call.invoke_async(&mut c).await
+            })
+            .await
+            .map_err(StoreError::Unavailable)?;
+        self.save_outcome(message, reply).await
+    }
+
+    /// One pipeline of save scripts, one round trip, in order: each message is still one
+    /// atomic script, and the scripts run one after another as they were given.
+    async fn save_batch(&self, messages: Vec<NewMessage>) -> Vec<Result<SaveOutcome, StoreError>> {
+        let mut pipe = redis::pipe();
+        for m in &messages {
+            pipe.invoke_script(&self.save_invocation(m));
+        }
+        let script = &self.save;
+        let pipe = &pipe;
+        let replies: Result<Vec<Vec<String>>, String> = self
+            .redis
+            .call("save messages", |mut c| async move {
+                match pipe.query_async(&mut c).await {
+                    // Redis restarted empty (scripts are not persisted): load it and run
+                    // again. Nothing ran: every call of a missing script fails.
+                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                        script.prepare_invoke().load_async(&mut c).await?;
+                        pipe.query_async(&mut c).await
+                    }
+                    r => r,
+                }
+            })
+            .await;
+        let replies = match replies {
+            Ok(r) if r.len() == messages.len() => r,
+            Ok(r) => {
+                let why = format!("{} answers to {} saves", r.len(), messages.len());
+                return failed_all(messages.len(), &why);
+            }
+            Err(why) => return failed_all(messages.len(), &why),
+        };
+        let mut out = Vec::with_capacity(messages.len());
+        for (m, reply) in messages.into_iter().zip(replies) {
+            out.push(self.save_outcome(m, reply).await);
+        }
+        out
     }
 
     async fn mark_read(

@@ -36,7 +36,7 @@ use crate::redis_client::RedisClient;
 const DRAIN: Duration = Duration::from_secs(15);
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
 /// Clock ticks per second of `/proc/PID/stat` (USER_HZ, 100 on Linux).
-const TICKS_PER_SEC: f64 = 100.0;
+pub(super) const TICKS_PER_SEC: f64 = 100.0;
 
 /// What one pair's tasks share: how far the sender got, and whether its acks are all in.
 #[derive(Default)]
@@ -64,7 +64,7 @@ struct Process {
 }
 
 /// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
+pub(super) fn cpu_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces: fields are counted after its closing parenthesis.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();

@@ -114,6 +114,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let receiver = Client::connect(&url, &format!("bench-r{i}"), wait).await?;
         pairs.push((i, sender, receiver));
     }
+    let cpu_before = pid.and_then(cluster::cpu_ticks);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, mut sender, mut receiver) in pairs {
@@ -158,6 +159,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         latencies.extend(receive.await?.context("a receiver failed")?);
     }
     let elapsed = started.elapsed();
+    // The node's CPU time per delivered message (only for a node we started).
+    let cpu_us = match (cpu_before, pid.and_then(cluster::cpu_ticks)) {
+        (Some(b), Some(a)) if !latencies.is_empty() => {
+            Some((a - b) as f64 / cluster::TICKS_PER_SEC * 1e6 / latencies.len() as f64)
+        }
+        _ => None,
+    };
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
     let delivered = latencies.len();
@@ -194,6 +202,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "elapsedSecs": elapsed.as_secs_f64(),
         "messagesPerSec": rate,
         "latencyMs": { "p50": at(0.5).as_secs_f64() * 1e3, "p99": at(0.99).as_secs_f64() * 1e3, "max": at(1.0).as_secs_f64() * 1e3 },
+        "nodeCpuUsPerMessage": cpu_us,
         "memory": memory.map(|(b, a, per)| json!({ "rssBeforeKiB": b, "rssWithIdleKiB": a, "idleConnections": args.idle, "perConnectionKiB": per })),
     });
     if args.json {
@@ -217,6 +226,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "latency p50 / p99 / max".to_string(),
         format!("{:.2?} / {:.2?} / {:.2?}", at(0.5), at(0.99), at(1.0)),
     ]);
+    if let Some(us) = cpu_us {
+        table.add_row([
+            "node CPU per delivered message".to_string(),
+            format!("{us:.2} µs"),
+        ]);
+    }
     if let Some((b, a, per)) = memory {
         table.add_row([
             "node RSS before".to_string(),

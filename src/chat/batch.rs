@@ -1,0 +1,260 @@
+//! The path of chat messages through a node, in batches. A connection's reader checks a
+//! message (moderation, id) and hands it here without waiting; one task takes whatever has
+//! arrived meanwhile (up to [`MAX_BATCH`]) and, for the whole batch at once:
+//!
+//! 1. stores it (one store call: one Redis pipeline, one `SaveMessages` RPC) while it looks
+//!    up every receiver's and sender's devices (one presence call);
+//! 2. delivers to devices on this node, and queues one envelope per other node on the bus;
+//! 3. hands the batch on to the completion task, and takes the next batch.
+//!
+//! The completion task waits for the bus (the broker's acks) batch after batch, in order, and
+//! then acknowledges each message to its sending device, so `route` and `remoteFailed` say
+//! what really happened. Only this one task stores messages, and only the completion task
+//! acks them, both in arrival order: a connection's messages are stored, delivered and
+//! acknowledged in the order it sent them, however many are in flight.
+//!
+//! How many a connection may have in flight is bounded (`server.max_in_flight`): each holds
+//! a permit of its connection's semaphore until its ack is queued.
+
+use std::sync::Weak;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::metrics::Metrics;
+use super::registry::SessionHandle;
+use super::route::{Outgoing, Published, Reach, Target};
+use super::Node;
+use crate::bus::FrameKind;
+use crate::protocol::{ErrorCode, FrameError, Route, ServerFrame};
+use crate::store::{NewMessage, SaveOutcome, StoredMessage};
+
+/// Most messages stored and routed together.
+pub(super) const MAX_BATCH: usize = 256;
+
+/// A checked message on its way, from the device that sent it.
+pub(super) struct Pending {
+    pub from: SessionHandle,
+    pub message: NewMessage,
+    /// The message's place in its connection's in-flight limit, given back with the ack.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// A stored message waiting for its publishes before its ack.
+struct Stored {
+    from: SessionHandle,
+    message: StoredMessage,
+    /// Stored now (not a retry of a stored one).
+    fresh: bool,
+    permit: OwnedSemaphorePermit,
+}
+
+/// A routed batch: its messages (each with two targets: receiver, then the sender's other
+/// devices), how far each target got so far, and the envelopes still on their way.
+struct Routed {
+    stored: Vec<Stored>,
+    reach: Vec<Reach>,
+    published: Vec<Published>,
+}
+
+/// Takes messages in batches until the node is gone.
+pub(super) async fn run(node: Weak<Node>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    tokio::spawn(complete(node.clone(), done_rx));
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let Some(node) = node.upgrade() else { break };
+        let routed = node.route_batch(std::mem::take(&mut batch)).await;
+        if done_tx.send(routed).is_err() {
+            break;
+        }
+    }
+}
+
+/// Acknowledges routed batches in order, once their envelopes reached the bus.
+async fn complete(node: Weak<Node>, mut rx: mpsc::UnboundedReceiver<Routed>) {
+    while let Some(mut routed) = rx.recv().await {
+        let Some(node) = node.upgrade() else { break };
+        let published = std::mem::take(&mut routed.published);
+        node.settle(published, &mut routed.reach).await;
+        node.acknowledge(routed);
+    }
+}
+
+impl Node {
+    /// Stores a batch, delivers it here and queues its envelopes to other nodes.
+    async fn route_batch(&self, batch: Vec<Pending>) -> Routed {
+        let mut heads = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        // Every receiver and sender of the batch, once, for one presence call.
+        let mut users: Vec<String> = Vec::with_capacity(batch.len() * 2);
+        for p in batch {
+            for u in [&p.message.receiver_id, &p.message.sender_id] {
+                if !users.contains(u) {
+                    users.push(u.clone());
+                }
+            }
+            heads.push((p.from, p.permit, p.message.temp_message_id.clone()));
+            messages.push(p.message);
+        }
+        let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
+        let (saved, devices) = tokio::join!(
+            self.backends.store.save_batch(messages),
+            self.backends.presence.devices_many(&user_refs)
+        );
+        let devices = match devices {
+            Ok(d) => Some(d),
+            Err(e) => {
+                // Local delivery happens regardless; other nodes' devices catch up from the
+                // store at their next heartbeat.
+                Metrics::inc(&self.metrics.presence_failures);
+                tracing::warn!("presence lookup failed: {e}");
+                None
+            }
+        };
+        let devices_of = |user: &str| {
+            let i = users.iter().position(|u| u == user)?;
+            devices.as_ref().map(|d| d[i].as_slice())
+        };
+
+        let mut stored = Vec::with_capacity(heads.len());
+        for ((from, permit, temp), saved) in heads.into_iter().zip(saved) {
+            let (message, fresh) = match saved {
+                Ok(SaveOutcome::Saved(m)) => (m, true),
+                Ok(SaveOutcome::Duplicate(m)) => (m, false),
+                Err(e) => {
+                    Metrics::inc(&self.metrics.store_failures);
+                    tracing::error!(user = %from.user_id, "store refused a message: {e}");
+                    self.refuse(from, permit, temp, &e.to_string());
+                    continue;
+                }
+            };
+            if fresh {
+                Metrics::inc(&self.metrics.messages_received);
+            }
+            stored.push(Stored {
+                from,
+                message,
+                fresh,
+                permit,
+            });
+        }
+
+        // A retry of a stored message is delivered again too: its first delivery may have
+        // been cut short (the node died between store and publish). Devices that had it drop
+        // it by its seq, so nobody gets it twice.
+        let mut reach = vec![Reach::default(); stored.len() * 2];
+        let mut outgoing = Outgoing::default();
+        for (i, s) in stored.iter().enumerate() {
+            let m = &s.message.message;
+            // The sender's other devices get a copy at its place in the sender's inbox; a
+            // note to self reaches the user's other devices once, as that copy.
+            let copy =
+                Target::chat(m, &m.sender_id, s.message.sender_seq).except(&s.from.connection_id);
+            let receiver = (m.receiver_id != m.sender_id)
+                .then(|| Target::chat(m, &m.receiver_id, s.message.receiver_seq));
+            for (slot, t) in [(2 * i, receiver.as_ref()), (2 * i + 1, Some(&copy))] {
+                let Some(t) = t else { continue };
+                reach[slot].local = self.deliver_local(
+                    t.user_id,
+                    || t.frame().clone(),
+                    FrameKind::Chat,
+                    t.except,
+                    t.seq,
+                );
+                if let Some(devices) = devices_of(t.user_id) {
+                    outgoing.add(&self.node_id, slot, t, devices);
+                }
+            }
+        }
+        let published = outgoing.publish(self, FrameKind::Chat);
+        Routed {
+            stored,
+            reach,
+            published,
+        }
+    }
+
+    /// A message the store refused: the sender is told, with its `tempMessageId`.
+    fn refuse(
+        &self,
+        from: SessionHandle,
+        permit: OwnedSemaphorePermit,
+        temp_message_id: Option<String>,
+        why: &str,
+    ) {
+        let e = FrameError {
+            code: ErrorCode::StoreUnavailable,
+            message: format!(
+                "message not sent, the store failed ({why}); retry with the same tempMessageId"
+            ),
+            temp_message_id,
+        };
+        self.reply_later(from, Some(permit), e);
+    }
+
+    /// Acks every message of a settled batch, in order; wakes receivers no device got.
+    fn acknowledge(&self, routed: Routed) {
+        let mut offline = Vec::new();
+        for (i, s) in routed.stored.into_iter().enumerate() {
+            let m = &s.message.message;
+            // The receiver's reach; a note to self counts where the copy went.
+            let to = if m.receiver_id == m.sender_id {
+                routed.reach[2 * i + 1]
+            } else {
+                routed.reach[2 * i]
+            };
+            let route = Route::from_parts(to.local > 0, to.remote_nodes > 0);
+            let remote_failed =
+                routed.reach[2 * i].failed_nodes + routed.reach[2 * i + 1].failed_nodes;
+            // No device got it (none online, or the publish to their node failed): the
+            // receiver must be woken up; the message waits in the store.
+            if s.fresh && route == Route::Offline {
+                offline.push(m.clone());
+            }
+            self.metrics.count_route(route);
+            let ack: Utf8Bytes = ServerFrame::MessageAck {
+                message_id: &m.message_id,
+                temp_message_id: m.temp_message_id.as_deref(),
+                timestamp: m.timestamp,
+                route,
+                remote_failed,
+                seq: s.message.sender_seq,
+            }
+            .encode()
+            .into();
+            self.send_ack(&s.from, s.message.sender_seq, ack, Some(s.permit));
+        }
+        if !offline.is_empty() {
+            if let Some(node) = self.me.upgrade() {
+                tokio::spawn(async move {
+                    for m in &offline {
+                        node.offline_push(m).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Sends an error to a device from a task of its own: the batch never waits for one
+    /// device's queue. The permit (if any) is given back once the error is queued.
+    pub(super) fn reply_later(
+        &self,
+        to: SessionHandle,
+        permit: Option<OwnedSemaphorePermit>,
+        error: FrameError,
+    ) {
+        Metrics::inc(&self.metrics.frames_rejected);
+        let frame: Utf8Bytes = ServerFrame::from(&error).encode().into();
+        let Err(frame) = to.try_reply(frame) else {
+            return;
+        };
+        let Some(node) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            to.reply(frame, super::REPLY_PATIENCE, &node.metrics).await;
+            drop(permit);
+        });
+    }
+}

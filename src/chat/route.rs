@@ -1,0 +1,246 @@
+//! Routing: where a frame goes once it is decided. Devices on this node get it directly (in
+//! inbox order, see `order`); devices on other nodes through the bus, one envelope per node
+//! that holds any of them (targeted, never a broadcast), all envelopes of one call queued at
+//! once and awaited together. An envelope from another node is delivered here.
+
+use std::collections::BTreeMap;
+
+use axum::extract::ws::Utf8Bytes;
+
+use super::metrics::Metrics;
+use super::{sync, Node};
+use crate::bus::{Envelope, FrameKind, Publish, Recipient};
+use crate::presence::Device;
+use crate::store::NewMessage;
+
+/// Most recipients in one envelope: a batch for one node leaves in records of at most this
+/// many frames, well under a broker's message size limit.
+const MAX_RECIPIENTS: usize = 256;
+
+/// One user who should get a frame, the device that must not (the sender's own), and the
+/// frame's place in that user's inbox (0 for frames that have none).
+pub(super) struct Target<'a> {
+    pub user_id: &'a str,
+    pub except: Option<&'a str>,
+    pub seq: u64,
+    frame: TargetFrame<'a>,
+}
+
+enum TargetFrame<'a> {
+    Ready(Utf8Bytes),
+    /// A chat message's frame is encoded only if some device needs it (a sender's copy
+    /// mostly does not: most users have one device).
+    Chat(&'a NewMessage, std::cell::OnceCell<Utf8Bytes>),
+}
+
+impl<'a> Target<'a> {
+    pub fn ready(user_id: &'a str, seq: u64, frame: Utf8Bytes) -> Self {
+        Self {
+            user_id,
+            except: None,
+            seq,
+            frame: TargetFrame::Ready(frame),
+        }
+    }
+
+    /// The sender's other devices: every one but `except`, the sending device.
+    pub fn except(self, connection_id: &'a str) -> Self {
+        Self {
+            except: Some(connection_id),
+            ..self
+        }
+    }
+
+    pub fn chat(m: &'a NewMessage, user_id: &'a str, seq: u64) -> Self {
+        Self {
+            user_id,
+            except: None,
+            seq,
+            frame: TargetFrame::Chat(m, std::cell::OnceCell::new()),
+        }
+    }
+
+    pub fn frame(&self) -> &Utf8Bytes {
+        match &self.frame {
+            TargetFrame::Ready(frame) => frame,
+            TargetFrame::Chat(m, encoded) => {
+                encoded.get_or_init(|| sync::chat_frame(m, self.seq, self.user_id))
+            }
+        }
+    }
+}
+
+/// Where one target's copy went.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Reach {
+    pub local: usize,
+    pub remote_nodes: usize,
+    /// Nodes holding a device of this target that the publish failed for.
+    pub failed_nodes: usize,
+}
+
+/// Envelopes under construction: for each other node, its recipients and the targets (by
+/// the caller's index) they serve.
+#[derive(Default)]
+pub(super) struct Outgoing {
+    by_node: BTreeMap<String, Vec<(usize, Recipient)>>,
+}
+
+/// Envelopes queued on the bus, each with the targets it serves.
+pub(super) struct Published {
+    node_id: String,
+    targets: Vec<usize>,
+    publish: Publish,
+    started: std::time::Instant,
+}
+
+impl Outgoing {
+    /// Adds target `i`'s devices that are on other nodes than `me` (once per node).
+    pub fn add(&mut self, me: &str, i: usize, t: &Target<'_>, devices: &[Device]) {
+        for d in devices.iter().filter(|d| d.node_id != me) {
+            let recipients = self.by_node.entry(d.node_id.clone()).or_default();
+            if !recipients.iter().any(|(j, _)| *j == i) {
+                recipients.push((
+                    i,
+                    Recipient {
+                        user_id: t.user_id.to_string(),
+                        except_connection: t.except.map(String::from),
+                        seq: t.seq,
+                        frame: t.frame().as_str().to_string(),
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Queues every envelope on the bus now, in order.
+    pub fn publish(self, node: &Node, kind: FrameKind) -> Vec<Published> {
+        let mut out = Vec::new();
+        for (node_id, recipients) in self.by_node {
+            let mut recipients = recipients.into_iter().peekable();
+            while recipients.peek().is_some() {
+                let chunk: Vec<(usize, Recipient)> =
+                    recipients.by_ref().take(MAX_RECIPIENTS).collect();
+                let targets = chunk.iter().map(|(i, _)| *i).collect();
+                let envelope = Envelope {
+                    from_node: node.node_id.clone(),
+                    kind,
+                    recipients: chunk.into_iter().map(|(_, r)| r).collect(),
+                };
+                out.push(Published {
+                    publish: node.backends.bus.publish(&node_id, envelope),
+                    node_id: node_id.clone(),
+                    targets,
+                    started: std::time::Instant::now(),
+                });
+            }
+        }
+        out
+    }
+}
+
+impl Node {
+    /// Waits for every queued envelope (together) and records in `reach` which targets got to
+    /// their nodes and which did not.
+    pub(super) async fn settle(&self, published: Vec<Published>, reach: &mut [Reach]) {
+        let results = futures_util::future::join_all(published.into_iter().map(|p| async move {
+            let result = p.publish.await;
+            (p.node_id, p.targets, p.started, result)
+        }))
+        .await;
+        for (node_id, targets, started, result) in results {
+            self.metrics.publish_latency.observe(started.elapsed());
+            match result {
+                Ok(()) => {
+                    Metrics::inc(&self.metrics.messages_routed_remote);
+                    tracing::debug!(node = %node_id, frames = targets.len(), "sent to another node via the {}", self.backends.bus.name());
+                    for i in targets {
+                        reach[i].remote_nodes += 1;
+                    }
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.bus_failures);
+                    tracing::error!(node = %node_id, "publish to another node failed: {e}");
+                    for i in targets {
+                        reach[i].failed_nodes += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers one frame to every target: directly to devices on this node, and one
+    /// envelope per other node that holds any target device. Used for receipts and typing;
+    /// chat messages go through the batched path (`batch`).
+    pub(super) async fn fan_out(&self, kind: FrameKind, targets: Vec<Target<'_>>) -> Vec<Reach> {
+        let mut reach = vec![Reach::default(); targets.len()];
+        // Devices here first: they never wait for presence.
+        for (i, t) in targets.iter().enumerate() {
+            reach[i].local =
+                self.deliver_local(t.user_id, || t.frame().clone(), kind, t.except, t.seq);
+        }
+        let users: Vec<&str> = targets.iter().map(|t| t.user_id).collect();
+        let mut outgoing = Outgoing::default();
+        match self.backends.presence.devices_many(&users).await {
+            Ok(devices) => {
+                for (i, (t, devices)) in targets.iter().zip(devices).enumerate() {
+                    outgoing.add(&self.node_id, i, t, &devices);
+                }
+            }
+            Err(e) => {
+                // Local delivery happened regardless; other nodes are unknown until presence
+                // answers again (their devices catch up from the store).
+                Metrics::inc(&self.metrics.presence_failures);
+                tracing::warn!("presence lookup failed: {e}");
+            }
+        }
+        let published = outgoing.publish(self, kind);
+        self.settle(published, &mut reach).await;
+        reach
+    }
+
+    /// Queues a frame to the devices of `user_id` on this node (in inbox order when it has a
+    /// `seq`), starting a catch-up for devices that wait behind a gap. Returns how many
+    /// devices take it.
+    pub(super) fn deliver_local(
+        &self,
+        user_id: &str,
+        frame: impl Fn() -> Utf8Bytes,
+        kind: FrameKind,
+        except: Option<&str>,
+        seq: u64,
+    ) -> usize {
+        let delivered = self
+            .sessions
+            .deliver(user_id, frame, kind, except, seq, &self.metrics);
+        for h in &delivered.catch_up {
+            self.spawn_catch_up(h);
+        }
+        for (h, frame) in delivered.waits {
+            self.spawn_wait(h, frame, true, None);
+        }
+        if kind == FrameKind::Chat {
+            Metrics::add(
+                &self.metrics.messages_delivered_local,
+                delivered.devices as u64,
+            );
+        }
+        delivered.devices
+    }
+
+    /// An envelope from another node: deliver to the named users' devices here.
+    pub fn deliver_envelope(&self, envelope: Envelope) {
+        Metrics::inc(&self.metrics.envelopes_consumed);
+        for r in envelope.recipients {
+            let frame = Utf8Bytes::from(r.frame);
+            let n = self.deliver_local(
+                &r.user_id,
+                || frame.clone(),
+                envelope.kind,
+                r.except_connection.as_deref(),
+                r.seq,
+            );
+            tracing::debug!(from = %envelope.from_node, kind = ?envelope.kind, user = %r.user_id, devices = n, "received from another node; delivered to user");
+        }
+    }
+}
