@@ -104,7 +104,13 @@ complete -c chatd -n "__fish_chatd_using_subcommand bench" -l pairs -d 'Sender/r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l messages -d 'Messages each sender sends' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l window -d 'Messages a sender has in flight before it waits for acks' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l idle -d 'Idle connections to open for the memory figure (with --spawn)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l rate -d 'With --cluster: offer this many messages a second in all (open loop, latency measured from when each message was due); without it, each sender keeps --window in flight' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l duration -d 'With --cluster: seconds of sending' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l profile -d 'With --cluster: the profile whose services (Redis, broker, MessageService) the nodes use' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l config-dir -d 'Directory of the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l services-dir -d 'With --cluster: where scripts/services.sh keeps its pid files, for the CPU time of Redis, the broker and the MessageService' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l spawn -d 'Start a node of this binary for the run (in-memory backends, no rate limit) and measure its memory too'
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l cluster -d 'Measure the cross-node path instead: start two nodes (profile node1 settings, node ids benchA and benchB) on the services of scripts/services.sh, senders on the first, receivers on the second'
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l json -d 'Machine output'
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -s V -l version -d 'Print version'

@@ -53,6 +53,8 @@ pub fn group(config: &KafkaConfig, node_id: &str) -> String {
 pub struct KafkaBus {
     config: KafkaConfig,
     producer: FutureProducer,
+    /// Node topics whose metadata the producer has (see [`Bus::warm`]).
+    warmed: Mutex<std::collections::HashSet<String>>,
     /// The consuming task of this node, stopped by `unsubscribe`.
     consumer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -84,6 +86,7 @@ impl KafkaBus {
         Ok(Self {
             config: config.clone(),
             producer: new_producer(config)?,
+            warmed: Mutex::default(),
             consumer: Mutex::new(None),
         })
     }
@@ -349,6 +352,39 @@ impl Bus for KafkaBus {
 
     fn name(&self) -> &'static str {
         "kafka"
+    }
+
+    /// Asks the broker for the metadata of every new node's topic: without it the first
+    /// frame to a node waited about half a second for librdkafka to look the topic up.
+    async fn warm(&self, node_ids: &[String]) {
+        let topics: Vec<String> = {
+            let warmed = self.warmed.lock().unwrap_or_else(|p| p.into_inner());
+            node_ids
+                .iter()
+                .map(|n| self.node_topic(n))
+                .filter(|t| !warmed.contains(t))
+                .collect()
+        };
+        for topic in topics {
+            let producer = self.producer.clone();
+            let t = topic.clone();
+            let wait = Duration::from_millis(self.config.publish_timeout_ms.min(2000));
+            let known = tokio::task::spawn_blocking(move || {
+                producer.client().fetch_metadata(Some(&t), wait)
+            })
+            .await;
+            match known {
+                Ok(Ok(_)) => {
+                    tracing::debug!(%topic, "producer knows the topic");
+                    self.warmed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(topic);
+                }
+                Ok(Err(e)) => tracing::debug!(%topic, "topic metadata not known yet: {e}"),
+                Err(e) => tracing::debug!(%topic, "topic metadata not known yet: {e}"),
+            }
+        }
     }
 }
 

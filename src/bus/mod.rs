@@ -108,4 +108,7 @@ pub trait Bus: Send + Sync {
     async fn unsubscribe(&self, node_id: &str);
     async fn health(&self) -> Result<(), BusError>;
     fn name(&self) -> &'static str;
+    /// Learns in advance how to reach these nodes, so that the first frame for one does not
+    /// wait for it (Kafka: the metadata of their topics). Nothing to do in one process.
+    async fn warm(&self, _node_ids: &[String]) {}
 }

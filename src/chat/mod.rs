@@ -164,6 +164,7 @@ impl Node {
         {
             tracing::warn!("presence unavailable at start ({e}); serving locally until it is back");
         }
+        node.warm_routes().await;
         tokio::spawn(upkeep::maintain_presence(Arc::downgrade(&node)));
         Ok(node)
     }

@@ -45,6 +45,21 @@ impl Node {
         }
     }
 
+    /// Prepares the bus for every other live node (see [`crate::bus::Bus::warm`]).
+    pub(super) async fn warm_routes(&self) {
+        match self.backends.presence.nodes().await {
+            Ok(nodes) => {
+                let others: Vec<String> = nodes
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .filter(|id| *id != self.node_id)
+                    .collect();
+                self.backends.bus.warm(&others).await;
+            }
+            Err(e) => tracing::debug!("live nodes unknown: {e}"),
+        }
+    }
+
     /// Registers every local session again, after presence lost them (Redis restarted or
     /// was unreachable long enough for this node to be reaped).
     async fn resync_presence(&self) {
@@ -87,6 +102,7 @@ pub(super) async fn maintain_presence(node: std::sync::Weak<Node>) {
                     node.resync_presence().await;
                 }
                 healthy = true;
+                node.warm_routes().await;
             }
             Err(e) => {
                 if healthy {
