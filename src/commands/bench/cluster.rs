@@ -144,8 +144,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     })?;
 
     let mut spawned = Spawned::default();
-    let mut urls = Vec::new();
-    for node_id in ["benchA", "benchB"] {
+    let mut urls = args.nodes.clone();
+    if !matches!(urls.len(), 0 | 2) {
+        bail!("give two --node URLs (senders' node, then receivers' node), or none to start two");
+    }
+    for node_id in ["benchA", "benchB"]
+        .into_iter()
+        .filter(|_| args.nodes.is_empty())
+    {
         let spec = NodeSpec {
             profile: Some(&args.profile),
             node_id,
@@ -215,7 +221,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         let window = Arc::new(Semaphore::new(args.window));
         let Client { writer, reader, .. } = sender;
         let pace = match args.rate {
-            Some(rate) => Pace::Every(Duration::from_secs_f64(args.pairs as f64 / rate as f64)),
+            Some(rate) => {
+                let every = Duration::from_secs_f64(args.pairs as f64 / rate as f64);
+                // Pairs out of phase, so that the offered load is smooth rather than all
+                // pairs sending at the same instant.
+                let offset = every.mul_f64(tasks.len() as f64 / args.pairs as f64);
+                Pace::Every { every, offset }
+            }
             None => Pace::Window(window.clone()),
         };
         let send = tokio::spawn(send_loop(writer, to, pace, started, end, state.clone()));
@@ -280,8 +292,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
 /// How a sender spaces its messages.
 enum Pace {
-    /// Open loop: one message every this long, whatever the node answers.
-    Every(Duration),
+    /// Open loop: one message every `every`, the first at `offset`, whatever the node answers.
+    Every { every: Duration, offset: Duration },
     /// Closed loop: one permit per message in flight, returned by its ack.
     Window(Arc<Semaphore>),
 }
@@ -297,8 +309,8 @@ async fn send_loop(
     let mut n: u64 = 0;
     let result = loop {
         let due = match &pace {
-            Pace::Every(interval) => {
-                let due = started + interval.mul_f64(n as f64);
+            Pace::Every { every, offset } => {
+                let due = started + *offset + every.mul_f64(n as f64);
                 tokio::time::sleep_until(due).await;
                 due
             }

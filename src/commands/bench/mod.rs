@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// receivers on the second
     #[arg(long, conflicts_with = "spawn")]
     pub cluster: bool,
+    /// With --cluster: take these two running nodes (senders on the first, receivers on the
+    /// second) instead of starting two; their CPU time is then not measured
+    #[arg(long = "node", value_name = "URL", num_args = 1, requires = "cluster")]
+    pub nodes: Vec<String>,
     /// With --cluster: offer this many messages a second in all (open loop, latency measured
     /// from when each message was due); without it, each sender keeps --window in flight
     #[arg(long, requires = "cluster")]
