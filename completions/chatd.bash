@@ -103,7 +103,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__bench)
-            opts="-h -V --url --spawn --pairs --messages --window --idle --cluster --rate --duration --profile --config-dir --services-dir --json --help --version"
+            opts="-h -V --url --spawn --pairs --messages --window --idle --cluster --node --rate --duration --profile --config-dir --services-dir --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -126,6 +126,10 @@ _chatd() {
                     return 0
                     ;;
                 --idle)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --node)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

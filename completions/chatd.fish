@@ -104,6 +104,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand bench" -l pairs -d 'Sender/r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l messages -d 'Messages each sender sends' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l window -d 'Messages a sender has in flight before it waits for acks' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l idle -d 'Idle connections to open for the memory figure (with --spawn)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l node -d 'With --cluster: take these two running nodes (senders on the first, receivers on the second) instead of starting two; their CPU time is then not measured' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l rate -d 'With --cluster: offer this many messages a second in all (open loop, latency measured from when each message was due); without it, each sender keeps --window in flight' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l duration -d 'With --cluster: seconds of sending' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l profile -d 'With --cluster: the profile whose services (Redis, broker, MessageService) the nodes use' -r

@@ -175,6 +175,14 @@ pub struct KafkaConfig {
     /// How long the producer gathers frames before a request to the broker: frames for one
     /// node within this window leave together. 0 sends each at once (one request each).
     pub linger_ms: u64,
+    /// A node moves to a new generation of its topic once the current one holds this many
+    /// records; the old one is deleted once drained (a broker that enforces no retention
+    /// slows down as a topic grows).
+    pub rotate_records: u64,
+    /// How long a node still consumes its previous generation after moving to a new one,
+    /// before deleting it. At least `presence.node_lease_secs`: senders learn of the new
+    /// generation within a third of a lease.
+    pub drain_secs: u64,
 }
 
 impl Default for KafkaConfig {
@@ -187,6 +195,8 @@ impl Default for KafkaConfig {
             publish_timeout_ms: 5000,
             fetch_wait_ms: 10,
             linger_ms: 2,
+            rotate_records: 10_000,
+            drain_secs: 30,
         }
     }
 }
@@ -454,6 +464,18 @@ impl Config {
         }
         if k.linger_ms > 1000 {
             return bad("kafka.linger_ms", "must be between 0 and 1000".into());
+        }
+        if k.rotate_records < 100 {
+            return bad("kafka.rotate_records", "must be at least 100".into());
+        }
+        if k.drain_secs < self.presence.node_lease_secs || k.drain_secs > 3600 {
+            return bad(
+                "kafka.drain_secs",
+                format!(
+                    "must be between presence.node_lease_secs ({}) and 3600: senders learn of a new topic generation within a third of a lease",
+                    self.presence.node_lease_secs
+                ),
+            );
         }
         if k.publish_timeout_ms < 100 {
             return bad("kafka.publish_timeout_ms", "must be at least 100".into());

@@ -23,6 +23,8 @@ struct Proc {
     child: Child,
     /// Where it listens: `host:port`.
     addr: String,
+    /// Its stderr.
+    log: std::path::PathBuf,
 }
 
 impl Proc {
@@ -45,7 +47,7 @@ impl Proc {
                     .unwrap_or_default()
                     .to_string();
                 eprintln!("{what} listens on {addr}; its log: {}", log.display());
-                return Proc { child, addr };
+                return Proc { child, addr, log };
             }
             assert!(
                 std::time::Instant::now() < deadline,
@@ -294,6 +296,57 @@ async fn inbox(store_addr: &str, user: &str) -> (u64, Vec<String>) {
         );
     }
     (latest, contents)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_moving_to_new_topic_generations_under_traffic_loses_and_repeats_nothing() {
+    let service = Proc::message_service("127.0.0.1:0");
+    // Small generations, a short drain, and a lease short enough that senders follow in time.
+    let env = [
+        ("CHATD_KAFKA__ROTATE_RECORDS", "100"),
+        ("CHATD_KAFKA__DRAIN_SECS", "2"),
+        ("CHATD_PRESENCE__NODE_LEASE_SECS", "2"),
+    ];
+    let receiving = Proc::node_with(&unique("gen-b"), &service.addr, &env);
+    let sending = Proc::node_with(&unique("gen-a"), &service.addr, &env);
+    let (a, b) = (unique("alice"), unique("bob"));
+    let mut receiver = Client::connect(&receiving.ws(), &b, WAIT).await.unwrap();
+    let mut sender = Client::connect(&sending.ws(), &a, WAIT).await.unwrap();
+
+    // 3000 messages in 300 small bursts over several seconds: one record a burst at least,
+    // so the receiving node's topic fills up and is replaced several times on the way.
+    let total = 3000;
+    let to = b.clone();
+    let sending_task = tokio::spawn(async move {
+        for start in (1..=total).step_by(10) {
+            for i in start..start + 10 {
+                sender.send_text(&line(&to, i)).await.unwrap();
+            }
+            for _ in 0..10 {
+                sender
+                    .wait_for("MESSAGE_ACK", LONG, |f| {
+                        assert_ne!(f["type"], "ERROR", "{f}")
+                    })
+                    .await
+                    .unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    let mut got = Vec::new();
+    receive(&mut receiver, &mut got, total).await;
+    sending_task.await.unwrap();
+    assert_gap_free(&got, total);
+    expect_silence(&mut receiver).await;
+
+    let log = std::fs::read_to_string(&receiving.log).unwrap();
+    let moved = log.matches("moved to a new generation").count();
+    let deleted = log.matches("deleted a retired topic").count();
+    assert!(
+        moved >= 2 && deleted >= 1,
+        "the receiving node moved {moved} times and deleted {deleted} topics; see {}",
+        receiving.log.display()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

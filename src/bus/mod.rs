@@ -6,7 +6,7 @@
 mod kafka;
 mod local;
 
-pub use kafka::{topic_lag, KafkaBus};
+pub use kafka::{topic_state, KafkaBus, TopicState};
 pub use local::LocalBus;
 
 use std::future::Future;

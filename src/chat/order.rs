@@ -96,7 +96,15 @@ impl Order {
             self.cursor = Some(seq);
             return Decision::Send;
         }
+        if self.held.len() >= max_held && self.cursor.is_some() {
+            // A burst (a backlog the broker hands over at once) the device cannot take yet:
+            // every held frame but the acks is in the store, so it is let go and fetched
+            // again from the cursor, rather than held without bound or the device closed.
+            self.held.retain(|_, h| h.ack);
+            self.refetch = true;
+        }
         if self.held.len() >= max_held {
+            // Acks alone (never dropped), or no cursor to fetch again from: too far behind.
             return Decision::Overflow;
         }
         self.held.insert(seq, held);
@@ -317,11 +325,36 @@ mod tests {
     }
 
     #[test]
-    fn too_many_held_frames_overflow() {
+    fn too_many_held_frames_are_fetched_again_from_the_store() {
         let mut o = Order::starting();
         o.start_at(Some(0));
         o.try_finish();
         assert_eq!(o.offer(5, f(5), 2), Decision::CatchUp);
+        assert_eq!(o.offer(6, f(6), 2), Decision::Held);
+        // Over the limit: what was held is let go (it is in the store) and fetched again.
+        assert_eq!(o.offer(7, f(7), 2), Decision::Held);
+        assert!(o.take_refetch());
+        assert_eq!(o.gap_before(), Some(7));
+    }
+
+    #[test]
+    fn held_acks_are_never_let_go() {
+        let mut o = Order::starting();
+        o.start_at(Some(0));
+        o.try_finish();
+        let ack = |seq| Held {
+            ack: true,
+            ..f(seq)
+        };
+        assert_eq!(o.offer_ack(5, ack(5), 2), Decision::CatchUp);
+        assert_eq!(o.offer_ack(6, ack(6), 2), Decision::Held);
+        assert_eq!(o.offer(7, f(7), 2), Decision::Overflow);
+    }
+
+    #[test]
+    fn without_a_cursor_too_many_held_frames_overflow() {
+        let mut o = Order::starting();
+        assert_eq!(o.offer(5, f(5), 2), Decision::Held);
         assert_eq!(o.offer(6, f(6), 2), Decision::Held);
         assert_eq!(o.offer(7, f(7), 2), Decision::Overflow);
     }

@@ -49,19 +49,24 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
             .as_ref()
             .and_then(|s| s["nodeId"].as_str().map(String::from))
             .or_else(|| id.clone());
-        let lag = match (&node_id, config.kafka.brokers.is_empty()) {
+        let (lag, records) = match (&node_id, config.kafka.brokers.is_empty()) {
             (Some(node), false) => {
                 let (kafka, node) = (config.kafka.clone(), node.clone());
-                match tokio::task::spawn_blocking(move || crate::bus::topic_lag(&kafka, &node))
+                match tokio::task::spawn_blocking(move || crate::bus::topic_state(&kafka, &node))
                     .await
                 {
-                    Ok(Ok((high, Some(committed)))) => json!((high - committed).max(0)),
-                    Ok(Ok((high, None))) => json!(format!("no commit yet (high {high})")),
-                    Ok(Err(e)) => json!(format!("unknown: {e}")),
-                    Err(e) => json!(format!("unknown: {e}")),
+                    Ok(Ok(t)) => (
+                        match t.committed {
+                            Some(c) => json!((t.records - c).max(0)),
+                            None => json!("no commit yet"),
+                        },
+                        json!(t.records),
+                    ),
+                    Ok(Err(e)) => (json!(format!("unknown: {e}")), Value::Null),
+                    Err(e) => (json!(format!("unknown: {e}")), Value::Null),
                 }
             }
-            _ => Value::Null,
+            _ => (Value::Null, Value::Null),
         };
         rows.push(json!({
             "nodeId": node_id,
@@ -71,6 +76,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
             "localUsers": stats.as_ref().map(|s| s["localOnlineUsers"].clone()),
             "messages": stats.as_ref().map(|s| s["messages"].clone()),
             "topicLag": lag,
+            "topicRecords": records,
         }));
     }
     let total_users = presence.online_user_count().await.ok();
@@ -96,6 +102,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
         "msgs in",
         "routed out",
         "consumed",
+        "topic records",
         "topic lag",
     ]);
     let show = |v: &Value| match v {
@@ -118,6 +125,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
             show(&m["messagesReceived"]),
             show(&m["messagesRoutedRemote"]),
             show(&m["envelopesConsumed"]),
+            show(&r["topicRecords"]),
             show(&r["topicLag"]),
         ]);
     }

@@ -148,7 +148,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if !matches!(urls.len(), 0 | 2) {
         bail!("give two --node URLs (senders' node, then receivers' node), or none to start two");
     }
-    for node_id in ["benchA", "benchB"]
+    // The receivers' node first: the senders' node then publishes to its new topic
+    // generation from the start (see bus::kafka::topics).
+    for node_id in ["benchB", "benchA"]
         .into_iter()
         .filter(|_| args.nodes.is_empty())
     {
@@ -158,9 +160,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             config_dir: &args.config_dir,
             env: UNLIMITED,
         };
-        urls.push(spawned.start(&spec).await?);
+        urls.insert(0, spawned.start(&spec).await?);
     }
-    let node_pids = spawned.pids();
+    let mut node_pids = spawned.pids();
+    node_pids.reverse();
     let processes = [
         Process {
             name: "node A (senders)",
@@ -215,6 +218,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let calls_before = redis_calls(&redis).await?;
     let started = Instant::now();
     let end = started + Duration::from_secs(args.duration);
+    let delivered = Arc::new(AtomicU64::new(0));
+    let pids: Vec<Option<u32>> = processes.iter().map(|p| p.pid).collect();
+    let sampler = tokio::spawn(sample(pids, delivered.clone(), end));
     let mut tasks = Vec::with_capacity(args.pairs);
     for (to, sender, receiver) in pairs {
         let state = Arc::new(PairState::default());
@@ -232,7 +238,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         };
         let send = tokio::spawn(send_loop(writer, to, pace, started, end, state.clone()));
         let acks = tokio::spawn(ack_loop(reader, window, end + DRAIN, state.clone()));
-        let receive = tokio::spawn(receive_loop(receiver.reader, started, end + DRAIN, state));
+        let receive = tokio::spawn(receive_loop(
+            receiver.reader,
+            started,
+            end + DRAIN,
+            state,
+            delivered.clone(),
+        ));
         tasks.push((send, acks, receive));
     }
     let mut results = Vec::with_capacity(tasks.len());
@@ -262,6 +274,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .collect();
     let calls_after = redis_calls(&redis).await?;
     spawned.stop().await;
+    let drift = drift(&sampler.await?, &processes);
 
     let results: Vec<PairResult> = results.into_iter().map(|(r, _)| r).collect();
     let report = Report::new(args, &results, elapsed);
@@ -287,7 +300,47 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .filter(|(_, n)| *n > 0)
         .collect();
     calls.sort_by(|a, b| b.1.cmp(&a.1));
-    report.print(args, &cpu, &calls)
+    report.print(args, &cpu, &calls, &drift)
+}
+
+/// Every second while sending: messages delivered so far and each process's CPU ticks.
+type Samples = Vec<(u64, Vec<Option<u64>>)>;
+
+async fn sample(pids: Vec<Option<u32>>, delivered: Arc<AtomicU64>, end: Instant) -> Samples {
+    let mut samples = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    while Instant::now() <= end {
+        tick.tick().await;
+        let cpu = pids.iter().map(|p| p.and_then(cpu_ticks)).collect();
+        samples.push((delivered.load(Ordering::Relaxed), cpu));
+    }
+    samples
+}
+
+/// CPU per delivered message of each process in the first and the last fifth of the run:
+/// a cost that grows with what was sent before shows as a ratio above 1.
+fn drift(samples: &Samples, processes: &[Process]) -> Vec<(&'static str, f64, f64)> {
+    let n = samples.len();
+    if n < 6 {
+        return Vec::new();
+    }
+    let fifth = (n / 5).max(1);
+    let per_msg = |from: usize, to: usize, i: usize| -> Option<f64> {
+        let (d0, c0) = &samples[from];
+        let (d1, c1) = &samples[to];
+        let msgs = d1.checked_sub(*d0).filter(|m| *m > 0)?;
+        let ticks = c1[i]?.checked_sub(c0[i]?)?;
+        Some(ticks as f64 / TICKS_PER_SEC * 1e6 / msgs as f64)
+    };
+    processes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let first = per_msg(0, fifth, i)?;
+            let last = per_msg(n - 1 - fifth, n - 1, i)?;
+            Some((p.name, first, last))
+        })
+        .collect()
 }
 
 /// How a sender spaces its messages.
@@ -401,6 +454,7 @@ async fn receive_loop(
     started: Instant,
     deadline: Instant,
     state: Arc<PairState>,
+    delivered: Arc<AtomicU64>,
 ) -> (Vec<u32>, Vec<Duration>, Option<Instant>) {
     let mut received: Vec<u32> = Vec::new();
     let mut unique = 0u64;
@@ -433,6 +487,7 @@ async fn receive_loop(
         received[n] += 1;
         if received[n] == 1 {
             unique += 1;
+            delivered.fetch_add(1, Ordering::Relaxed);
             let due = started + Duration::from_micros(due_us);
             latencies.push(now.saturating_duration_since(due));
         }
@@ -500,6 +555,7 @@ impl Report {
         args: &BenchArgs,
         cpu: &[(&str, Option<f64>)],
         calls: &[(String, u64)],
+        drift: &[(&str, f64, f64)],
     ) -> anyhow::Result<()> {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         let per_msg = |x: f64| x / self.delivered.max(1) as f64;
@@ -532,6 +588,9 @@ impl Report {
                     "usPerMessage": s.map(|s| per_msg(s) * 1e6),
                 })).collect::<Vec<_>>(),
                 "redisCommandsPerMessage": per_msg(total_calls as f64),
+                "cpuDrift": drift.iter().map(|(name, first, last)| json!({
+                    "process": name, "firstFifthUsPerMessage": first, "lastFifthUsPerMessage": last,
+                })).collect::<Vec<_>>(),
                 "redisCommands": calls.iter().map(|(k, n)| (k.clone(), json!(per_msg(*n as f64)))).collect::<serde_json::Map<_, _>>(),
             });
             println!("{report}");
@@ -579,6 +638,15 @@ impl Report {
                 "Redis commands / msg".to_string(),
                 format!("{:.2} ({})", per_msg(total_calls as f64), top.join(", ")),
             ]);
+            for (name, first, last) in drift {
+                table.add_row([
+                    format!("CPU {name}, first → last fifth"),
+                    format!(
+                        "{first:.1} → {last:.1} µs/msg (x{:.2})",
+                        last / first.max(1e-9)
+                    ),
+                ]);
+            }
             println!("{table}");
         }
         if self.lost > 0 || self.repeated > 0 {

@@ -1,0 +1,288 @@
+//! The bus over a Kafka-compatible broker (rdkafka): each node consumes a topic of its own
+//! (in generations, see [`topics`]), in a consumer group of its own. The sender's node
+//! publishes once per node that holds a target device: targeted, never a broadcast.
+//! Offline-push events go to their own topic.
+//!
+//! Publishing queues the envelope at once (in call order) and the returned future waits for
+//! the broker's ack (`acks=all`, up to `kafka.publish_timeout_ms`), so a failure reaches the
+//! sender's `MESSAGE_ACK` route and the counters instead of vanishing. The producer lingers
+//! `kafka.linger_ms` so that what is queued meanwhile leaves in one request. It is not
+//! idempotent: a frame the broker gets twice, or out of order, is dropped or reordered by seq
+//! at the device (`chat::order`), while an idempotent producer stays wedged (every publish
+//! timing out) after a broker restart that lost its producer state. The consumer stores an
+//! offset only after the frame was handed to local delivery.
+//!
+//! A broker that goes away and comes back without its state (Tansu with in-memory storage
+//! does) must not take the node down: librdkafka 2.12 crashes a consumer that asks such a
+//! broker for its topic before the topic exists again (a topic with no name in the metadata
+//! answer). So when all brokers are down the consumer is destroyed, and a new one is made,
+//! on a new generation, once the broker answers. Frames published while the broker was away
+//! are not lost to devices: the store has them, and every local device catches up from it
+//! once the consumer is back (see `chat::sync`).
+
+mod consume;
+pub mod topics;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::ClientConfig;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::{Bus, BusError, Envelope, Inbound, OfflinePush, Publish};
+use crate::config::KafkaConfig;
+pub use topics::{topic_state, TopicState};
+
+/// Envelopes consumed but not yet delivered locally; a full queue pauses consumption.
+const QUEUE_LEN: usize = 4096;
+
+/// The consumer group of node `node_id`.
+pub fn group(config: &KafkaConfig, node_id: &str) -> String {
+    format!("{}{node_id}", config.group_prefix)
+}
+
+pub struct KafkaBus {
+    shared: Arc<Shared>,
+    /// The consuming task of this node, stopped by `unsubscribe`.
+    consumer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What publishing needs, also from the futures it returns.
+struct Shared {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    /// The topic (newest generation) of every node published to, learned from the broker's
+    /// topic list: at every lease tick ([`Bus::warm`]), for a node not known yet, and after a
+    /// publish to a generation that is gone.
+    routes: Mutex<HashMap<String, String>>,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(format!("kafka {what}: {e}"))
+}
+
+fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "false")
+        // Only the node that consumes a topic creates it (two creators raced on a broker
+        // that came back empty, and publishes failed for a minute after).
+        .set("allow.auto.create.topics", "false")
+        .set("topic.metadata.refresh.interval.ms", "10000")
+        // A topic deleted under a publish (its node restarted) fails the publish within a
+        // second, which then goes to the node's new topic; librdkafka's 30 s default would
+        // hold it until the publish timed out.
+        .set("topic.metadata.propagation.max.ms", "1000")
+        .set("acks", "all")
+        // Frames queued within this long leave in one request: per-message requests cost the
+        // broker ~0.5 ms of CPU each, a batch a few µs per message.
+        .set("linger.ms", config.linger_ms.to_string())
+        .set("message.timeout.ms", config.publish_timeout_ms.to_string())
+        .set("socket.keepalive.enable", "true")
+        .create()
+        .map_err(|e| unavailable("producer", e))
+}
+
+impl KafkaBus {
+    pub fn new(config: &KafkaConfig) -> Result<Self, BusError> {
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config: config.clone(),
+                producer: new_producer(config)?,
+                routes: Mutex::default(),
+            }),
+            consumer: Mutex::new(None),
+        })
+    }
+
+    pub fn group(&self, node_id: &str) -> String {
+        group(&self.shared.config, node_id)
+    }
+}
+
+impl Shared {
+    fn route(&self, node_id: &str) -> Option<String> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node_id)
+            .cloned()
+    }
+
+    /// Learns the newest generation of each node from the broker's topic list (one call).
+    async fn refresh_routes(self: &Arc<Self>, node_ids: &[String]) -> Result<(), BusError> {
+        let me = self.clone();
+        let wait = Duration::from_millis(self.config.publish_timeout_ms.min(2000));
+        // Listing every topic also gives the producer their metadata, so that the first frame
+        // to a node does not wait for it (it waited ~500 ms).
+        let names =
+            tokio::task::spawn_blocking(move || topics::list_topics(me.producer.client(), wait))
+                .await
+                .map_err(|e| unavailable("list topics", e))??;
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        for node in node_ids {
+            let newest =
+                topics::generations(&self.config, node, names.iter().map(String::as_str)).pop();
+            match newest {
+                Some((_, topic)) => {
+                    if routes.get(node) != Some(&topic) {
+                        tracing::debug!(%node, %topic, "publishing to this topic of the node");
+                    }
+                    routes.insert(node.clone(), topic);
+                }
+                None => {
+                    routes.remove(node);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Produces `payload` to `topic` and waits for the broker's ack.
+    async fn produce(&self, topic: &str, payload: &[u8]) -> Result<(), KafkaError> {
+        let record = FutureRecord::<(), _>::to(topic).payload(payload);
+        let wait = Timeout::After(Duration::from_millis(self.config.publish_timeout_ms));
+        self.producer
+            .send(record, wait)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
+    }
+
+    /// The slow path of a publish: the node's topic is not known, or the one used is gone
+    /// (the node moved to a new generation, or restarted): learn it again and produce there.
+    async fn publish_again(
+        self: Arc<Self>,
+        node_id: String,
+        payload: Vec<u8>,
+    ) -> Result<(), BusError> {
+        self.refresh_routes(std::slice::from_ref(&node_id)).await?;
+        let Some(topic) = self.route(&node_id) else {
+            return Err(BusError::Unavailable(format!(
+                "node {node_id:?} has no topic on the broker (not started, or gone)"
+            )));
+        };
+        self.produce(&topic, &payload)
+            .await
+            .map_err(|e| unavailable(&format!("publish to {topic}"), e))
+    }
+}
+
+/// Whether a publish failed because its topic does not exist (any more).
+fn topic_gone(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+    )
+}
+
+#[async_trait]
+impl Bus for KafkaBus {
+    fn publish(&self, node_id: &str, envelope: Envelope) -> Publish {
+        let payload = match serde_json::to_vec(&envelope) {
+            Ok(p) => p,
+            Err(e) => return Box::pin(std::future::ready(Err(unavailable("encode", e)))),
+        };
+        let shared = self.shared.clone();
+        let node_id = node_id.to_string();
+        let Some(topic) = shared.route(&node_id) else {
+            return Box::pin(shared.publish_again(node_id, payload));
+        };
+        // Queued now, in call order; librdkafka batches what is queued within `linger_ms`
+        // into one request.
+        let record = FutureRecord::<(), _>::to(&topic).payload(&payload);
+        let queued = shared.producer.send_result(record).map_err(|(e, _)| e);
+        Box::pin(async move {
+            let result = match queued {
+                Ok(delivery) => match delivery.await {
+                    Ok(Ok(_)) => return Ok(()),
+                    Ok(Err((e, _))) => e,
+                    Err(_) => {
+                        return Err(unavailable(&format!("publish to {topic}"), "producer gone"))
+                    }
+                },
+                Err(e) => e,
+            };
+            if topic_gone(&result) {
+                return shared.publish_again(node_id, payload).await;
+            }
+            Err(unavailable(&format!("publish to {topic}"), result))
+        })
+    }
+
+    async fn offline_push(&self, event: OfflinePush) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(&event).map_err(|e| unavailable("encode", e))?;
+        let topic = &self.shared.config.offline_topic;
+        self.shared
+            .produce(topic, &payload)
+            .await
+            .map_err(|e| unavailable(&format!("publish to {topic}"), e))
+    }
+
+    async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Inbound>, BusError> {
+        let config = &self.shared.config;
+        let consuming = consume::open(config, node_id).await?;
+        tracing::info!(topic = %consuming.current(), group = %self.group(node_id), "consuming a new generation of this node's topic");
+        let (tx, rx) = mpsc::channel(QUEUE_LEN);
+        let task = tokio::spawn(consume::run(
+            config.clone(),
+            node_id.to_string(),
+            consuming,
+            tx,
+        ));
+        if let Some(old) = self
+            .consumer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(task)
+        {
+            old.abort();
+        }
+        Ok(rx)
+    }
+
+    async fn unsubscribe(&self, _node_id: &str) {
+        if let Some(task) = self
+            .consumer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+        // Whatever is still queued goes out before the node exits.
+        let producer = self.shared.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            producer.flush(Timeout::After(Duration::from_secs(2)))
+        })
+        .await;
+    }
+
+    async fn health(&self) -> Result<(), BusError> {
+        let producer = self.shared.producer.clone();
+        let wait = Duration::from_millis(self.shared.config.publish_timeout_ms.min(2000));
+        tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, wait).map(|_| ())
+        })
+        .await
+        .map_err(|e| unavailable("health", e))?
+        .map_err(|e| unavailable("metadata", e))
+    }
+
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    /// Learns the current topic of every live node.
+    async fn warm(&self, node_ids: &[String]) {
+        if let Err(e) = self.shared.refresh_routes(node_ids).await {
+            tracing::debug!("node topics not known yet: {e}");
+        }
+    }
+}
