@@ -22,6 +22,25 @@ pub struct CloseReason {
     pub reason: String,
 }
 
+/// Asks a session to close, without holding anything else of it.
+pub struct Closer(Arc<watch::Sender<Option<CloseReason>>>);
+
+impl Closer {
+    /// Asks the session to close with this code; later requests do not override the first.
+    pub fn request_close(&self, code: u16, reason: &str) {
+        self.0.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(CloseReason {
+                code,
+                reason: reason.to_string(),
+            });
+            true
+        });
+    }
+}
+
 /// Everything other tasks need to reach one connection. Cheap to clone.
 #[derive(Clone)]
 pub struct SessionHandle {
@@ -196,16 +215,12 @@ impl SessionHandle {
 
     /// Asks the session to close with this code; later requests do not override the first.
     pub fn request_close(&self, code: u16, reason: &str) {
-        self.close.send_if_modified(|current| {
-            if current.is_some() {
-                return false;
-            }
-            *current = Some(CloseReason {
-                code,
-                reason: reason.to_string(),
-            });
-            true
-        });
+        self.closer().request_close(code, reason);
+    }
+
+    /// What can close the session without holding its queue open (the writer keeps this).
+    pub fn closer(&self) -> Closer {
+        Closer(self.close.clone())
     }
 }
 

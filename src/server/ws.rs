@@ -21,7 +21,7 @@ use super::rest::json_error;
 use super::AppState;
 use crate::chat::ids::now_ms;
 use crate::chat::metrics::Metrics;
-use crate::chat::registry::{CloseReason, SessionHandle};
+use crate::chat::registry::{CloseReason, Closer, SessionHandle};
 use crate::chat::Node;
 use crate::protocol::{
     parse_client_frame, ClientFrame, ErrorCode, FrameError, ParseContext, ServerFrame,
@@ -162,7 +162,15 @@ where
     node.register(&handle).await;
     tracing::info!(user = %user_id, connection = %connection_id, "connected");
 
-    let writer = tokio::spawn(write_loop(sink, ends.outbox, ends.close.clone()));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        ends.outbox,
+        ends.close.clone(),
+        Stuck {
+            node: node.clone(),
+            closer: handle.closer(),
+        },
+    ));
     let mut close = ends.close;
     let mut shutdown = node.shutdown_signal();
     if *shutdown.borrow_and_update() {
@@ -328,10 +336,18 @@ fn close_for_error(e: axum::Error, max_frame_bytes: usize) -> (u16, String) {
     }
 }
 
+/// Who to tell when writes to the socket stop going through.
+struct Stuck {
+    node: Arc<Node>,
+    /// Not the handle: holding it would keep the queue open after the session ends.
+    closer: Closer,
+}
+
 async fn write_loop<Si>(
     mut sink: Si,
     mut outbox: mpsc::Receiver<Utf8Bytes>,
     mut close: watch::Receiver<Option<CloseReason>>,
+    stuck: Stuck,
 ) where
     Si: Sink<Message, Error = axum::Error> + Unpin,
 {
@@ -347,6 +363,12 @@ async fn write_loop<Si>(
                     biased;
                     _ = close.changed() => false,
                     r = tokio::time::timeout(WRITE_TIMEOUT, write_batch(&mut sink, frame, &mut outbox)) => {
+                        if r.is_err() {
+                            // The peer has not read for WRITE_TIMEOUT: the session ends, so
+                            // that its frames wait in the store, not here.
+                            Metrics::inc(&stuck.node.metrics.slow_consumers_closed);
+                            stuck.closer.request_close(1013, "slow consumer: nothing read for 10 s; reconnect");
+                        }
                         if !matches!(r, Ok(Ok(()))) {
                             return;
                         }

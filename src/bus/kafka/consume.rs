@@ -1,14 +1,20 @@
-//! This node's consumer: a new generation of its topic at start (see `topics`), consumed from
-//! its beginning; a newer generation once the current one is large, the old one consumed for
-//! `kafka.drain_secs` more (senders learn of the new one within a lease tick) and then
-//! deleted; and a new consumer whenever all brokers went away (see
-//! the module's note in `kafka`).
+//! This node's consumers: one per generation of its topic (see `topics`). A new generation at
+//! start, consumed from its beginning; a newer one once the current one is large, the old one
+//! consumed `kafka.drain_secs` more (senders learn of the new one within a lease tick) and then
+//! deleted; and new consumers whenever all brokers went away (see the module's note in
+//! `kafka`).
+//!
+//! Each generation has a consumer of its own, destroyed before its topic is deleted: a
+//! librdkafka consumer must never look for a topic that is gone (librdkafka 2.12 has crashed
+//! on the answer Tansu gives for a topic it does not know).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -22,27 +28,34 @@ use crate::config::KafkaConfig;
 /// How often the consumer looks at its topic's size and at retired generations.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// A generation that is no longer current, consumed until `delete_at`, then deleted.
-struct Retired {
+/// One generation being consumed.
+struct Generation {
     topic: String,
-    delete_at: Instant,
+    consumer: Arc<StreamConsumer>,
+    /// When a retired generation is let go and deleted; `None` for the current one.
+    delete_at: Option<Instant>,
 }
 
-/// A consumer and the generations it knows of.
+/// This node's generations: the current one last.
 pub struct Consuming {
-    consumer: Arc<StreamConsumer>,
-    current: String,
-    retired: Vec<Retired>,
+    generations: Vec<Generation>,
 }
 
 impl Consuming {
     pub fn current(&self) -> &str {
-        &self.current
+        self.generations.last().map_or("", |g| g.topic.as_str())
     }
 }
 
-fn new_consumer(config: &KafkaConfig, node_id: &str) -> Result<StreamConsumer, BusError> {
-    ClientConfig::new()
+/// A consumer of `topic` alone, from `from`. One partition per topic, one consumer: assigned
+/// directly, so there is no group rebalance to wait for before frames flow.
+async fn consumer_of(
+    config: &KafkaConfig,
+    node_id: &str,
+    topic: &str,
+    from: Offset,
+) -> Result<Arc<StreamConsumer>, BusError> {
+    let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", group(config, node_id))
         .set("enable.auto.commit", "true")
@@ -50,32 +63,24 @@ fn new_consumer(config: &KafkaConfig, node_id: &str) -> Result<StreamConsumer, B
         .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
         .set("socket.keepalive.enable", "true")
         .create()
-        .map_err(|e| unavailable("consumer", e))
-}
-
-/// Adds `topic` to the consumer's assignment at `from`, or (`None`) removes it.
-async fn assign(
-    consumer: &Arc<StreamConsumer>,
-    topic: &str,
-    from: Option<Offset>,
-) -> Result<(), BusError> {
-    let (consumer, topic) = (consumer.clone(), topic.to_string());
-    let add = from.is_some();
+        .map_err(|e| unavailable("consumer", e))?;
+    let consumer = Arc::new(consumer);
+    let (c, t) = (consumer.clone(), topic.to_string());
     tokio::task::spawn_blocking(move || {
         let mut list = TopicPartitionList::new();
-        list.add_partition_offset(&topic, 0, from.unwrap_or(Offset::Invalid))
+        list.add_partition_offset(&t, 0, from)
             .map_err(|e| unavailable("assign", e))?;
-        // One partition per topic, one consumer: assigned directly, so there is no group
-        // rebalance to wait for before frames flow.
-        let done = if add {
-            consumer.incremental_assign(&list)
-        } else {
-            consumer.incremental_unassign(&list)
-        };
-        done.map_err(|e| unavailable(&format!("assign {topic}"), e))
+        c.assign(&list)
+            .map_err(|e| unavailable(&format!("assign {t}"), e))
     })
     .await
-    .map_err(|e| unavailable("assign", e))?
+    .map_err(|e| unavailable("assign", e))??;
+    Ok(consumer)
+}
+
+/// Destroys a consumer off the runtime (it waits for librdkafka's threads).
+async fn destroy(consumer: Arc<StreamConsumer>) {
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
 }
 
 /// Opens this node's consumer on a new generation of its topic, taken before the node serves
@@ -84,22 +89,30 @@ async fn assign(
 /// that has not learnt of the new generation yet still publishes there, for devices that are
 /// here by then), and deleted after `kafka.drain_secs`.
 pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusError> {
-    let consumer = Arc::new(new_consumer(config, node_id)?);
-    let lister = consumer.clone();
     let wait = Duration::from_millis(config.publish_timeout_ms);
-    let existing = tokio::task::spawn_blocking(move || list_topics(lister.client(), wait))
+    // A client with no group and no assignment, only to look at topics.
+    let lister: Arc<rdkafka::consumer::BaseConsumer> = Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .create()
+            .map_err(|e| unavailable("consumer", e))?,
+    );
+    let l = lister.clone();
+    let existing = tokio::task::spawn_blocking(move || list_topics(l.client(), wait))
         .await
         .map_err(|e| unavailable("list topics", e))??;
+    let ends = lister;
     let older = topics::generations(config, node_id, existing.iter().map(String::as_str));
     let newest = older.last().map_or(0, |(g, _)| g + 1);
     let current = generation_topic(config, node_id, (now_ms().max(0) as u64).max(newest));
     ensure_topics(config, &[current.clone(), config.offline_topic.clone()]).await?;
-    assign(&consumer, &current, Some(Offset::Beginning)).await?;
-    let mut retired = Vec::new();
+
+    let mut generations = Vec::new();
+    let drain = Duration::from_secs(config.drain_secs);
     for (_, topic) in older {
         // The end taken now, before the node serves: nothing published after it is skipped.
-        let (c, t) = (consumer.clone(), topic.clone());
-        let end = tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, wait))
+        let (l, t) = (ends.clone(), topic.clone());
+        let end = tokio::task::spawn_blocking(move || l.fetch_watermarks(&t, 0, wait))
             .await
             .map_err(|e| unavailable("watermarks", e))?;
         let from = match end {
@@ -109,17 +122,31 @@ pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusE
                 Offset::Beginning
             }
         };
-        assign(&consumer, &topic, Some(from)).await?;
-        retired.push(Retired {
+        generations.push(Generation {
+            consumer: consumer_of(config, node_id, &topic, from).await?,
             topic,
-            delete_at: Instant::now() + Duration::from_secs(config.drain_secs),
+            delete_at: Some(Instant::now() + drain),
         });
     }
-    Ok(Consuming {
-        consumer,
-        current,
-        retired,
-    })
+    generations.push(Generation {
+        consumer: consumer_of(config, node_id, &current, Offset::Beginning).await?,
+        topic: current,
+        delete_at: None,
+    });
+    let _ = tokio::task::spawn_blocking(move || drop(ends)).await;
+    Ok(Consuming { generations })
+}
+
+/// The next message of any generation, with the index of its generation.
+async fn next_message(
+    generations: &[Generation],
+) -> (usize, Result<BorrowedMessage<'_>, KafkaError>) {
+    let receiving = generations
+        .iter()
+        .map(|g| g.consumer.recv().boxed())
+        .collect::<Vec<_>>();
+    let (result, i, _) = futures_util::future::select_all(receiving).await;
+    (i, result)
 }
 
 /// Consumes this node's topics into `tx` until the node stops consuming.
@@ -132,76 +159,91 @@ pub async fn run(
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let received = tokio::select! {
-            r = c.consumer.recv() => r,
+        let gone = tokio::select! {
+            (i, received) = next_message(&c.generations) => {
+                match received {
+                    Ok(message) => {
+                        if !deliver(&message, &tx).await {
+                            return;
+                        }
+                        if let Err(e) = c.generations[i].consumer.store_offset_from_message(&message) {
+                            tracing::warn!("cannot store offset {}: {e}", message.offset());
+                        }
+                        false
+                    }
+                    Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown)) => true,
+                    Err(e) => {
+                        tracing::warn!("kafka receive failed: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        false
+                    }
+                }
+            }
             _ = check.tick() => {
                 upkeep(&config, &node_id, &mut c).await;
-                continue;
+                false
             }
         };
-        let message = match received {
-            Ok(m) => m,
-            Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown)) => {
-                tracing::warn!(
-                    "the Kafka broker is gone; this node's consumer waits for it to come back"
-                );
-                // Destroyed before the broker returns: see the module's note.
-                let consumer = c.consumer;
-                let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-                c = reopen(&config, &node_id).await;
-                if tx.send(Inbound::Resumed).await.is_err() {
-                    return;
-                }
-                continue;
+        if gone {
+            tracing::warn!(
+                "the Kafka broker is gone; this node's consumer waits for it to come back"
+            );
+            // Destroyed before the broker returns: see the module's note.
+            for g in std::mem::take(&mut c.generations) {
+                destroy(g.consumer).await;
             }
-            Err(e) => {
-                tracing::warn!("kafka receive failed: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+            c = reopen(&config, &node_id).await;
+            if tx.send(Inbound::Resumed).await.is_err() {
+                return;
             }
-        };
-        match message.payload().map(serde_json::from_slice::<Envelope>) {
-            Some(Ok(envelope)) => {
-                tracing::debug!(from = %envelope.from_node, "received a frame from the broker");
-                if tx.send(Inbound::Envelope(envelope)).await.is_err() {
-                    return;
-                }
-            }
-            Some(Err(e)) => tracing::error!(
-                offset = message.offset(),
-                "skipping an unreadable envelope: {e}"
-            ),
-            None => {
-                tracing::error!(offset = message.offset(), "skipping an empty envelope")
-            }
-        }
-        if let Err(e) = c.consumer.store_offset_from_message(&message) {
-            tracing::warn!("cannot store offset {}: {e}", message.offset());
         }
     }
 }
 
-/// Deletes retired generations whose time is up, and starts a new generation when the
-/// current one holds `kafka.rotate_records` records.
+/// Hands one consumed envelope to the node; false once the node stopped consuming.
+async fn deliver(message: &BorrowedMessage<'_>, tx: &mpsc::Sender<Inbound>) -> bool {
+    match message.payload().map(serde_json::from_slice::<Envelope>) {
+        Some(Ok(envelope)) => {
+            tracing::debug!(from = %envelope.from_node, "received a frame from the broker");
+            tx.send(Inbound::Envelope(envelope)).await.is_ok()
+        }
+        Some(Err(e)) => {
+            tracing::error!(
+                offset = message.offset(),
+                "skipping an unreadable envelope: {e}"
+            );
+            true
+        }
+        None => {
+            tracing::error!(offset = message.offset(), "skipping an empty envelope");
+            true
+        }
+    }
+}
+
+/// Lets go of retired generations whose time is up (their consumer destroyed, then their
+/// topic deleted), and starts a new generation when the current one holds
+/// `kafka.rotate_records` records.
 async fn upkeep(config: &KafkaConfig, node_id: &str, c: &mut Consuming) {
     let now = Instant::now();
-    let (due, kept): (Vec<Retired>, Vec<Retired>) = std::mem::take(&mut c.retired)
+    let (due, kept): (Vec<Generation>, Vec<Generation>) = std::mem::take(&mut c.generations)
         .into_iter()
-        .partition(|r| r.delete_at <= now);
-    c.retired = kept;
-    for r in due {
-        if let Err(e) = assign(&c.consumer, &r.topic, None).await {
-            tracing::warn!(topic = %r.topic, "cannot stop consuming a retired topic: {e}");
-        }
-        match delete_topics(config, std::slice::from_ref(&r.topic)).await {
-            Ok(()) => tracing::info!(topic = %r.topic, "deleted a retired topic of this node"),
-            Err(e) => tracing::warn!(topic = %r.topic, "cannot delete a retired topic: {e}"),
+        .partition(|g| g.delete_at.is_some_and(|at| at <= now));
+    c.generations = kept;
+    for g in due {
+        destroy(g.consumer).await;
+        match delete_topics(config, std::slice::from_ref(&g.topic)).await {
+            Ok(()) => tracing::info!(topic = %g.topic, "deleted a retired topic of this node"),
+            Err(e) => tracing::warn!(topic = %g.topic, "cannot delete a retired topic: {e}"),
         }
     }
-    if !c.retired.is_empty() {
+    if c.generations.len() > 1 {
         return; // One rotation at a time.
     }
-    let (consumer, topic) = (c.consumer.clone(), c.current.clone());
+    let Some(current) = c.generations.last() else {
+        return;
+    };
+    let (consumer, topic) = (current.consumer.clone(), current.topic.clone());
     let size = tokio::task::spawn_blocking(move || {
         consumer.fetch_watermarks(&topic, 0, Duration::from_secs(3))
     })
@@ -213,32 +255,36 @@ async fn upkeep(config: &KafkaConfig, node_id: &str, c: &mut Consuming) {
     if records < config.rotate_records as i64 {
         return;
     }
-    let newest = topics::generation_of(config, node_id, &c.current).unwrap_or(0) + 1;
+    let newest = topics::generation_of(config, node_id, &current.topic).unwrap_or(0) + 1;
     let next = generation_topic(config, node_id, (now_ms().max(0) as u64).max(newest));
     let started = async {
         ensure_topics(config, std::slice::from_ref(&next)).await?;
-        assign(&c.consumer, &next, Some(Offset::Beginning)).await
+        consumer_of(config, node_id, &next, Offset::Beginning).await
     };
     match started.await {
-        Ok(()) => {
-            tracing::info!(old = %c.current, new = %next, records, "this node's topic is large: moved to a new generation");
-            let old = std::mem::replace(&mut c.current, next);
-            c.retired.push(Retired {
-                topic: old,
-                delete_at: Instant::now() + Duration::from_secs(config.drain_secs),
+        Ok(consumer) => {
+            let drain = Duration::from_secs(config.drain_secs);
+            if let Some(old) = c.generations.last_mut() {
+                tracing::info!(old = %old.topic, new = %next, records, "this node's topic is large: moved to a new generation");
+                old.delete_at = Some(Instant::now() + drain);
+            }
+            c.generations.push(Generation {
+                topic: next,
+                consumer,
+                delete_at: None,
             });
         }
         Err(e) => tracing::warn!("cannot start a new generation of this node's topic: {e}"),
     }
 }
 
-/// A new consumer once the broker answers again, trying every second.
+/// New consumers once the broker answers again, trying every second.
 async fn reopen(config: &KafkaConfig, node_id: &str) -> Consuming {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         match open(config, node_id).await {
             Ok(c) => {
-                tracing::info!(topic = %c.current, "the Kafka broker is back; consuming a new generation of this node's topic");
+                tracing::info!(topic = %c.current(), "the Kafka broker is back; consuming a new generation of this node's topic");
                 return c;
             }
             Err(e) => tracing::debug!("the Kafka broker is not back yet: {e}"),
