@@ -34,6 +34,10 @@ if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check
 fi
 cargo build --release --locked
+# Lint is a habit, not a chore: any clippy warning fails the run.
+cargo clippy --release --locked --all-targets -- -D warnings
+# The unit tests once in a debug build too: overflow checks on.
+cargo test --locked --lib
 
 # Cluster tests need a real Redis, a real Kafka-compatible broker (Tansu) and the
 # MessageService the node profiles store through. Start them unless they already run, and

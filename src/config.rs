@@ -615,9 +615,14 @@ fn env_layer(name: &str, value: &str) -> Result<Option<toml::Table>, ConfigError
         detail,
     };
     let Some((section, key)) = rest.split_once("__") else {
-        return Err(invalid(
-            "expected CHATD_<SECTION>__<KEY> (two underscores), e.g. CHATD_SERVER__PORT".into(),
-        ));
+        // Not meant for us: Kubernetes injects CHATD_SERVICE_HOST, CHATD_PORT=tcp://... for
+        // a Service named chatd, and scripts set things like CHATD_BIN. Only a name of the
+        // form CHATD_<SECTION>__<KEY> is a setting (and a mistyped one stays an error).
+        tracing::debug!(
+            variable = name,
+            "not a CHATD_<SECTION>__<KEY> setting; ignored"
+        );
+        return Ok(None);
     };
     let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
     let layer_with = |v: toml::Value| {
@@ -764,13 +769,36 @@ mod tests {
         for (name, value, needle) in [
             ("CHATD_SERVER__PORT", "lots", "CHATD_SERVER__PORT"),
             ("CHATD_SERVER__PROT", "1", "CHATD_SERVER__PROT"),
-            ("CHATD_SERVER_PORT", "1", "two underscores"),
             ("CHATD_SERVER__PORT", "70000", "CHATD_SERVER__PORT"),
+            ("CHATD_SERVICE__PORT", "1", "CHATD_SERVICE__PORT"),
         ] {
             s.env = vec![(name.into(), value.into())];
             let err = Config::load(&s).unwrap_err().to_string();
             assert!(err.contains(needle), "{name}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn variables_that_are_not_settings_are_ignored() {
+        // What Kubernetes injects into every pod of a namespace with a Service named chatd,
+        // and what scripts set.
+        let mut s = Sources::defaults_only("/nonexistent");
+        s.env = [
+            ("CHATD_SERVICE_HOST", "10.0.0.1"),
+            ("CHATD_SERVICE_PORT", "9430"),
+            ("CHATD_PORT", "tcp://10.0.0.1:9430"),
+            ("CHATD_PORT_9430_TCP", "tcp://10.0.0.1:9430"),
+            ("CHATD_PORT_9430_TCP_ADDR", "10.0.0.1"),
+            ("CHATD_PORT_9430_TCP_PORT", "9430"),
+            ("CHATD_PORT_9430_TCP_PROTO", "tcp"),
+            ("CHATD_BIN", "/usr/local/bin/chatd"),
+            ("CHATD_SERVER__PORT", "9500"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = Config::load(&s).expect("foreign CHATD_ variables do not stop start-up");
+        assert_eq!(c.server.port, 9500);
     }
 
     #[test]

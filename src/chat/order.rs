@@ -89,7 +89,7 @@ impl Order {
                 return Decision::Duplicate;
             }
         }
-        let next = self.cursor.map_or(true, |c| seq == c + 1);
+        let next = self.cursor.is_none_or(|c| seq == c + 1);
         if next && !self.catching_up {
             // With no cursor yet (the store was down when the session began) the first frame
             // starts it.

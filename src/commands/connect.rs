@@ -409,14 +409,12 @@ impl Chat {
                 client.close().await;
                 return Ok(End::Quit);
             }
-            if self.ack_deadline.is_some_and(|d| Instant::now() >= d) {
-                if !self.unacked.is_empty() {
-                    client.close().await;
-                    anyhow::bail!(
-                        "{} sends were not acknowledged within --ack-timeout",
-                        self.unacked.len()
-                    );
-                }
+            if self.ack_deadline.is_some_and(|d| Instant::now() >= d) && !self.unacked.is_empty() {
+                client.close().await;
+                anyhow::bail!(
+                    "{} sends were not acknowledged within --ack-timeout",
+                    self.unacked.len()
+                );
             }
             let wake = [self.linger_until, self.ack_deadline, self.unacked.retry_at]
                 .into_iter()

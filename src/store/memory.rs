@@ -243,7 +243,7 @@ impl Store for MemoryStore {
             None => (1, 0, Vec::new()),
             Some(inbox) => {
                 let oldest = inbox.oldest();
-                let skip = (after + 1).saturating_sub(oldest) as usize;
+                let skip = after.saturating_add(1).saturating_sub(oldest) as usize;
                 let picked: Vec<_> = inbox
                     .entries
                     .iter()
@@ -254,7 +254,7 @@ impl Store for MemoryStore {
                 (oldest, inbox.latest, picked)
             }
         };
-        let first = oldest.max(after + 1);
+        let first = oldest.max(after.saturating_add(1));
         let entries = picked
             .into_iter()
             .enumerate()
@@ -294,6 +294,15 @@ mod tests {
             timestamp: 1,
             temp_message_id: temp.map(String::from),
         }
+    }
+
+    #[tokio::test]
+    async fn a_cursor_at_the_largest_seq_gets_nothing_and_no_overflow() {
+        let s = MemoryStore::new(100, 100);
+        s.save(msg("m1", None)).await.unwrap();
+        let page = s.fetch("b", u64::MAX, 10).await.unwrap();
+        assert!(page.entries.is_empty());
+        assert_eq!(page.latest, 1);
     }
 
     #[tokio::test]

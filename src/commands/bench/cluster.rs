@@ -299,7 +299,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         })
         .filter(|(_, n)| *n > 0)
         .collect();
-    calls.sort_by(|a, b| b.1.cmp(&a.1));
+    calls.sort_by_key(|c| std::cmp::Reverse(c.1));
     report.print(args, &cpu, &calls, &drift)
 }
 
