@@ -3,7 +3,8 @@
 # and speak real WebSocket to them, and the CLI tests that run the real binary (SIGTERM
 # included), the cluster tests against a real Redis, Kafka broker and MessageService
 # (scripts/services.sh), the crash tests that SIGKILL nodes and the MessageService,
-# and the test page in a headless browser. Installs what is missing: Chromium and
+# the test page in a headless browser, clippy (warnings are errors) and the unit tests once
+# more in a debug build (overflow checks on). Installs what is missing: Chromium and
 # redis-server (apt-get), playwright-core (npm), Tansu (cargo install, ~16 min once).
 # One release build serves the binary and the tests.
 set -euo pipefail

@@ -47,6 +47,9 @@ pub struct ServerConfig {
     /// Chat messages of one connection being stored and delivered at once: the reader goes on
     /// reading while earlier ones are on their way, and waits (reads nothing) at this many.
     pub max_in_flight: usize,
+    /// How long the node gathers chat messages into one batch (one store call, one presence
+    /// call) after the first arrives, in microseconds; 0 takes only what already waits.
+    pub batch_linger_us: u64,
     /// On SIGINT/SIGTERM, how long to wait for sessions to close before exiting anyway.
     pub shutdown_grace_ms: u64,
     /// This node's REST base URL as other nodes and `chatd stats` should reach it (stored
@@ -86,6 +89,7 @@ impl Default for ServerConfig {
             max_content_chars: 4096,
             send_queue_len: 256,
             max_in_flight: 64,
+            batch_linger_us: 1000,
             shutdown_grace_ms: 5_000,
             advertise_url: String::new(),
             allowed_origins: Vec::new(),
@@ -419,6 +423,12 @@ impl Config {
         }
         if s.send_queue_len == 0 {
             return bad("server.send_queue_len", "must be at least 1".into());
+        }
+        if s.batch_linger_us > 100_000 {
+            return bad(
+                "server.batch_linger_us",
+                "must be between 0 and 100000".into(),
+            );
         }
         if !(1..=4096).contains(&s.max_in_flight) {
             return bad("server.max_in_flight", "must be between 1 and 4096".into());

@@ -4,7 +4,6 @@
 
 mod common;
 
-
 use chatd::client::{chat_url, with_since, Client, Incoming};
 use common::*;
 use serde_json::{json, Value};

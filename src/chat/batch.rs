@@ -64,6 +64,18 @@ pub(super) async fn run(node: Weak<Node>, mut rx: mpsc::UnboundedReceiver<Pendin
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let Some(node) = node.upgrade() else { break };
+        let linger = node.config.server.batch_linger_us;
+        if linger > 0 && batch.len() < MAX_BATCH {
+            // What else arrives within the linger joins this batch: one store call and one
+            // presence call for all of them (a batch of one costs the store about as much).
+            tokio::time::sleep(std::time::Duration::from_micros(linger)).await;
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+        }
         let routed = node.route_batch(std::mem::take(&mut batch)).await;
         if done_tx.send(routed).is_err() {
             break;

@@ -247,14 +247,35 @@ impl Bus for KafkaBus {
         Ok(rx)
     }
 
-    async fn unsubscribe(&self, _node_id: &str) {
-        if let Some(task) = self
+    /// Stops consuming and deletes every generation of this node's topic: its sessions are
+    /// gone, a restarted node starts a new generation, and nobody else reads them.
+    async fn unsubscribe(&self, node_id: &str) {
+        let task = self
             .consumer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+            .take();
+        if let Some(task) = task {
             task.abort();
+            // Its consumers are gone once it is: none of them may see its topic deleted.
+            let _ = task.await;
+            let config = &self.shared.config;
+            let producer = self.shared.producer.clone();
+            let wait = Duration::from_secs(2);
+            let listed =
+                tokio::task::spawn_blocking(move || topics::list_topics(producer.client(), wait))
+                    .await;
+            if let Ok(Ok(names)) = listed {
+                let mine: Vec<String> =
+                    topics::generations(config, node_id, names.iter().map(String::as_str))
+                        .into_iter()
+                        .map(|(_, t)| t)
+                        .collect();
+                match topics::delete_topics(config, &mine).await {
+                    Ok(()) => tracing::info!(topics = ?mine, "deleted this node's topics"),
+                    Err(e) => tracing::warn!("cannot delete this node's topics {mine:?}: {e}"),
+                }
+            }
         }
         // Whatever is still queued goes out before the node exits.
         let producer = self.shared.producer.clone();
