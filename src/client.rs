@@ -177,6 +177,15 @@ impl Client {
         Ok(client)
     }
 
+    /// Paces text frames under the rate limit the node told in `CONNECTED` (see
+    /// [`ClientWriter::pace_to`]): a refusal, and then a close (1008), costs more.
+    pub fn pace_to_node_limit(&mut self) {
+        self.writer.pace_to(
+            self.welcome["rateLimitPerSec"].as_u64().unwrap_or(0),
+            self.welcome["rateLimitBurst"].as_u64().unwrap_or(0),
+        );
+    }
+
     pub fn connection_id(&self) -> &str {
         self.welcome["connectionId"].as_str().unwrap_or("")
     }

@@ -388,11 +388,7 @@ impl Chat {
                 client.connection_id()
             );
         }
-        // Sent no faster than the node accepts: a refusal, and then a close (1008), costs more.
-        client.writer.pace_to(
-            client.welcome["rateLimitPerSec"].as_u64().unwrap_or(0),
-            client.welcome["rateLimitBurst"].as_u64().unwrap_or(0),
-        );
+        client.pace_to_node_limit();
         if let Err(e) = self.unacked.resend_all(&mut client.writer).await {
             return Ok(lost(e));
         }

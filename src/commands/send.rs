@@ -58,6 +58,9 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     let mut client = Client::connect_with_token(&args.url, &args.from, args.token.as_deref(), wait)
         .await
         .context("connect failed")?;
+    // No faster than the node accepts (a burst of refusals ends in a close, 1008); a send
+    // refused all the same is sent again below.
+    client.pace_to_node_limit();
     let chat = args
         .chat
         .clone()
