@@ -286,6 +286,48 @@ async fn floods_are_rate_limited_then_closed_while_neighbours_carry_on() {
 }
 
 #[tokio::test]
+async fn a_flooder_that_reads_late_still_gets_its_errors_and_the_close_frame() {
+    // Default strikes; a client that sends 3,000 frames before reading anything.
+    let mut c = config("flood-late");
+    c.server.rate_limit_per_sec = 5;
+    c.server.rate_limit_burst = 5;
+    c.server.rate_limit_strikes = chatd::config::Config::default().server.rate_limit_strikes;
+    let node = start(c).await;
+    let mut flooder = node.client("flooder").await;
+    // Enough bytes that much of it is still unread when the node closes.
+    let spam = "s".repeat(4000);
+    for i in 0..3000 {
+        if flooder
+            .send_json(&chat("bob", &spam, &format!("f{i}")))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut limited = 0;
+    let mut other = Vec::new();
+    let closed = loop {
+        match flooder.next(WAIT).await {
+            Ok(Incoming::Frame(f)) if f["code"] == "RATE_LIMITED" => limited += 1,
+            Ok(Incoming::Frame(f)) => {
+                other.push(f["type"].to_string() + " " + &f["code"].to_string())
+            }
+            Ok(Incoming::Closed { code, .. }) => break code,
+            Err(e) => {
+                panic!("after {limited} RATE_LIMITED: {e} (a reset instead of a close frame)")
+            }
+        }
+    };
+    assert!(
+        limited >= 1,
+        "the client was told why before being closed (closed {closed}, other frames {other:?})"
+    );
+    assert_eq!(closed, 1008);
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn devices_per_user_and_connections_per_node_are_capped() {
     let mut c = config("caps");
     c.server.max_devices_per_user = 2;

@@ -32,6 +32,9 @@ use crate::rate::TokenBucket;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to try to send a close frame; a peer that does not read will not get it anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// After the server's close frame, how long it reads (and drops) what the client still
+/// sends, waiting for the client's close frame.
+const LINGER: Duration = Duration::from_secs(2);
 /// Initial read buffer of a connection, and the write size that triggers a flush.
 const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 8 * 1024;
@@ -272,9 +275,34 @@ where
     drop(handle);
     // The writer drains what is queued (or sends the close frame) and stops; not forever.
     let abort = writer.abort_handle();
-    if tokio::time::timeout(WRITE_TIMEOUT, writer).await.is_err() {
-        abort.abort();
-    }
+    let writer_done = async {
+        if tokio::time::timeout(WRITE_TIMEOUT, writer).await.is_err() {
+            abort.abort();
+        }
+    };
+    // Lingering close (RFC 6455 7.1.1): when the server closes, what the client still sends
+    // is read and dropped, until its close frame or LINGER. A socket dropped with unread
+    // input is answered with a reset, and the client loses our close frame and every frame
+    // queued before it (its RATE_LIMITED errors, say). Read while the writer drains, so that
+    // a client blocked on writing gets to read.
+    let linger = !matches!(
+        ended,
+        // Shutdown too: the process is about to exit, and a restart should not wait.
+        "peer went away" | "closed by the client" | "protocol error" | "server shutting down"
+    );
+    let drain = async {
+        if linger {
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Some(Ok(message)) = stream.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    };
+    tokio::join!(writer_done, drain);
     tracing::info!(user = %user_id, connection = %connection_id, reason = ended, "disconnected");
 }
 
@@ -383,6 +411,17 @@ async fn write_loop<Si>(
     }
     let reason = close.borrow().clone();
     if let Some(CloseReason { code, reason }) = reason {
+        // What was queued before the close goes out first, for as long as the peer takes it
+        // (bounded): a client closed for flooding sees its RATE_LIMITED errors, then 1008.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while let Ok(frame) = outbox.try_recv() {
+                if sink.feed(Message::Text(frame)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.flush().await;
+        })
+        .await;
         let frame = CloseFrame {
             code,
             reason: reason.into(),
