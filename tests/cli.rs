@@ -420,12 +420,17 @@ async fn connect_sends_heartbeats_by_itself() {
     node.stop().await;
 }
 
-#[tokio::test]
-async fn send_count_paces_itself_under_the_rate_limit() {
+/// Runs `chatd send --count {count}` against a node with these limits (per second, burst,
+/// strikes); asserts every message acked and stored once.
+async fn send_count_under_limits(limits: (u32, u32, u32), count: usize) {
     let mut c = config("n1");
-    c.server.rate_limit_per_sec = 20;
-    c.server.rate_limit_burst = 10;
+    (
+        c.server.rate_limit_per_sec,
+        c.server.rate_limit_burst,
+        c.server.rate_limit_strikes,
+    ) = limits;
     let node = start(c).await;
+    let count_arg = count.to_string();
     let out = run_chatd(strings(&[
         "send",
         "--url",
@@ -435,7 +440,7 @@ async fn send_count_paces_itself_under_the_rate_limit() {
         "--to",
         "bob",
         "--count",
-        "40",
+        &count_arg,
         "--json",
         "n",
     ]))
@@ -449,48 +454,34 @@ async fn send_count_paces_itself_under_the_rate_limit() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 40, "every message acknowledged once");
+    assert_eq!(lines.len(), count, "every message acknowledged once");
     assert_eq!(
         node.node.metrics.snapshot().messages_received,
-        40,
+        count as u64,
         "retries stored nothing twice"
     );
     node.stop().await;
 }
 
 #[tokio::test]
+async fn send_count_paces_itself_under_the_rate_limit() {
+    send_count_under_limits((20, 10, 20), 40).await;
+}
+
+#[tokio::test]
 async fn send_count_finishes_under_the_default_limits() {
     // The default limits (20 a second, burst 40): 150 messages used to end in a reset or a
     // close (1008) after about 60.
-    let mut c = config("n1");
-    let defaults = chatd::config::Config::default().server;
-    c.server.rate_limit_per_sec = defaults.rate_limit_per_sec;
-    c.server.rate_limit_burst = defaults.rate_limit_burst;
-    c.server.rate_limit_strikes = defaults.rate_limit_strikes;
-    let node = start(c).await;
-    let out = run_chatd(strings(&[
-        "send",
-        "--url",
-        &node.ws(),
-        "--from",
-        "alice",
-        "--to",
-        "bob",
-        "--count",
-        "150",
-        "--json",
-        "n",
-    ]))
+    let d = chatd::config::Config::default().server;
+    send_count_under_limits(
+        (
+            d.rate_limit_per_sec,
+            d.rate_limit_burst,
+            d.rate_limit_strikes,
+        ),
+        150,
+    )
     .await;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let acks = String::from_utf8_lossy(&out.stdout).lines().count();
-    assert_eq!(acks, 150, "every message acknowledged once");
-    assert_eq!(node.node.metrics.snapshot().messages_received, 150);
-    node.stop().await;
 }
 
 #[tokio::test]

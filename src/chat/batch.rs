@@ -100,9 +100,13 @@ impl Node {
         let mut messages = Vec::with_capacity(batch.len());
         // Every receiver and sender of the batch, once, for one presence call.
         let mut users: Vec<String> = Vec::with_capacity(batch.len() * 2);
+        // Where each user is in `users`, for the dedup here and the lookups below.
+        let mut index: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::with_capacity(batch.len() * 2);
         for p in batch {
             for u in [&p.message.receiver_id, &p.message.sender_id] {
-                if !users.contains(u) {
+                if !index.contains_key(u) {
+                    index.insert(u.clone(), users.len());
                     users.push(u.clone());
                 }
             }
@@ -124,8 +128,14 @@ impl Node {
                 None
             }
         };
+        // Per target, not a scan of the batch's users (a batch has up to 512).
+        let index: std::collections::HashMap<&str, usize> = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.as_str(), i))
+            .collect();
         let devices_of = |user: &str| {
-            let i = users.iter().position(|u| u == user)?;
+            let i = *index.get(user)?;
             devices.as_ref().map(|d| d[i].as_slice())
         };
 

@@ -277,7 +277,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let drift = drift(&sampler.await?, &processes);
 
     let results: Vec<PairResult> = results.into_iter().map(|(r, _)| r).collect();
-    let report = Report::new(args, &results, elapsed);
+    let report = Report::new(&results, elapsed);
     let cpu: Vec<(&str, Option<f64>)> = processes
         .iter()
         .zip(cpu_before.iter().zip(&cpu_after))
@@ -508,7 +508,7 @@ struct Report {
 }
 
 impl Report {
-    fn new(_args: &BenchArgs, results: &[PairResult], elapsed: Duration) -> Self {
+    fn new(results: &[PairResult], elapsed: Duration) -> Self {
         let mut r = Report {
             delivered: 0,
             acked: 0,
