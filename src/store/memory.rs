@@ -1,10 +1,17 @@
 //! In-process store, bounded: it keeps the newest `capacity` messages. Sharded by message id
 //! so that concurrent senders do not queue on one lock; each user's inbox is its own entry in
-//! a concurrent map and points at the messages it holds.
+//! a concurrent map and points at the messages it holds. An inbox left empty by eviction is
+//! dropped, so the map holds at most about twice `capacity` users however many ids clients
+//! make up; its latest seq is kept in one of [`FLOORS`] buckets (by hash of the user), where
+//! the user's next inbox starts, so a user's seqs never go back.
+//!
+//! Lock order, everywhere: the idempotency map, then a shard, then a slot, then an inbox.
+//! Nothing takes an earlier one while holding a later one (a retry racing the eviction of
+//! its own message once deadlocked two workers that way).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -17,6 +24,10 @@ use super::{
 use crate::chat::ids::now_ms;
 
 const SHARDS: usize = 32;
+/// Buckets of the latest seq of dropped inboxes (128 KiB). A user new to the store whose
+/// bucket holds a dropped user's seq starts above it: a device replaying from 0 is then told
+/// `SYNC_TOO_OLD` for seqs it never had. More buckets make that rarer.
+const FLOORS: usize = 16 * 1024;
 
 /// One stored message, shared by the id index and the inboxes that hold it.
 struct Slot {
@@ -73,6 +84,9 @@ pub struct MemoryStore {
     idempotency: DashMap<(String, String), String>,
     inboxes: DashMap<String, Inbox>,
     inbox_max_entries: usize,
+    /// Per bucket of users, the highest latest seq of an inbox that was dropped: an inbox
+    /// made again starts there, so a device's cursor is never ahead of its user's seqs.
+    floors: Vec<AtomicU64>,
 }
 
 impl MemoryStore {
@@ -84,6 +98,7 @@ impl MemoryStore {
             idempotency: DashMap::new(),
             inboxes: DashMap::new(),
             inbox_max_entries: inbox_max_entries.max(1),
+            floors: (0..FLOORS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -102,11 +117,21 @@ impl MemoryStore {
         self.slot(message_id).map(|s| lock(&s.state).stored.clone())
     }
 
+    fn floor(&self, user_id: &str) -> &AtomicU64 {
+        &self.floors[self.hasher.hash_one(user_id) as usize % FLOORS]
+    }
+
     /// Gives `slot` the next place in `user_id`'s inbox.
     fn append(&self, user_id: &str, kind: EntryKind, slot: &Arc<Slot>) -> u64 {
         let mut inbox = match self.inboxes.get_mut(user_id) {
             Some(inbox) => inbox,
-            None => self.inboxes.entry(user_id.to_string()).or_default(),
+            None => self
+                .inboxes
+                .entry(user_id.to_string())
+                .or_insert_with(|| Inbox {
+                    latest: self.floor(user_id).load(Ordering::Relaxed),
+                    entries: VecDeque::new(),
+                }),
         };
         inbox.latest += 1;
         inbox.entries.push_back((kind, slot.clone()));
@@ -185,23 +210,37 @@ impl Store for MemoryStore {
         let stored = state.stored.clone();
         drop(state);
         for old in evicted {
-            let (sender, receiver) = {
+            // Copied out so that no slot is locked while the maps below are.
+            let (sender, receiver, temp, id) = {
                 let old = lock(&old.state);
                 let m = &old.stored.message;
-                if let Some(t) = &m.temp_message_id {
-                    self.idempotency
-                        .remove_if(&(m.sender_id.clone(), t.clone()), |_, id| {
-                            *id == m.message_id
-                        });
-                }
-                (m.sender_id.clone(), m.receiver_id.clone())
+                (
+                    m.sender_id.clone(),
+                    m.receiver_id.clone(),
+                    m.temp_message_id.clone(),
+                    m.message_id.clone(),
+                )
             };
+            if let Some(t) = temp {
+                self.idempotency
+                    .remove_if(&(sender.clone(), t), |_, kept| *kept == id);
+            }
             // The inboxes that held it let go of it too (it is mostly at their front), so
-            // the store keeps about `capacity` messages however many users there are.
+            // the store keeps about `capacity` messages however many users there are; an
+            // inbox left empty goes.
             for user in [sender, receiver] {
                 if let Some(mut inbox) = self.inboxes.get_mut(&user) {
                     inbox.trim(self.inbox_max_entries);
                 }
+                // The floor is raised under the map's lock, before the user can get a new
+                // inbox.
+                self.inboxes.remove_if(&user, |_, inbox| {
+                    let empty = inbox.entries.is_empty();
+                    if empty {
+                        self.floor(&user).fetch_max(inbox.latest, Ordering::Relaxed);
+                    }
+                    empty
+                });
             }
         }
         Ok(SaveOutcome::Saved(stored))
@@ -240,7 +279,11 @@ impl Store for MemoryStore {
         limit: usize,
     ) -> Result<InboxPage, StoreError> {
         let (oldest, latest, picked) = match self.inboxes.get(user_id) {
-            None => (1, 0, Vec::new()),
+            // Never seen, or dropped when its messages were evicted: nothing kept up to its floor.
+            None => {
+                let floor = self.floor(user_id).load(Ordering::Relaxed);
+                (floor + 1, floor, Vec::new())
+            }
             Some(inbox) => {
                 let oldest = inbox.oldest();
                 let skip = after.saturating_add(1).saturating_sub(oldest) as usize;
@@ -436,5 +479,51 @@ mod tests {
         let b = s.fetch("b", 0, 10).await.unwrap();
         assert_eq!((b.oldest, b.latest), (3, 5));
         assert_eq!(seqs(&b), [3, 4, 5]);
+    }
+
+    #[test]
+    fn retries_racing_the_eviction_of_their_own_message_never_deadlock() {
+        // A tiny store (one message per shard) and a few temp ids retried by four threads:
+        // a retry finds its key while another thread evicts the message the key points at.
+        let s = Arc::new(MemoryStore::new(SHARDS, 100));
+        let (done, finished) = std::sync::mpsc::channel();
+        for t in 0..4 {
+            let s = s.clone();
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                for i in 0..100_000 {
+                    // Half retries of a few keys, half fresh messages that push them out.
+                    let temp = (i % 2 == 0).then(|| format!("t{}", i % 8));
+                    let m = msg(&format!("m{t}-{i}"), temp.as_deref());
+                    rt.block_on(s.save(m)).unwrap();
+                }
+                done.send(()).unwrap();
+            });
+        }
+        for _ in 0..4 {
+            // Generous: the loop takes well under a second; a deadlock never ends.
+            finished
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .expect("a saving thread is stuck: lock order");
+        }
+    }
+
+    #[tokio::test]
+    async fn made_up_receivers_do_not_grow_the_inbox_map_and_seqs_never_go_back() {
+        let s = MemoryStore::new(64, 100);
+        s.save(between("first", "a", "x")).await.unwrap();
+        for i in 0..20_000 {
+            s.save(between(&format!("m{i}"), "a", &format!("fresh{i}")))
+                .await
+                .unwrap();
+        }
+        assert!(s.inboxes.len() <= 2 * (64 + SHARDS), "{}", s.inboxes.len());
+        // x's inbox went with its only message; its next message still gets a later seq.
+        let again = s.save(between("again", "a", "x")).await.unwrap();
+        match again {
+            SaveOutcome::Saved(m) => assert!(m.receiver_seq > 1, "{}", m.receiver_seq),
+            other => panic!("{other:?}"),
+        }
     }
 }
