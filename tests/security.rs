@@ -344,6 +344,37 @@ async fn devices_per_user_and_connections_per_node_are_capped() {
 }
 
 #[tokio::test]
+async fn concurrent_connects_of_one_user_cannot_pass_the_device_cap_together() {
+    let mut c = config("caps-race");
+    c.server.max_devices_per_user = 3;
+    let node = start(c).await;
+    let url = format!("{}/ws/chat?userId=alice", node.ws());
+    let attempts: Vec<_> = (0..24)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { Client::connect_url(&url, WAIT).await })
+        })
+        .collect();
+    let mut connected = Vec::new();
+    let mut refused = 0;
+    for a in attempts {
+        match a.await.unwrap() {
+            Ok(client) => connected.push(client),
+            Err(ClientError::Refused { status: 429, .. }) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((connected.len(), refused), (3, 21));
+    // A place comes back when a device leaves.
+    drop(connected.pop());
+    eventually("alice's place comes back", || async {
+        Client::connect_url(&url, WAIT).await.is_ok()
+    })
+    .await;
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn huge_headers_and_queries_are_refused_quickly_and_harm_nobody() {
     let node = start(config("big")).await;
     let mut bob = node.client("bob").await;

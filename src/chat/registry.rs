@@ -239,6 +239,49 @@ pub struct Delivered {
 pub struct Registry {
     by_user: DashMap<Arc<str>, Vec<SessionHandle>>,
     sessions: AtomicUsize,
+    /// Devices let in per user, from the handshake on (before the session exists).
+    pub admissions: Admissions,
+}
+
+/// Devices of each user this node has let in (upgrading or connected). The per-user cap is
+/// checked and taken in one step, so two connects at once cannot both pass it on one node.
+#[derive(Default, Clone)]
+pub struct Admissions(Arc<DashMap<String, usize>>);
+
+/// One device's place under its user's cap; given back when dropped (the session ended or
+/// the upgrade failed).
+pub struct Admission {
+    admissions: Admissions,
+    user_id: String,
+}
+
+impl Admissions {
+    /// Takes a place for a device of `user_id` when `elsewhere` (its devices on other
+    /// nodes) and those let in here stay under `max`; else `Err(devices)`.
+    pub fn admit(&self, user_id: &str, elsewhere: usize, max: usize) -> Result<Admission, usize> {
+        let mut here = self.0.entry(user_id.to_string()).or_default();
+        let devices = elsewhere + *here;
+        if devices >= max {
+            drop(here);
+            self.0.remove_if(user_id, |_, n| *n == 0);
+            return Err(devices);
+        }
+        *here += 1;
+        Ok(Admission {
+            admissions: self.clone(),
+            user_id: user_id.to_string(),
+        })
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let map = &self.admissions.0;
+        if let Some(mut n) = map.get_mut(&self.user_id) {
+            *n = n.saturating_sub(1);
+        }
+        map.remove_if(&self.user_id, |_, n| *n == 0);
+    }
 }
 
 impl Registry {

@@ -82,20 +82,30 @@ pub async fn upgrade(
             ),
         );
     }
-    let devices = match node.backends.presence.devices(&identity.user_id).await {
-        Ok(d) => d.len(),
-        Err(_) => node.sessions.devices_of(&identity.user_id),
+    // Devices on other nodes from presence (none known when it does not answer); this
+    // node's own are counted and taken in one step. Two connects at the same instant on two
+    // nodes can still pass together: the cap is exact per node.
+    let elsewhere = match node.backends.presence.devices(&identity.user_id).await {
+        Ok(d) => d.iter().filter(|d| d.node_id != node.node_id).count(),
+        Err(_) => 0,
     };
-    if devices >= server.max_devices_per_user {
-        return json_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "TOO_MANY_DEVICES",
-            &format!(
-                "this user already has {devices} devices online (the limit is {})",
-                server.max_devices_per_user
-            ),
-        );
-    }
+    let admission = match node.sessions.admissions.admit(
+        &identity.user_id,
+        elsewhere,
+        server.max_devices_per_user,
+    ) {
+        Ok(admission) => admission,
+        Err(devices) => {
+            return json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TOO_MANY_DEVICES",
+                &format!(
+                    "this user already has {devices} devices online (the limit is {})",
+                    server.max_devices_per_user
+                ),
+            )
+        }
+    };
     let max = server.max_frame_bytes;
     // Small per-connection buffers: tungstenite's 128 KiB defaults would make an idle
     // connection cost ~135 KiB; they grow when a larger message needs it.
@@ -106,6 +116,7 @@ pub async fn upgrade(
         .on_failed_upgrade(|e| tracing::warn!("WebSocket upgrade failed: {e}"))
         .on_upgrade(move |socket: WebSocket| async move {
             let _guard = state.tracker.enter();
+            let _admission = admission;
             let (sink, stream) = socket.split();
             run_session(state.node, identity, sink, stream).await;
         })
