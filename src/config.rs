@@ -66,8 +66,12 @@ pub struct ServerConfig {
     pub rate_limit_per_sec: u32,
     /// Frames a connection may send in a burst above the average.
     pub rate_limit_burst: u32,
-    /// Frames refused in a row (`ERROR RATE_LIMITED`) before the connection is closed (1008).
+    /// Refusals (`ERROR RATE_LIMITED`) held against a client that keeps sending after it was
+    /// told, before the connection is closed (1008). See [`crate::rate::FrameLimit`].
     pub rate_limit_strikes: u32,
+    /// After its first refusal a client has this long to hear it and slow down: what it sent
+    /// meanwhile is refused but is not a strike (one pipelined burst is not abuse).
+    pub rate_limit_grace_ms: u64,
     /// A client must send its whole HTTP request head within this long, or the socket is
     /// closed (slow or stalled handshakes cannot hold sockets forever).
     pub header_read_timeout_ms: u64,
@@ -98,6 +102,7 @@ impl Default for ServerConfig {
             rate_limit_per_sec: 20,
             rate_limit_burst: 40,
             rate_limit_strikes: 20,
+            rate_limit_grace_ms: 1_000,
             header_read_timeout_ms: 10_000,
             offline_push_window_ms: 3_000,
         }

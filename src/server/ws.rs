@@ -26,7 +26,7 @@ use crate::chat::Node;
 use crate::protocol::{
     parse_client_frame, ClientFrame, ErrorCode, FrameError, ParseContext, ServerFrame,
 };
-use crate::rate::TokenBucket;
+use crate::rate::{FrameLimit, Verdict};
 
 /// Longest a single write to a socket may take before the connection counts as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,27 +123,6 @@ pub async fn upgrade(
         .into_response()
 }
 
-/// The connection's rate limit, and how many frames it got refused in a row.
-struct RateLimit {
-    bucket: TokenBucket,
-    strikes: u32,
-}
-
-impl RateLimit {
-    fn new(rate: u32, burst: u32) -> Self {
-        Self {
-            bucket: TokenBucket::new(rate as f64, burst as f64),
-            strikes: 0,
-        }
-    }
-
-    fn allow(&mut self) -> bool {
-        let allowed = self.bucket.try_take();
-        self.strikes = if allowed { 0 } else { self.strikes + 1 };
-        allowed
-    }
-}
-
 /// One session from `CONNECTED` to close. Generic over the socket halves so that it does not
 /// depend on how the socket was made.
 pub async fn run_session<Si, St>(node: Arc<Node>, identity: Identity, sink: Si, mut stream: St)
@@ -191,7 +170,12 @@ where
         handle.request_close(1001, "server shutting down");
     }
     let idle = Duration::from_millis(server.idle_timeout_ms);
-    let mut rate = RateLimit::new(server.rate_limit_per_sec, server.rate_limit_burst);
+    let mut rate = FrameLimit::new(
+        server.rate_limit_per_sec,
+        server.rate_limit_burst,
+        Duration::from_millis(server.rate_limit_grace_ms),
+        server.rate_limit_strikes,
+    );
     // A token's expiry ends the session; without a token, a deadline that never comes.
     let expiry = identity.expires_at.map(|exp| {
         let left = Duration::from_millis(((exp * 1000) - now_ms()).max(0) as u64);
@@ -237,9 +221,10 @@ where
                     break "protocol error";
                 }
                 Ok(Some(Ok(Message::Text(text)))) => {
-                    if rate.allow() {
+                    let verdict = rate.check();
+                    if verdict == Verdict::Allow {
                         handle_text(&node, &handle, &text, ctx, &in_flight).await;
-                    } else if rate.strikes >= server.rate_limit_strikes {
+                    } else if verdict == Verdict::Close {
                         handle.request_close(1008, "rate limit exceeded again and again");
                         break "flooding";
                     } else {
