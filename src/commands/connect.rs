@@ -146,28 +146,31 @@ impl Cursor {
         }
     }
 
-    fn save_soon(&mut self) {
+    async fn save_soon(&mut self) {
         if self.dirty && self.last_write.elapsed() >= Self::EVERY {
-            self.save();
+            self.save().await;
         }
     }
 
-    fn save(&mut self) {
+    /// Writes the cursor to a temporary file and renames it over the state file, so a crash
+    /// leaves the old cursor or the new one. Through tokio::fs: the session loop is not held.
+    async fn save(&mut self) {
         let (Some(path), Some(seq)) = (&self.path, self.seq) else {
             return;
         };
         if !self.dirty {
             return;
         }
-        let write = || -> std::io::Result<()> {
+        let text = json!({"userId": self.user, "seq": seq}).to_string();
+        let write = async {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
+                tokio::fs::create_dir_all(dir).await?;
             }
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            std::fs::write(&tmp, json!({"userId": self.user, "seq": seq}).to_string())?;
-            std::fs::rename(&tmp, path)
+            tokio::fs::write(&tmp, text).await?;
+            tokio::fs::rename(&tmp, path).await
         };
-        match write() {
+        match write.await {
             Ok(()) => self.dirty = false,
             Err(e) => eprintln!("cannot write the state file {}: {e}", path.display()),
         }
@@ -315,7 +318,7 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
                 }
             }
         };
-        chat.state.save();
+        chat.state.save().await;
         match end {
             End::Quit => break,
             End::Lost { why, retry } => {
@@ -345,7 +348,7 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
             }
         }
     }
-    chat.state.save();
+    chat.state.save().await;
     Ok(())
 }
 
@@ -462,7 +465,7 @@ impl Chat {
                         return Ok(lost(e));
                     }
                 }
-                _ = flush.tick() => self.state.save_soon(),
+                _ = flush.tick() => self.state.save_soon().await,
             }
         }
     }
