@@ -181,8 +181,9 @@ pub struct KafkaConfig {
     /// How long the broker may hold a fetch when there is nothing new (latency of an idle
     /// topic; librdkafka's own default of 500 ms would delay every cross-node frame).
     pub fetch_wait_ms: u64,
-    /// How long the producer gathers frames before a request to the broker: frames for one
-    /// node within this window leave together. 0 sends each at once (one request each).
+    /// How long the producer gathers envelopes before a request to the broker. 0 (the
+    /// default): the node's own batches (`server.batch_linger_us`) already make one envelope
+    /// per node per batch, and the producer packs what queues while a request is out.
     pub linger_ms: u64,
     /// A node moves to a new generation of its topic once the current one holds this many
     /// records; the old one is deleted once drained (a broker that enforces no retention
@@ -203,7 +204,7 @@ impl Default for KafkaConfig {
             group_prefix: "chatd-node-".into(),
             publish_timeout_ms: 5000,
             fetch_wait_ms: 10,
-            linger_ms: 2,
+            linger_ms: 0,
             rotate_records: 10_000,
             drain_secs: 30,
         }

@@ -45,6 +45,8 @@ struct PairState {
     sending_done: AtomicBool,
     acked: AtomicU64,
     acks_done: AtomicBool,
+    /// By message number: when it was due, in µs from the start (for the ack's latency).
+    due_us: std::sync::Mutex<Vec<u64>>,
 }
 
 /// One pair's outcome.
@@ -54,6 +56,8 @@ struct PairResult {
     /// By message number: how many times the receiver got it.
     received: Vec<u32>,
     latencies: Vec<Duration>,
+    /// From due to `MESSAGE_ACK`: the sending node's part (store, route, broker ack).
+    ack_latencies: Vec<Duration>,
     errors: BTreeMap<String, u64>,
 }
 
@@ -237,7 +241,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             None => Pace::Window(window.clone()),
         };
         let send = tokio::spawn(send_loop(writer, to, pace, started, end, state.clone()));
-        let acks = tokio::spawn(ack_loop(reader, window, end + DRAIN, state.clone()));
+        let acks = tokio::spawn(ack_loop(
+            reader,
+            window,
+            started,
+            end + DRAIN,
+            state.clone(),
+        ));
         let receive = tokio::spawn(receive_loop(
             receiver.reader,
             started,
@@ -250,13 +260,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::with_capacity(tasks.len());
     for (send, acks, receive) in tasks {
         send.await?.context("a sender failed")?;
-        let (acked, errors) = acks.await?;
+        let (acked, ack_latencies, errors) = acks.await?;
         let (received, latencies, last) = receive.await?;
         results.push((
             PairResult {
                 acked,
                 received,
                 latencies,
+                ack_latencies,
                 errors,
             },
             last,
@@ -378,7 +389,11 @@ async fn send_loop(
         if due >= end {
             break Ok(());
         }
-        let frame = chat_frame(&to, n, due.duration_since(started).as_micros());
+        let due_us = due.duration_since(started).as_micros();
+        if let Ok(mut dues) = state.due_us.lock() {
+            dues.push(due_us as u64);
+        }
+        let frame = chat_frame(&to, n, due_us);
         if let Err(e) = writer.send_text(&frame).await {
             break Err(e);
         }
@@ -393,10 +408,12 @@ async fn send_loop(
 async fn ack_loop(
     mut reader: ClientReader,
     window: Arc<Semaphore>,
+    started: Instant,
     deadline: Instant,
     state: Arc<PairState>,
-) -> (Vec<bool>, BTreeMap<String, u64>) {
+) -> (Vec<bool>, Vec<Duration>, BTreeMap<String, u64>) {
     let mut acked = Vec::new();
+    let mut latencies = Vec::new();
     let mut count = 0u64;
     let mut errors = BTreeMap::new();
     loop {
@@ -425,6 +442,11 @@ async fn ack_loop(
             temp.and_then(|t| t.parse::<usize>().ok()),
         ) {
             (Some("MESSAGE_ACK"), Some(n)) => {
+                let due = state.due_us.lock().ok().and_then(|d| d.get(n).copied());
+                if let Some(due) = due {
+                    let due = started + Duration::from_micros(due);
+                    latencies.push(Instant::now().saturating_duration_since(due));
+                }
                 mark(&mut acked, n);
                 count += 1;
                 window.add_permits(1);
@@ -444,7 +466,7 @@ async fn ack_loop(
     state.acked.store(count, Ordering::Release);
     state.acks_done.store(true, Ordering::Release);
     window.close();
-    (acked, errors)
+    (acked, latencies, errors)
 }
 
 /// Records every message the receiver gets until it has all the acknowledged ones, or
@@ -496,6 +518,14 @@ async fn receive_loop(
     (received, latencies, last)
 }
 
+/// The `q` quantile of sorted latencies (zero when there are none).
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * q) as usize]
+}
+
 /// What the run measured, before the processes' CPU is added.
 struct Report {
     delivered: u64,
@@ -505,6 +535,7 @@ struct Report {
     errors: BTreeMap<String, u64>,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    ack_latencies: Vec<Duration>,
 }
 
 impl Report {
@@ -517,6 +548,7 @@ impl Report {
             errors: BTreeMap::new(),
             elapsed,
             latencies: Vec::new(),
+            ack_latencies: Vec::new(),
         };
         for p in results {
             for (n, acked) in p.acked.iter().enumerate() {
@@ -538,16 +570,15 @@ impl Report {
                 *r.errors.entry(k.clone()).or_insert(0) += v;
             }
             r.latencies.extend_from_slice(&p.latencies);
+            r.ack_latencies.extend_from_slice(&p.ack_latencies);
         }
         r.latencies.sort();
+        r.ack_latencies.sort();
         r
     }
 
     fn percentile(&self, q: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        self.latencies[((self.latencies.len() as f64 - 1.0) * q) as usize]
+        percentile(&self.latencies, q)
     }
 
     fn print(
@@ -566,6 +597,10 @@ impl Report {
             self.percentile(0.99),
             self.percentile(1.0),
         );
+        let (ack50, ack99) = (
+            percentile(&self.ack_latencies, 0.5),
+            percentile(&self.ack_latencies, 0.99),
+        );
         let total_calls: u64 = calls.iter().map(|(_, n)| n).sum();
         if args.json {
             let report = json!({
@@ -582,6 +617,7 @@ impl Report {
                 "elapsedSecs": secs,
                 "deliveredPerSec": rate,
                 "latencyMs": { "p50": ms(p50), "p99": ms(p99), "max": ms(max) },
+                "ackLatencyMs": { "p50": ms(ack50), "p99": ms(ack99) },
                 "cpu": cpu.iter().map(|(name, s)| json!({
                     "process": name,
                     "cores": s.map(|s| s / secs),
@@ -614,6 +650,10 @@ impl Report {
             table.add_row([
                 "latency p50 / p99 / max".to_string(),
                 format!("{:.2} / {:.2} / {:.2} ms", ms(p50), ms(p99), ms(max)),
+            ]);
+            table.add_row([
+                "ack latency p50 / p99 (node A's part)".to_string(),
+                format!("{:.2} / {:.2} ms", ms(ack50), ms(ack99)),
             ]);
             table.add_row([
                 "acknowledged, lost, repeated".to_string(),
