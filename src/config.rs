@@ -205,7 +205,7 @@ impl Default for KafkaConfig {
             publish_timeout_ms: 5000,
             fetch_wait_ms: 10,
             linger_ms: 0,
-            rotate_records: 10_000,
+            rotate_records: 2_000,
             drain_secs: 30,
         }
     }

@@ -2,7 +2,9 @@
 //! start, consumed from its beginning; a newer one once the current one is large, the old one
 //! consumed `kafka.drain_secs` more (senders learn of the new one within a lease tick) and then
 //! deleted; and new consumers whenever all brokers went away (see the module's note in
-//! `kafka`).
+//! `kafka`). A retired generation is fetched as fast as the current one for the first half
+//! of its drain, then slowly (a consumer costs the broker a fetch every `kafka.fetch_wait_ms`,
+//! frames or not); a new rotation waits until no retired generation is fetched fast.
 //!
 //! Each generation has a consumer of its own, destroyed before its topic is deleted: a
 //! librdkafka consumer must never look for a topic that is gone (librdkafka 2.12 has crashed
@@ -27,19 +29,56 @@ use crate::config::KafkaConfig;
 
 /// How often the consumer looks at its topic's size and at retired generations.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// The fetch wait of a retired generation once senders have moved on: a fetch costs the
+/// broker as much empty as full, and few frames still come there.
+const SLOW_FETCH_WAIT_MS: u64 = 500;
 
 /// One generation being consumed.
 struct Generation {
     topic: String,
     consumer: Arc<StreamConsumer>,
-    /// When a retired generation is let go and deleted; `None` for the current one.
-    delete_at: Option<Instant>,
+    /// Where its consumer started: where a new consumer starts if the old one got nothing.
+    from: Offset,
+    /// A retired generation: when it is consumed slowly (its senders have moved on), and when
+    /// it is let go and deleted. `None` for the current one.
+    retired: Option<Retired>,
+}
+
+#[derive(Clone, Copy)]
+struct Retired {
+    /// Until then it is fetched as fast as the current one; after, every
+    /// [`SLOW_FETCH_WAIT_MS`].
+    slow_at: Instant,
+    /// When its consumer is destroyed and its topic deleted.
+    delete_at: Instant,
+    /// Its consumer fetches slowly already.
+    slow: bool,
+}
+
+impl Retired {
+    /// Retired now: fast for half of `kafka.drain_secs` (more than a lease tick plus the new
+    /// generation's settling time, within which every sender moves to it), deleted after
+    /// all of it.
+    fn now(config: &KafkaConfig) -> Self {
+        let now = Instant::now();
+        Self {
+            slow_at: now + Duration::from_secs(config.drain_secs) / 2,
+            delete_at: now + Duration::from_secs(config.drain_secs),
+            slow: false,
+        }
+    }
 }
 
 /// This node's generations: the current one last.
 pub struct Consuming {
     generations: Vec<Generation>,
 }
+
+/// A new generation being made in a task of its own (see [`upkeep`]).
+type Rotating = Option<tokio::sync::oneshot::Receiver<Option<NewGeneration>>>;
+
+/// A new generation's topic and consumer, and how many records the one before held.
+type NewGeneration = (String, Arc<StreamConsumer>, i64);
 
 impl Consuming {
     pub fn current(&self) -> &str {
@@ -54,13 +93,14 @@ async fn consumer_of(
     node_id: &str,
     topic: &str,
     from: Offset,
+    fetch_wait_ms: u64,
 ) -> Result<Arc<StreamConsumer>, BusError> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", group(config, node_id))
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", config.fetch_wait_ms.to_string())
+        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
         .set("socket.keepalive.enable", "true")
         .create()
         .map_err(|e| unavailable("consumer", e))?;
@@ -108,7 +148,6 @@ pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusE
     ensure_topics(config, &[current.clone(), config.offline_topic.clone()]).await?;
 
     let mut generations = Vec::new();
-    let drain = Duration::from_secs(config.drain_secs);
     for (_, topic) in older {
         // The end taken now, before the node serves: nothing published after it is skipped.
         let (l, t) = (ends.clone(), topic.clone());
@@ -123,15 +162,24 @@ pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusE
             }
         };
         generations.push(Generation {
-            consumer: consumer_of(config, node_id, &topic, from).await?,
+            consumer: consumer_of(config, node_id, &topic, from, config.fetch_wait_ms).await?,
             topic,
-            delete_at: Some(Instant::now() + drain),
+            from,
+            retired: Some(Retired::now(config)),
         });
     }
     generations.push(Generation {
-        consumer: consumer_of(config, node_id, &current, Offset::Beginning).await?,
+        consumer: consumer_of(
+            config,
+            node_id,
+            &current,
+            Offset::Beginning,
+            config.fetch_wait_ms,
+        )
+        .await?,
         topic: current,
-        delete_at: None,
+        from: Offset::Beginning,
+        retired: None,
     });
     let _ = tokio::task::spawn_blocking(move || drop(ends)).await;
     Ok(Consuming { generations })
@@ -158,6 +206,7 @@ pub async fn run(
 ) {
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rotating: Rotating = None;
     loop {
         let gone = tokio::select! {
             (i, received) = next_message(&c.generations) => {
@@ -180,7 +229,15 @@ pub async fn run(
                 }
             }
             _ = check.tick() => {
-                upkeep(&config, &node_id, &mut c).await;
+                upkeep(&config, &node_id, &mut c, &mut rotating).await;
+                false
+            }
+            made = rotation(&mut rotating) => {
+                // Consumed at once: senders may publish to it as soon as it exists.
+                rotating = None;
+                if let Some(new) = made {
+                    adopt(&config, &mut c, new);
+                }
                 false
             }
         };
@@ -192,6 +249,7 @@ pub async fn run(
             for g in std::mem::take(&mut c.generations) {
                 destroy(g.consumer).await;
             }
+            rotating = None;
             c = reopen(&config, &node_id).await;
             if tx.send(Inbound::Resumed).await.is_err() {
                 return;
@@ -222,59 +280,157 @@ async fn deliver(message: &BorrowedMessage<'_>, tx: &mpsc::Sender<Inbound>) -> b
 }
 
 /// Lets go of retired generations whose time is up (their consumer destroyed, then their
-/// topic deleted), and starts a new generation when the current one holds
-/// `kafka.rotate_records` records.
-async fn upkeep(config: &KafkaConfig, node_id: &str, c: &mut Consuming) {
+/// topic deleted), fetches slowly from those whose senders have moved on, and starts a new
+/// generation when the current one holds `kafka.rotate_records` records.
+async fn upkeep(config: &KafkaConfig, node_id: &str, c: &mut Consuming, rotating: &mut Rotating) {
     let now = Instant::now();
     let (due, kept): (Vec<Generation>, Vec<Generation>) = std::mem::take(&mut c.generations)
         .into_iter()
-        .partition(|g| g.delete_at.is_some_and(|at| at <= now));
+        .partition(|g| g.retired.is_some_and(|r| r.delete_at <= now));
     c.generations = kept;
     for g in due {
-        destroy(g.consumer).await;
-        match delete_topics(config, std::slice::from_ref(&g.topic)).await {
-            Ok(()) => tracing::info!(topic = %g.topic, "deleted a retired topic of this node"),
-            Err(e) => tracing::warn!(topic = %g.topic, "cannot delete a retired topic: {e}"),
-        }
+        // In a task of its own: destroying a consumer and deleting a topic take hundreds of
+        // milliseconds, and this loop delivers every frame to this node.
+        let config = config.clone();
+        tokio::spawn(async move {
+            destroy(g.consumer).await;
+            match delete_topics(&config, std::slice::from_ref(&g.topic)).await {
+                Ok(()) => tracing::info!(topic = %g.topic, "deleted a retired topic of this node"),
+                Err(e) => tracing::warn!(topic = %g.topic, "cannot delete a retired topic: {e}"),
+            }
+        });
     }
-    if c.generations.len() > 1 {
-        return; // One rotation at a time.
+    for g in &mut c.generations {
+        slow_down(config, node_id, g, now).await;
+    }
+    if rotating.is_some() {
+        return; // One at a time.
+    }
+    // One generation fetched fast besides the current one at a time: the broker's cost is
+    // per consumer, and a topic is rotated at most every half of `kafka.drain_secs`.
+    if c
+        .generations
+        .iter()
+        .any(|g| g.retired.is_some_and(|r| !r.slow))
+    {
+        return;
     }
     let Some(current) = c.generations.last() else {
         return;
     };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    *rotating = Some(rx);
+    let (config, node_id) = (config.clone(), node_id.to_string());
     let (consumer, topic) = (current.consumer.clone(), current.topic.clone());
+    // The broker's answers (the topic's size, a new topic, a new consumer) are awaited in a
+    // task of its own: this loop delivers every frame to this node meanwhile.
+    tokio::spawn(async move {
+        let _ = tx.send(next_generation(&config, &node_id, consumer, topic).await);
+    });
+}
+
+/// The new generation being made, once it is ready (`None`: none was needed, or it failed);
+/// never, when none is being made.
+async fn rotation(rotating: &mut Rotating) -> Option<NewGeneration> {
+    match rotating {
+        Some(rx) => rx.await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Consumes a new generation from now on; the current one retires.
+fn adopt(config: &KafkaConfig, c: &mut Consuming, (next, consumer, records): NewGeneration) {
+    if let Some(old) = c.generations.last_mut() {
+        tracing::info!(old = %old.topic, new = %next, records, "this node's topic is large: moved to a new generation");
+        old.retired = Some(Retired::now(config));
+    }
+    c.generations.push(Generation {
+        topic: next,
+        consumer,
+        from: Offset::Beginning,
+        retired: None,
+    });
+}
+
+/// A new generation (its topic, a consumer from its beginning, and how many records the
+/// current one held) when the current one holds `kafka.rotate_records` records; else `None`.
+async fn next_generation(
+    config: &KafkaConfig,
+    node_id: &str,
+    current: Arc<StreamConsumer>,
+    topic: String,
+) -> Option<NewGeneration> {
+    let t = topic.clone();
     let size = tokio::task::spawn_blocking(move || {
-        consumer.fetch_watermarks(&topic, 0, Duration::from_secs(3))
+        current.fetch_watermarks(&t, 0, Duration::from_secs(3))
     })
     .await;
     let records = match size {
         Ok(Ok((_, high))) => high,
-        _ => return,
+        Ok(Err(e)) => {
+            tracing::debug!(%topic, "size of this node's topic unknown: {e}");
+            return None;
+        }
+        Err(_) => return None,
     };
     if records < config.rotate_records as i64 {
-        return;
+        return None;
     }
-    let newest = topics::generation_of(config, node_id, &current.topic).unwrap_or(0) + 1;
+    let newest = topics::generation_of(config, node_id, &topic).unwrap_or(0) + 1;
     let next = generation_topic(config, node_id, (now_ms().max(0) as u64).max(newest));
     let started = async {
         ensure_topics(config, std::slice::from_ref(&next)).await?;
-        consumer_of(config, node_id, &next, Offset::Beginning).await
+        consumer_of(
+            config,
+            node_id,
+            &next,
+            Offset::Beginning,
+            config.fetch_wait_ms,
+        )
+        .await
     };
     match started.await {
-        Ok(consumer) => {
-            let drain = Duration::from_secs(config.drain_secs);
-            if let Some(old) = c.generations.last_mut() {
-                tracing::info!(old = %old.topic, new = %next, records, "this node's topic is large: moved to a new generation");
-                old.delete_at = Some(Instant::now() + drain);
-            }
-            c.generations.push(Generation {
-                topic: next,
-                consumer,
-                delete_at: None,
-            });
+        Ok(consumer) => Some((next, consumer, records)),
+        Err(e) => {
+            tracing::warn!("cannot start a new generation of this node's topic: {e}");
+            None
         }
-        Err(e) => tracing::warn!("cannot start a new generation of this node's topic: {e}"),
+    }
+}
+
+/// Once a retired generation's senders have moved on, swaps its consumer for one that fetches
+/// every [`SLOW_FETCH_WAIT_MS`] (librdkafka's fetch wait is fixed at creation), from where the
+/// old one stopped handing messages to the node: nothing is skipped or handed twice.
+async fn slow_down(config: &KafkaConfig, node_id: &str, g: &mut Generation, now: Instant) {
+    let Some(retired) = g.retired.as_mut() else {
+        return;
+    };
+    if retired.slow || now < retired.slow_at {
+        return;
+    }
+    if config.fetch_wait_ms >= SLOW_FETCH_WAIT_MS {
+        retired.slow = true; // Slow enough as it is.
+        return;
+    }
+    let old = g.consumer.clone();
+    let position = tokio::task::spawn_blocking(move || old.position()).await;
+    let from = match position {
+        Ok(Ok(list)) => match list.find_partition(&g.topic, 0).map(|p| p.offset()) {
+            Some(Offset::Offset(o)) => Offset::Offset(o),
+            // Nothing handed on yet: where the old consumer started.
+            _ => g.from,
+        },
+        _ => return, // Try again at the next check.
+    };
+    match consumer_of(config, node_id, &g.topic, from, SLOW_FETCH_WAIT_MS).await {
+        Ok(slow) => {
+            let old = std::mem::replace(&mut g.consumer, slow);
+            destroy(old).await;
+            g.from = from;
+            retired.slow = true;
+            tracing::info!(topic = %g.topic, "senders moved on: fetching this retired generation slowly");
+        }
+        Err(e) => tracing::warn!(topic = %g.topic, "cannot swap a retired generation's consumer: {e}"),
     }
 }
 

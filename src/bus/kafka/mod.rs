@@ -115,7 +115,8 @@ impl Shared {
             .cloned()
     }
 
-    /// Learns the newest generation of each node from the broker's topic list (one call).
+    /// Learns the generation to publish to of each node from the broker's topic list (one
+    /// call): the newest that has settled ([`topics::to_publish`]).
     async fn refresh_routes(self: &Arc<Self>, node_ids: &[String]) -> Result<(), BusError> {
         let me = self.clone();
         let wait = Duration::from_millis(self.config.publish_timeout_ms.min(2000));
@@ -126,11 +127,11 @@ impl Shared {
                 .await
                 .map_err(|e| unavailable("list topics", e))??;
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let now = crate::chat::ids::now_ms().max(0) as u64;
         for node in node_ids {
-            let newest =
-                topics::generations(&self.config, node, names.iter().map(String::as_str)).pop();
-            match newest {
-                Some((_, topic)) => {
+            let found = topics::generations(&self.config, node, names.iter().map(String::as_str));
+            match topics::to_publish(&found, now, topics::settle_ms(&self.config)).cloned() {
+                Some(topic) => {
                     if routes.get(node) != Some(&topic) {
                         tracing::debug!(%node, %topic, "publishing to this topic of the node");
                     }

@@ -59,6 +59,27 @@ pub fn generations<'a>(
     found
 }
 
+/// How old a generation must be (by the sender's clock; generations are named by their unix
+/// ms) before senders move to it: 2 s, or a sixth of `kafka.drain_secs` if that is less. Its
+/// consumer needs a few hundred milliseconds before its first fetch (metadata, then a fetch),
+/// and its node still consumes the one before it fast for half the drain: frames sent
+/// meanwhile would wait for the new consumer.
+pub fn settle_ms(config: &KafkaConfig) -> u64 {
+    (config.drain_secs * 1000 / 6).min(2_000)
+}
+
+/// The generation a sender publishes to, among a node's generations (oldest first): the
+/// newest at least `settle_ms` old, else the newest (a node that just started has only a
+/// new one, or an older one from its previous life that it consumes from its end).
+pub fn to_publish(found: &[(u64, String)], now_ms: u64, settle_ms: u64) -> Option<&String> {
+    found
+        .iter()
+        .rev()
+        .find(|(g, _)| g.saturating_add(settle_ms) <= now_ms)
+        .or(found.last())
+        .map(|(_, topic)| topic)
+}
+
 /// Every topic the broker lists. Blocking.
 pub fn list_topics<C: ClientContext>(
     client: &Client<C>,
@@ -218,5 +239,23 @@ mod tests {
                 (10, "chat.node.a.g10".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn senders_move_to_a_generation_once_it_has_settled() {
+        let found = vec![(1_000, "old".to_string()), (10_000, "new".to_string())];
+        let settle = settle_ms(&KafkaConfig::default());
+        assert_eq!(settle, 2_000);
+        assert_eq!(to_publish(&found, 11_000, settle).unwrap(), "old");
+        assert_eq!(to_publish(&found, 12_000, settle).unwrap(), "new");
+        // A node's only generation, however new.
+        assert_eq!(to_publish(&found[1..], 10_001, settle).unwrap(), "new");
+        assert_eq!(to_publish(&[], 10_001, settle), None);
+        // A short drain: a sixth of it.
+        let short = KafkaConfig {
+            drain_secs: 3,
+            ..KafkaConfig::default()
+        };
+        assert_eq!(settle_ms(&short), 500);
     }
 }
