@@ -84,6 +84,34 @@ impl Consuming {
     pub fn current(&self) -> &str {
         self.generations.last().map_or("", |g| g.topic.as_str())
     }
+
+    /// Waits (at most `within`) until the current generation's consumer hands on `marker`,
+    /// a record just produced to it, and steps past it: a new consumer needs a few hundred
+    /// milliseconds to its first fetch, and a node that serves before that made the first
+    /// frames sent to it wait (the first cross-node message took ~0.5 s). Returns whether it
+    /// came.
+    pub async fn first_fetch(&self, marker: &[u8], within: Duration) -> bool {
+        let Some(g) = self.generations.last() else {
+            return false;
+        };
+        let wait = async {
+            loop {
+                match g.consumer.recv().await {
+                    Ok(m) if m.payload() == Some(marker) => {
+                        let _ = g.consumer.store_offset_from_message(&m);
+                        return true;
+                    }
+                    // Nothing else can be there yet: the topic is new.
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!("waiting for the first fetch: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(within, wait).await.unwrap_or(false)
+    }
 }
 
 /// A consumer of `topic` alone, from `from`. One partition per topic, one consumer: assigned

@@ -229,6 +229,19 @@ impl Bus for KafkaBus {
     async fn subscribe(&self, node_id: &str) -> Result<mpsc::Receiver<Inbound>, BusError> {
         let config = &self.shared.config;
         let consuming = consume::open(config, node_id).await?;
+        // A marker through the new generation before the node serves: its consumer is
+        // fetching, and the producer knows the topic. Not an envelope; nothing else reads it.
+        let marker = format!("chatd-first-fetch {}", consuming.current()).into_bytes();
+        let ready = match self.shared.produce(consuming.current(), &marker).await {
+            Ok(()) => consuming.first_fetch(&marker, Duration::from_secs(5)).await,
+            Err(e) => {
+                tracing::debug!("cannot produce the first-fetch marker: {e}");
+                false
+            }
+        };
+        if !ready {
+            tracing::warn!(topic = %consuming.current(), "this node's consumer did not fetch within 5 s of start; serving anyway");
+        }
         tracing::info!(topic = %consuming.current(), group = %self.group(node_id), "consuming a new generation of this node's topic");
         let (tx, rx) = mpsc::channel(QUEUE_LEN);
         let task = tokio::spawn(consume::run(
