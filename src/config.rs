@@ -193,6 +193,9 @@ pub struct KafkaConfig {
     /// before deleting it. At least `presence.node_lease_secs`: senders learn of the new
     /// generation within a third of a lease.
     pub drain_secs: u64,
+    /// Another node's topic generations are deleted once that node has had no lease for this
+    /// long (it was killed, or its id is never used again): nobody would ever delete them.
+    pub abandoned_secs: u64,
 }
 
 impl Default for KafkaConfig {
@@ -207,6 +210,7 @@ impl Default for KafkaConfig {
             linger_ms: 0,
             rotate_records: 2_000,
             drain_secs: 30,
+            abandoned_secs: 300,
         }
     }
 }
@@ -490,6 +494,15 @@ impl Config {
                 format!(
                     "must be between presence.node_lease_secs ({}) and 3600: senders learn of a new topic generation within a third of a lease",
                     self.presence.node_lease_secs
+                ),
+            );
+        }
+        if k.abandoned_secs < k.drain_secs {
+            return bad(
+                "kafka.abandoned_secs",
+                format!(
+                    "must be at least kafka.drain_secs ({}): a node without a lease for less may be a live one that lost Redis for a moment",
+                    k.drain_secs
                 ),
             );
         }

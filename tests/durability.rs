@@ -646,3 +646,62 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
     redis.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The topics the test's broker lists (the node1 profile's, on loopback).
+fn broker_topics() -> Vec<String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let lister: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:9092")
+        .create()
+        .expect("a client of the test's broker");
+    let metadata = lister
+        .fetch_metadata(None, Duration::from_secs(5))
+        .expect("the broker lists its topics");
+    metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .collect()
+}
+
+fn topics_of(node: &str) -> Vec<String> {
+    let prefix = format!("chat.node.{node}.g");
+    broker_topics()
+        .into_iter()
+        .filter(|t| t.strip_prefix(&prefix).is_some_and(|g| g.bytes().all(|b| b.is_ascii_digit())))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_topics_of_a_killed_node_are_deleted_by_a_live_one_and_a_live_nodes_are_kept() {
+    let service = Proc::message_service("127.0.0.1:0");
+    let env = [
+        ("CHATD_PRESENCE__NODE_LEASE_SECS", "2"),
+        ("CHATD_KAFKA__DRAIN_SECS", "2"),
+        ("CHATD_KAFKA__ABANDONED_SECS", "2"),
+    ];
+    let (gone_id, live_id) = (unique("gone"), unique("sweeper"));
+    let mut gone = Proc::node_with(&gone_id, &service.addr, &env);
+    let live = Proc::node_with(&live_id, &service.addr, &env);
+    let before = topics_of(&gone_id);
+    assert_eq!(before.len(), 1, "{before:?}");
+    // SIGKILL: it cannot delete its own topic.
+    gone.kill();
+    until_async("the live node deletes the killed node's topic", || {
+        let gone_id = gone_id.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::task::spawn_blocking(move || topics_of(&gone_id).is_empty())
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+    // A few more lease ticks: the live node's own topic stays.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let id = live_id.clone();
+    let kept = tokio::task::spawn_blocking(move || topics_of(&id)).await.unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let log = std::fs::read_to_string(&live.log).unwrap();
+    assert!(log.contains("deleted the topics of nodes without a lease"), "{log}");
+}

@@ -111,4 +111,8 @@ pub trait Bus: Send + Sync {
     /// Learns in advance how to reach these nodes, so that the first frame for one does not
     /// wait for it (Kafka: the metadata of their topics). Nothing to do in one process.
     async fn warm(&self, _node_ids: &[String]) {}
+    /// Called with every live node (this one, `me`, included) at each lease tick while
+    /// presence answers: lets go of what nodes long gone left behind (Kafka: their topic
+    /// generations). Nothing to do in one process.
+    async fn sweep(&self, _me: &str, _live: &[String]) {}
 }

@@ -49,12 +49,14 @@ impl Node {
     pub(super) async fn warm_routes(&self) {
         match self.backends.presence.nodes().await {
             Ok(nodes) => {
-                let others: Vec<String> = nodes
-                    .into_iter()
-                    .map(|(id, _)| id)
-                    .filter(|id| *id != self.node_id)
+                let live: Vec<String> = nodes.into_iter().map(|(id, _)| id).collect();
+                let others: Vec<String> = live
+                    .iter()
+                    .filter(|id| **id != self.node_id)
+                    .cloned()
                     .collect();
                 self.backends.bus.warm(&others).await;
+                self.backends.bus.sweep(&self.node_id, &live).await;
             }
             Err(e) => tracing::debug!("live nodes unknown: {e}"),
         }

@@ -61,6 +61,9 @@ struct Shared {
     /// topic list: at every lease tick ([`Bus::warm`]), for a node not known yet, and after a
     /// publish to a generation that is gone.
     routes: Mutex<HashMap<String, String>>,
+    /// Nodes with topics on the broker but no lease: since when (monotonic, and unix ms to
+    /// compare with generations), for [`Bus::sweep`].
+    absent: Mutex<HashMap<String, (std::time::Instant, u64)>>,
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
@@ -96,6 +99,7 @@ impl KafkaBus {
                 config: config.clone(),
                 producer: new_producer(config)?,
                 routes: Mutex::default(),
+                absent: Mutex::default(),
             }),
             consumer: Mutex::new(None),
         })
@@ -312,6 +316,62 @@ impl Bus for KafkaBus {
 
     fn name(&self) -> &'static str {
         "kafka"
+    }
+
+    /// Deletes the generations of nodes without a lease for `kafka.abandoned_secs`. Only
+    /// generations older than when the node was first seen without a lease: a node that comes
+    /// back makes a new one first (before it consumes its older ones), so a node with a
+    /// generation newer than that is back, not gone.
+    async fn sweep(&self, me: &str, live: &[String]) {
+        let shared = self.shared.clone();
+        let wait = Duration::from_millis(shared.config.publish_timeout_ms.min(2000));
+        let names = match tokio::task::spawn_blocking(move || {
+            topics::list_topics(shared.producer.client(), wait)
+        })
+        .await
+        {
+            Ok(Ok(names)) => names,
+            _ => return,
+        };
+        let config = &self.shared.config;
+        let mut by_node: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+        for topic in &names {
+            if let Some((node, generation)) = topics::node_generation(config, topic) {
+                by_node
+                    .entry(node.to_string())
+                    .or_default()
+                    .push((generation, topic.clone()));
+            }
+        }
+        let now = std::time::Instant::now();
+        let now_ms = crate::chat::ids::now_ms().max(0) as u64;
+        let abandoned = Duration::from_secs(config.abandoned_secs);
+        let mut doomed = Vec::new();
+        {
+            let mut absent = self.shared.absent.lock().unwrap_or_else(|p| p.into_inner());
+            absent.retain(|node, _| by_node.contains_key(node) && !live.contains(node));
+            for (node, generations) in &by_node {
+                if node == me || live.contains(node) {
+                    continue;
+                }
+                let (since, since_ms) = *absent.entry(node.clone()).or_insert((now, now_ms));
+                if generations.iter().any(|(g, _)| *g >= since_ms) {
+                    absent.remove(node); // Back: it made a new generation.
+                    continue;
+                }
+                if now.duration_since(since) >= abandoned {
+                    doomed.extend(generations.iter().map(|(_, t)| t.clone()));
+                    absent.remove(node);
+                }
+            }
+        }
+        if doomed.is_empty() {
+            return;
+        }
+        match topics::delete_topics(config, &doomed).await {
+            Ok(()) => tracing::info!(topics = ?doomed, "deleted the topics of nodes without a lease for kafka.abandoned_secs"),
+            Err(e) => tracing::warn!(topics = ?doomed, "cannot delete abandoned topics: {e}"),
+        }
     }
 
     /// Learns the current topic of every live node.

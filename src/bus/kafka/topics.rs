@@ -45,6 +45,19 @@ pub fn generation_of(config: &KafkaConfig, node_id: &str, topic: &str) -> Option
     rest.parse().ok()
 }
 
+/// The node and generation of any node's generation topic (the last `.g{digits}` ends the
+/// node id).
+pub fn node_generation<'a>(config: &KafkaConfig, topic: &'a str) -> Option<(&'a str, u64)> {
+    let (node, generation) = topic
+        .strip_prefix(&config.topic_prefix)?
+        .rsplit_once(".g")?;
+    if node.is_empty() || generation.is_empty() || !generation.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    Some((node, generation.parse().ok()?))
+}
+
 /// Node `node_id`'s generations among `topics`, oldest first.
 pub fn generations<'a>(
     config: &KafkaConfig,
@@ -239,6 +252,16 @@ mod tests {
                 (10, "chat.node.a.g10".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn any_nodes_generation_is_read_from_its_topic() {
+        let c = KafkaConfig::default();
+        assert_eq!(node_generation(&c, "chat.node.a.g17"), Some(("a", 17)));
+        assert_eq!(node_generation(&c, "chat.node.a.g1.g5"), Some(("a.g1", 5)));
+        assert_eq!(node_generation(&c, "chat.node.a"), None);
+        assert_eq!(node_generation(&c, "chat.node..g5"), None);
+        assert_eq!(node_generation(&c, "chat.offline-push"), None);
     }
 
     #[test]
