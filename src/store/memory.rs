@@ -229,12 +229,10 @@ impl Store for MemoryStore {
             // the store keeps about `capacity` messages however many users there are; an
             // inbox left empty goes.
             for user in [sender, receiver] {
-                if let Some(mut inbox) = self.inboxes.get_mut(&user) {
+                // One lookup: trimmed, and dropped when empty. The floor is raised under the
+                // map's lock, before the user can get a new inbox.
+                self.inboxes.remove_if_mut(&user, |_, inbox| {
                     inbox.trim(self.inbox_max_entries);
-                }
-                // The floor is raised under the map's lock, before the user can get a new
-                // inbox.
-                self.inboxes.remove_if(&user, |_, inbox| {
                     let empty = inbox.entries.is_empty();
                     if empty {
                         self.floor(&user).fetch_max(inbox.latest, Ordering::Relaxed);
