@@ -36,8 +36,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// sends, waiting for the client's close frame.
 const LINGER: Duration = Duration::from_secs(2);
 /// Initial read buffer of a connection, and the write size that triggers a flush. The read
-/// buffer grows for a larger frame; 1 KiB holds a typical chat frame, and an idle connection
-/// costs 8.4-8.5 KiB with it (11.2-11.6 KiB with 4 KiB, measured with `chatd bench --spawn`).
+/// buffer grows for a larger frame; 1 KiB holds a typical chat frame and saved about 3 KiB
+/// per idle connection against 4 KiB (`chatd bench --spawn`, same sitting).
 const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 8 * 1024;
 /// Frames written before one flush when several are queued.

@@ -111,6 +111,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pid = spawned.pids().first().copied();
     let wait = Duration::from_secs(30);
 
+    // Memory per idle connection (only for a node we started, whose process we can see), on
+    // the fresh node: after the message run an allocator keeps freed memory for reuse, and
+    // idle connections would fill it without growing the node.
+    let mut memory = None;
+    if let Some(pid) = pid {
+        let before = rss_kib(pid);
+        let mut idle = Vec::with_capacity(args.idle);
+        for i in 0..args.idle {
+            idle.push(Client::connect(&url, &format!("bench-idle{i}"), wait).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_kib(pid);
+        if let (Some(b), Some(a)) = (before, after) {
+            let per = if args.idle > 0 {
+                (a.saturating_sub(b)) as f64 / args.idle as f64
+            } else {
+                0.0
+            };
+            memory = Some((b, a, per));
+        }
+        drop(idle);
+        // The node lets their sessions go before the message run.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+
     // Throughput and latency.
     let mut pairs = Vec::with_capacity(args.pairs);
     for i in 0..args.pairs {
@@ -174,27 +200,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let at = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize];
     let delivered = latencies.len();
     let rate = delivered as f64 / elapsed.as_secs_f64();
-
-    // Memory per idle connection (only for a node we started, whose process we can see).
-    let mut memory = None;
-    if let Some(pid) = pid {
-        let before = rss_kib(pid);
-        let mut idle = Vec::with_capacity(args.idle);
-        for i in 0..args.idle {
-            idle.push(Client::connect(&url, &format!("bench-idle{i}"), wait).await?);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = rss_kib(pid);
-        if let (Some(b), Some(a)) = (before, after) {
-            let per = if args.idle > 0 {
-                (a.saturating_sub(b)) as f64 / args.idle as f64
-            } else {
-                0.0
-            };
-            memory = Some((b, a, per));
-        }
-        drop(idle);
-    }
 
     spawned.stop().await;
     let report = json!({
