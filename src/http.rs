@@ -124,7 +124,10 @@ mod tests {
                 .to_vec(),
         )
         .await;
-        assert_eq!(get(&chunked, "/", WAIT).await.unwrap(), (404, "abcde".into()));
+        assert_eq!(
+            get(&chunked, "/", WAIT).await.unwrap(),
+            (404, "abcde".into())
+        );
     }
 
     #[tokio::test]
@@ -134,14 +137,26 @@ mod tests {
         split.extend_from_slice("é".as_bytes());
         split.extend_from_slice(b"\r\n0\r\n\r\n");
         let url = answering(split).await;
-        assert!(matches!(get(&url, "/", WAIT).await, Err(HttpError::Body { .. })));
-        let huge = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", MAX_BODY + 10);
+        assert!(matches!(
+            get(&url, "/", WAIT).await,
+            Err(HttpError::Body { .. })
+        ));
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n",
+            MAX_BODY + 10
+        );
         let mut huge = huge.into_bytes();
         huge.extend(std::iter::repeat_n(b'x', MAX_BODY + 10));
         let url = answering(huge).await;
-        assert!(matches!(get(&url, "/", WAIT).await, Err(HttpError::Body { .. })));
+        assert!(matches!(
+            get(&url, "/", WAIT).await,
+            Err(HttpError::Body { .. })
+        ));
         let url = answering(b"SSH-2.0-OpenSSH\r\n".to_vec()).await;
-        assert!(matches!(get(&url, "/", WAIT).await, Err(HttpError::Protocol { .. })));
+        assert!(matches!(
+            get(&url, "/", WAIT).await,
+            Err(HttpError::Protocol { .. })
+        ));
     }
 
     #[test]

@@ -346,7 +346,9 @@ async fn a_node_moving_to_new_topic_generations_under_traffic_loses_and_repeats_
     let deleted = log.matches("deleted a retired topic").count();
     // Consumers of retired generations were swapped for slow ones on the way, from where
     // the fast ones stopped (the gap-free check above covers what they handed on).
-    let slowed = log.matches("fetching this retired generation slowly").count();
+    let slowed = log
+        .matches("fetching this retired generation slowly")
+        .count();
     assert!(
         moved >= 2 && deleted >= 1 && slowed >= 1,
         "the receiving node moved {moved} times, slowed {slowed} and deleted {deleted} topics; see {}",
@@ -668,7 +670,10 @@ fn topics_of(node: &str) -> Vec<String> {
     let prefix = format!("chat.node.{node}.g");
     broker_topics()
         .into_iter()
-        .filter(|t| t.strip_prefix(&prefix).is_some_and(|g| g.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|t| {
+            t.strip_prefix(&prefix)
+                .is_some_and(|g| g.bytes().all(|b| b.is_ascii_digit()))
+        })
         .collect()
 }
 
@@ -700,8 +705,13 @@ async fn the_topics_of_a_killed_node_are_deleted_by_a_live_one_and_a_live_nodes_
     // A few more lease ticks: the live node's own topic stays.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let id = live_id.clone();
-    let kept = tokio::task::spawn_blocking(move || topics_of(&id)).await.unwrap();
+    let kept = tokio::task::spawn_blocking(move || topics_of(&id))
+        .await
+        .unwrap();
     assert_eq!(kept.len(), 1, "{kept:?}");
     let log = std::fs::read_to_string(&live.log).unwrap();
-    assert!(log.contains("deleted the topics of nodes without a lease"), "{log}");
+    assert!(
+        log.contains("deleted the topics of nodes without a lease"),
+        "{log}"
+    );
 }

@@ -313,7 +313,11 @@ async fn one_pipelined_burst_is_refused_but_does_not_close_the_connection() {
             other => panic!("{other:?}"),
         }
     }
-    assert!(acked.len() >= 5 && refused.len() >= 40, "{} acked", acked.len());
+    assert!(
+        acked.len() >= 5 && refused.len() >= 40,
+        "{} acked",
+        acked.len()
+    );
     // Told, it slows down and sends the refused ones again under the rate: all go through,
     // on the same connection.
     for temp in &refused {

@@ -492,7 +492,9 @@ mod tests {
             let s = s.clone();
             let done = done.clone();
             std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
                 for i in 0..100_000 {
                     // Half retries of a few keys, half fresh messages that push them out.
                     let temp = (i % 2 == 0).then(|| format!("t{}", i % 8));

@@ -336,8 +336,7 @@ async fn upkeep(config: &KafkaConfig, node_id: &str, c: &mut Consuming, rotating
     }
     // One generation fetched fast besides the current one at a time: the broker's cost is
     // per consumer, and a topic is rotated at most every half of `kafka.drain_secs`.
-    if c
-        .generations
+    if c.generations
         .iter()
         .any(|g| g.retired.is_some_and(|r| !r.slow))
     {
@@ -458,7 +457,9 @@ async fn slow_down(config: &KafkaConfig, node_id: &str, g: &mut Generation, now:
             retired.slow = true;
             tracing::info!(topic = %g.topic, "senders moved on: fetching this retired generation slowly");
         }
-        Err(e) => tracing::warn!(topic = %g.topic, "cannot swap a retired generation's consumer: {e}"),
+        Err(e) => {
+            tracing::warn!(topic = %g.topic, "cannot swap a retired generation's consumer: {e}")
+        }
     }
 }
 

@@ -369,7 +369,9 @@ impl Bus for KafkaBus {
             return;
         }
         match topics::delete_topics(config, &doomed).await {
-            Ok(()) => tracing::info!(topics = ?doomed, "deleted the topics of nodes without a lease for kafka.abandoned_secs"),
+            Ok(()) => {
+                tracing::info!(topics = ?doomed, "deleted the topics of nodes without a lease for kafka.abandoned_secs")
+            }
             Err(e) => tracing::warn!(topics = ?doomed, "cannot delete abandoned topics: {e}"),
         }
     }

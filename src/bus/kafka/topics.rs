@@ -51,8 +51,7 @@ pub fn node_generation<'a>(config: &KafkaConfig, topic: &'a str) -> Option<(&'a 
     let (node, generation) = topic
         .strip_prefix(&config.topic_prefix)?
         .rsplit_once(".g")?;
-    if node.is_empty() || generation.is_empty() || !generation.bytes().all(|b| b.is_ascii_digit())
-    {
+    if node.is_empty() || generation.is_empty() || !generation.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     Some((node, generation.parse().ok()?))

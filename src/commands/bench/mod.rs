@@ -136,7 +136,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-
     // Throughput and latency.
     let mut pairs = Vec::with_capacity(args.pairs);
     for i in 0..args.pairs {
