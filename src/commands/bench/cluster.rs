@@ -248,6 +248,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             end + DRAIN,
             state.clone(),
         ));
+        // A receiver only reads: without heartbeats the node closes it as idle
+        // (`server.idle_timeout_ms`, 90 s) and a long run counts the rest as lost.
+        let every = receiver.heartbeat_interval();
+        let heartbeat = tokio::spawn(keep_alive(receiver.writer, every));
         let receive = tokio::spawn(receive_loop(
             receiver.reader,
             started,
@@ -255,13 +259,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             state,
             delivered.clone(),
         ));
-        tasks.push((send, acks, receive));
+        tasks.push((send, acks, receive, heartbeat));
     }
     let mut results = Vec::with_capacity(tasks.len());
-    for (send, acks, receive) in tasks {
+    for (send, acks, receive, heartbeat) in tasks {
         send.await?.context("a sender failed")?;
         let (acked, ack_latencies, errors) = acks.await?;
         let (received, latencies, last) = receive.await?;
+        heartbeat.abort();
         results.push((
             PairResult {
                 acked,
@@ -467,6 +472,17 @@ async fn ack_loop(
     state.acks_done.store(true, Ordering::Release);
     window.close();
     (acked, latencies, errors)
+}
+
+/// Sends `HEARTBEAT` every `every` until aborted or the connection fails.
+async fn keep_alive(mut writer: ClientWriter, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let ping = json!({"type": "HEARTBEAT", "content": "ping"});
+        if writer.send_json(&ping).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Records every message the receiver gets until it has all the acknowledged ones, or
