@@ -21,6 +21,10 @@ use crate::config::{AuthMode, Overrides};
 use crate::presence::{Presence, RedisPresence};
 
 const WAIT: Duration = Duration::from_secs(10);
+/// How long an expected frame may take before its check fails. Generous: on a loaded CI
+/// machine the first cross-node message after two nodes start has twice taken over 10 s (the
+/// cause is not found yet; see issue 9); the latency column shows how long each took.
+const FRAME_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Args)]
 pub struct CrossnodeArgs {
@@ -191,10 +195,10 @@ async fn connect_since(
 /// The next frame of `kind`, skipping heartbeat acks and other frames.
 async fn frame(client: &mut Client, kind: &str) -> Result<Value, String> {
     client
-        .wait_for(kind, WAIT, |_| {})
+        .wait_for(kind, FRAME_WAIT, |_| {})
         .await
         .map_err(|e| match e {
-            ClientError::Timeout(_) => format!("no {kind} within {WAIT:?}"),
+            ClientError::Timeout(_) => format!("no {kind} within {FRAME_WAIT:?}"),
             e => e.to_string(),
         })
 }
