@@ -219,8 +219,9 @@ impl Default for KafkaConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// Empty: the in-process store. `grpc://host:port`: a MessageService (`chatd
-    /// message-service`). `redis://host:port/db`: a store in Redis shared by every node
-    /// (password, pool and deadline from `[redis]`).
+    /// message-service`); several, comma-separated, are called in turn with failover.
+    /// `redis://host:port/db`: a store in Redis shared by every node (password, pool and
+    /// deadline from `[redis]`). Read through [`StoreConfig::backend`].
     pub url: String,
     /// The in-process store keeps at most this many messages, dropping the oldest.
     pub memory_max_messages: usize,
@@ -233,6 +234,47 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
     /// gRPC store: further attempts after a transient failure (saves are idempotent).
     pub retries: u32,
+}
+
+/// The store `store.url` names, parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// In this process: the embedded single node.
+    Memory,
+    /// One or several MessageServices (`grpc://host:port`, comma-separated).
+    Grpc(Vec<String>),
+    /// A store in Redis (`redis://` or `rediss://`).
+    Redis(String),
+}
+
+impl StoreConfig {
+    /// The store `url` names, or what is wrong with it.
+    pub fn backend(&self) -> Result<StoreBackend, String> {
+        let url = self.url.trim();
+        if url.is_empty() {
+            return Ok(StoreBackend::Memory);
+        }
+        if url.starts_with("redis://") || url.starts_with("rediss://") {
+            return Ok(StoreBackend::Redis(url.to_string()));
+        }
+        let mut services = Vec::new();
+        for one in url.split(',').map(str::trim) {
+            let Some(address) = one.strip_prefix("grpc://") else {
+                return Err(format!(
+                    "{url:?}: expected empty (in-process store), grpc://host:port (a MessageService; \
+                     several comma-separated) or redis://host:port/db, not {one:?}"
+                ));
+            };
+            if address.is_empty() || address.contains('/') {
+                return Err(format!("{one:?}: expected grpc://host:port"));
+            }
+            if services.iter().any(|s| s == one) {
+                return Err(format!("{one:?} is listed twice"));
+            }
+            services.push(one.to_string());
+        }
+        Ok(StoreBackend::Grpc(services))
+    }
 }
 
 impl Default for StoreConfig {
@@ -515,16 +557,8 @@ impl Config {
                 format!("{:?} must be an http:// URL", s.advertise_url),
             );
         }
-        let url = &self.store.url;
-        let schemes = ["redis://", "rediss://", "grpc://"];
-        if !(url.is_empty() || schemes.iter().any(|p| url.starts_with(p))) {
-            return bad(
-                "store.url",
-                format!(
-                    "{url:?}: expected empty (in-process store), grpc://host:port (a MessageService) \
-                     or redis://host:port/db"
-                ),
-            );
+        if let Err(why) = self.store.backend() {
+            return bad("store.url", why);
         }
         if self.store.timeout_ms < 10 {
             return bad("store.timeout_ms", "must be at least 10".into());
@@ -852,6 +886,39 @@ mod tests {
             s.env = vec![(name.into(), value.into())];
             let err = Config::load(&s).unwrap_err().to_string();
             assert!(err.contains(key), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_store_is_chosen_once_from_its_url() {
+        let backend = |url: &str| {
+            StoreConfig {
+                url: url.into(),
+                ..StoreConfig::default()
+            }
+            .backend()
+        };
+        assert_eq!(backend(""), Ok(StoreBackend::Memory));
+        assert_eq!(
+            backend("redis://:pw@127.0.0.1:6379/0"),
+            Ok(StoreBackend::Redis("redis://:pw@127.0.0.1:6379/0".into()))
+        );
+        assert_eq!(
+            backend("grpc://10.0.0.1:20882, grpc://10.0.0.2:20882"),
+            Ok(StoreBackend::Grpc(vec![
+                "grpc://10.0.0.1:20882".into(),
+                "grpc://10.0.0.2:20882".into()
+            ]))
+        );
+        for (url, says) in [
+            ("grpc://a:1,redis://b:2", "redis://b:2"),
+            ("grpc://a:1,,grpc://b:2", "\"\""),
+            ("grpc://a:1,grpc://a:1", "listed twice"),
+            ("grpc://", "grpc://host:port"),
+            ("http://a:1", "http://a:1"),
+        ] {
+            let why = backend(url).unwrap_err();
+            assert!(why.contains(says), "{url}: {why}");
         }
     }
 

@@ -449,12 +449,27 @@ async fn killing_the_senders_node_mid_stream_stores_every_message_once() {
     expect_silence(&mut receiver).await;
 }
 
+/// What the sender should see of an outage.
+#[derive(PartialEq)]
+enum Seen {
+    /// Some sends refused with `STORE_UNAVAILABLE` (and sent again): the store was away.
+    Refusals,
+    /// No refusal at all: another MessageService answered.
+    Nothing,
+}
+
 /// Streams `total` messages from a `chatd connect` sender to a receiver, both on `node`;
-/// once a quarter has arrived runs `outage` (which takes the store away and brings it back);
-/// then checks that every send was acknowledged in the end (some after `STORE_UNAVAILABLE`:
-/// the outage was under traffic), received once in seq order, and stored once (through the
-/// MessageService at `store`).
-async fn outage_under_traffic(node: &Proc, store: &str, total: usize, outage: impl FnOnce()) {
+/// once a quarter has arrived runs `outage` (which takes a store away, and may bring it
+/// back); then checks that every send was acknowledged in the end, that the sender saw what
+/// `seen` says, and that every message was received once in seq order and stored once
+/// (through the MessageService at `store`).
+async fn outage_under_traffic(
+    node: &Proc,
+    store: &str,
+    total: usize,
+    seen: Seen,
+    outage: impl FnOnce(),
+) {
     let (a, b) = (unique("alice"), unique("bob"));
     let mut receiver = Client::connect(&node.ws(), &b, WAIT).await.unwrap();
     let mut sender = Connect::spawn(&a, &[node.ws()]);
@@ -473,13 +488,18 @@ async fn outage_under_traffic(node: &Proc, store: &str, total: usize, outage: im
         status.success(),
         "every send acknowledged in the end: {status}"
     );
-    assert!(
-        sender
-            .of_type("ERROR")
-            .iter()
-            .any(|e| e["code"] == "STORE_UNAVAILABLE"),
-        "the outage was under traffic: some sends were refused and retried"
-    );
+    let refused = sender
+        .of_type("ERROR")
+        .iter()
+        .filter(|e| e["code"] == "STORE_UNAVAILABLE")
+        .count();
+    match seen {
+        Seen::Refusals => assert!(
+            refused > 0,
+            "the outage was under traffic: some sends were refused and retried"
+        ),
+        Seen::Nothing => assert_eq!(refused, 0, "another MessageService answered every save"),
+    }
     assert_gap_free(&got, total);
     let contents: BTreeSet<&str> = got.iter().map(|f| f["content"].as_str().unwrap()).collect();
     assert_eq!(contents.len(), total);
@@ -492,12 +512,30 @@ async fn restarting_the_message_service_under_traffic_loses_no_acknowledged_mess
     let mut service = Proc::message_service("127.0.0.1:0");
     let addr = service.addr.clone();
     let node = Proc::node(&unique("dur-c1"), &addr);
-    outage_under_traffic(&node, &addr, 2000, || {
+    outage_under_traffic(&node, &addr, 2000, Seen::Refusals, || {
         service.kill();
         std::thread::sleep(Duration::from_millis(700));
         service = Proc::message_service(&addr);
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_one_of_two_message_services_under_traffic_goes_unnoticed() {
+    let mut first = Proc::message_service("127.0.0.1:0");
+    let second = Proc::message_service("127.0.0.1:0");
+    // `Proc::node` puts the first `grpc://` in front.
+    let both = format!("{},grpc://{}", first.addr, second.addr);
+    let node = Proc::node(&unique("dur-ms2"), &both);
+    outage_under_traffic(&node, &second.addr, 2000, Seen::Nothing, || first.kill()).await;
+    // The node reads as healthy while one MessageService answers.
+    let (status, body) =
+        chatd::http::get(&format!("http://{}", node.addr), "/api/chat/health", WAIT)
+            .await
+            .unwrap();
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(health["checks"]["store"]["status"], "UP", "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -639,7 +677,7 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
         ("CHATD_REDIS__PASSWORD", ""),
     ];
     let node = Proc::node_with(&unique("dur-r1"), &service.addr, &env);
-    outage_under_traffic(&node, &service.addr, 1500, || {
+    outage_under_traffic(&node, &service.addr, 1500, Seen::Refusals, || {
         redis.kill();
         std::thread::sleep(Duration::from_millis(700));
         redis = redis_server(port, Some(&dir));

@@ -27,7 +27,7 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use crate::bus::{Bus, FrameKind, Inbound, KafkaBus, LocalBus, OfflinePush};
-use crate::config::{Config, PresenceBackend, RedisConfig};
+use crate::config::{Config, PresenceBackend, RedisConfig, StoreBackend};
 use crate::presence::{MemoryPresence, Presence, PresenceError, RedisPresence};
 use crate::protocol::{ChatSend, ErrorCode, FrameError, ServerFrame};
 use crate::redis_client::RedisClient;
@@ -65,23 +65,24 @@ impl Backends {
         } else {
             Arc::new(KafkaBus::new(&config.kafka)?)
         };
-        let store: Arc<dyn Store> = if config.store.url.is_empty() {
-            Arc::new(store::memory_store(&config.store))
-        } else if config.store.url.starts_with("grpc://") {
-            Arc::new(GrpcStore::new(
-                &config.store.url,
-                std::time::Duration::from_millis(config.store.timeout_ms),
+        let timeout = std::time::Duration::from_millis(config.store.timeout_ms);
+        let store: Arc<dyn Store> = match config.store.backend().map_err(NodeError::Config)? {
+            StoreBackend::Memory => Arc::new(store::memory_store(&config.store)),
+            StoreBackend::Grpc(services) => Arc::new(GrpcStore::new(
+                &services.join(","),
+                timeout,
                 config.store.retries,
-            )?)
-        } else {
-            let redis = RedisConfig {
-                url: config.store.url.clone(),
-                ..config.redis.clone()
-            };
-            Arc::new(store::redis_store(
-                &config.store,
-                RedisClient::new(&redis).map_err(NodeError::Redis)?,
-            ))
+            )?),
+            StoreBackend::Redis(url) => {
+                let redis = RedisConfig {
+                    url,
+                    ..config.redis.clone()
+                };
+                Arc::new(store::redis_store(
+                    &config.store,
+                    RedisClient::new(&redis).map_err(NodeError::Redis)?,
+                ))
+            }
         };
         Ok(Backends {
             presence,
@@ -101,6 +102,8 @@ pub enum NodeError {
     Presence(#[from] PresenceError),
     #[error("{0}")]
     Redis(String),
+    #[error("store.url {0}")]
+    Config(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -4,6 +4,7 @@
 //! retried a bounded number of times (`store.retries`); saves are idempotent, so a retry after
 //! a lost answer stores nothing twice.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,53 +85,135 @@ fn entry_from_pb(e: pb::InboxEntry) -> Option<InboxEntry> {
 /// Most messages one `SaveMessages` call may carry.
 pub const MAX_BATCH: usize = 1024;
 
-/// The node's side: a [`Store`] that calls a MessageService.
-pub struct GrpcStore {
+/// How long an endpoint that failed at the connection level is passed over by later calls
+/// (while another answers): one refused connect costs little, but a call per message to a
+/// dead service would double every save's latency.
+const DOWN_FOR: Duration = Duration::from_secs(1);
+
+/// One MessageService of those `store.url` lists.
+struct Upstream {
     client: MessageServiceClient<Channel>,
+    url: String,
+    /// When this one failed last, in ms since [`GrpcStore::started`]; 0 when it answered since.
+    down_since_ms: AtomicU64,
+}
+
+/// The node's side: a [`Store`] that calls one or several MessageServices. Calls take turns
+/// over the services; a call that fails in a way a retry may cure goes at once to the next
+/// service (each call is idempotent), and a service that failed is passed over for
+/// [`DOWN_FOR`] while another answers. The node's store calls are sequential (one batch at a
+/// time), so a failover never reorders saves.
+pub struct GrpcStore {
+    services: Vec<Upstream>,
+    /// Whose turn it is.
+    next: AtomicUsize,
+    started: std::time::Instant,
+    /// The configured list, for messages about all of them.
     url: String,
     retries: u32,
 }
 
 impl GrpcStore {
     /// Connects lazily: a service that is down at start-up is reported by health and by the
-    /// first send, not by a node that refuses to start.
+    /// first send, not by a node that refuses to start. `url` is one `grpc://host:port` or
+    /// several, comma-separated.
     pub fn new(url: &str, timeout: Duration, retries: u32) -> Result<Self, StoreError> {
-        let http = url.replacen("grpc://", "http://", 1);
-        let endpoint = Endpoint::from_shared(http)
-            .map_err(|e| StoreError::Unavailable(format!("store.url {url:?}: {e}")))?
-            .connect_timeout(timeout)
-            .timeout(timeout);
+        let mut services = Vec::new();
+        for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let http = one.replacen("grpc://", "http://", 1);
+            let endpoint = Endpoint::from_shared(http)
+                .map_err(|e| StoreError::Unavailable(format!("store.url {one:?}: {e}")))?
+                .connect_timeout(timeout)
+                .timeout(timeout);
+            services.push(Upstream {
+                client: MessageServiceClient::new(endpoint.connect_lazy()),
+                url: one.to_string(),
+                down_since_ms: AtomicU64::new(0),
+            });
+        }
+        if services.is_empty() {
+            return Err(StoreError::Unavailable(format!(
+                "store.url {url:?} names no MessageService"
+            )));
+        }
         Ok(Self {
-            client: MessageServiceClient::new(endpoint.connect_lazy()),
+            services,
+            next: AtomicUsize::new(0),
+            started: std::time::Instant::now(),
             url: url.to_string(),
             retries,
         })
     }
 
-    /// Runs `call` with up to `retries` more attempts on transient errors, backing off.
+    fn now_ms(&self) -> u64 {
+        // Never 0, which means "answered".
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    /// The services in the order this call tries them: its turn first, those that failed in
+    /// the last [`DOWN_FOR`] last.
+    fn order(&self) -> Vec<usize> {
+        let n = self.services.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let now = self.now_ms();
+        let down = |i: usize| {
+            let since = self.services[i].down_since_ms.load(Ordering::Relaxed);
+            since != 0 && now.saturating_sub(since) < DOWN_FOR.as_millis() as u64
+        };
+        let mut order: Vec<usize> = (0..n).map(|k| (first + k) % n).collect();
+        order.sort_by_key(|&i| down(i));
+        order
+    }
+
+    /// Runs `call` on each service in turn until one answers, for up to `retries` more
+    /// rounds, backing off between rounds. Errors a retry cannot cure (an unknown message, a
+    /// refused reader) come back at once.
     async fn with_retries<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, StoreError>
     where
         F: FnMut(MessageServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
-        let mut attempt = 0;
+        let mut round = 0;
         loop {
-            match call(self.client.clone()).await {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status) => {
-                    let transient = matches!(
-                        status.code(),
-                        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted
-                    );
-                    if !transient || attempt >= self.retries {
-                        return Err(from_status(status, &self.url, what));
+            let mut last = None;
+            for i in self.order() {
+                let service = &self.services[i];
+                match call(service.client.clone()).await {
+                    Ok(response) => {
+                        if service.down_since_ms.swap(0, Ordering::Relaxed) != 0 {
+                            tracing::info!(service = %service.url, "MessageService answers again");
+                        }
+                        return Ok(response.into_inner());
                     }
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    Err(status) if transient(&status) => {
+                        let was = service.down_since_ms.swap(self.now_ms(), Ordering::Relaxed);
+                        if was == 0 && self.services.len() > 1 {
+                            tracing::warn!(
+                                service = %service.url,
+                                "MessageService failed ({what}: {status}); calls go to the others"
+                            );
+                        }
+                        last = Some(from_status(status, &service.url, what));
+                    }
+                    Err(status) => return Err(from_status(status, &service.url, what)),
                 }
             }
+            let err = last.unwrap_or_else(|| StoreError::Unavailable(format!("{what}: no service")));
+            if round >= self.retries {
+                return Err(err);
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(50 << round.min(6))).await;
         }
     }
+}
+
+/// A failure another attempt (on this service or another) may not meet.
+fn transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted | Code::Cancelled
+    )
 }
 
 fn from_status(status: Status, url: &str, what: &str) -> StoreError {
@@ -272,13 +355,26 @@ impl Store for GrpcStore {
         })
     }
 
+    /// Up while any of the services answers (each is asked, at once); down with every
+    /// service's answer otherwise.
     async fn health(&self) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
-        client
-            .health(Request::new(pb::HealthRequest {}))
-            .await
-            .map(|_| ())
-            .map_err(|s| from_status(s, &self.url, "health"))
+        let answers = futures_util::future::join_all(self.services.iter().map(|s| async move {
+            let mut client = s.client.clone();
+            client
+                .health(Request::new(pb::HealthRequest {}))
+                .await
+                .map_err(|status| from_status(status, &s.url, "health"))
+        }))
+        .await;
+        if answers.iter().any(Result::is_ok) {
+            return Ok(());
+        }
+        let why: Vec<String> = answers
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|e| e.to_string())
+            .collect();
+        Err(StoreError::Unavailable(why.join("; ")))
     }
 
     fn name(&self) -> &'static str {
