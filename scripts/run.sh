@@ -3,4 +3,5 @@
 # any arguments go to `chatd serve` (e.g. `scripts/run.sh --profile node2`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/build-deps.sh
 exec cargo run --release --locked -- serve "$@"

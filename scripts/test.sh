@@ -5,7 +5,8 @@
 # (scripts/services.sh), the crash tests that SIGKILL nodes and the MessageService,
 # the test page in a headless browser, clippy (warnings are errors) and the unit tests once
 # more in a debug build (overflow checks on). Installs what is missing: Chromium and
-# redis-server (apt-get), playwright-core (npm), Tansu (cargo install, ~16 min once).
+# redis-server (apt-get), OpenSSL's headers for the build (scripts/build-deps.sh),
+# playwright-core (npm), Tansu (cargo install, ~16 min once).
 # One release build serves the binary and the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,8 @@ if [ ! -d tests/browser/node_modules/playwright-core ]; then
   fi
   (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
+
+scripts/build-deps.sh
 
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all -- --check

@@ -4,6 +4,7 @@
 //! Every layer is checked on its own before the layers are merged, so an unknown key or a
 //! value of the wrong type is reported against the file or variable that holds it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -196,6 +197,91 @@ pub struct KafkaConfig {
     /// Another node's topic generations are deleted once that node has had no lease for this
     /// long (it was killed, or its id is never used again): nobody would ever delete them.
     pub abandoned_secs: u64,
+    /// librdkafka properties for every client of the broker (TLS, SASL, timeouts of a managed
+    /// Kafka): `[kafka.properties]` in a file, with dotted names quoted or as nested tables,
+    /// or `CHATD_KAFKA__PROPERTIES__SASL_PASSWORD` (underscores become dots). Those chatd
+    /// sets itself (its guarantees rest on them) are refused; secrets are redacted when
+    /// printed.
+    #[serde(deserialize_with = "flat_properties")]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// librdkafka properties chatd sets itself, with what to use instead.
+const RESERVED_KAFKA_PROPERTIES: [(&str, &str); 10] = [
+    ("bootstrap.servers", "set kafka.brokers"),
+    ("group.id", "set kafka.group_prefix"),
+    ("enable.auto.commit", "chatd commits what it delivered"),
+    (
+        "enable.auto.offset.store",
+        "chatd commits what it delivered",
+    ),
+    (
+        "enable.idempotence",
+        "chatd's envelopes are idempotent by seq",
+    ),
+    ("acks", "a frame counts as published only with acks=all"),
+    ("allow.auto.create.topics", "only a topic's node creates it"),
+    ("message.timeout.ms", "set kafka.publish_timeout_ms"),
+    ("linger.ms", "set kafka.linger_ms"),
+    ("fetch.wait.max.ms", "set kafka.fetch_wait_ms"),
+];
+
+/// Whether a librdkafka property may hold a secret (a password, a private key, a token).
+pub fn secret_property(name: &str) -> bool {
+    [
+        "password",
+        "secret",
+        ".pem",
+        "key",
+        "oauthbearer.config",
+        "jaas",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
+}
+
+/// `[kafka.properties]` as flat dotted names: `"security.protocol" = "SSL"` and
+/// `security.protocol = "SSL"` (which TOML reads as nested tables) are the same property;
+/// numbers and booleans are librdkafka strings too.
+fn flat_properties<'de, D>(deserializer: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    fn flatten(
+        prefix: &str,
+        table: toml::Table,
+        out: &mut BTreeMap<String, String>,
+    ) -> Result<(), String> {
+        for (key, value) in table {
+            let name = if prefix.is_empty() {
+                key
+            } else {
+                format!("{prefix}.{key}")
+            };
+            let text = match value {
+                toml::Value::Table(t) => {
+                    flatten(&name, t, out)?;
+                    continue;
+                }
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(format!(
+                        "kafka.properties.{name}: expected a string, number or boolean, found {}",
+                        other.type_str()
+                    ))
+                }
+            };
+            out.insert(name, text);
+        }
+        Ok(())
+    }
+    let table = toml::Table::deserialize(deserializer)?;
+    let mut out = BTreeMap::new();
+    flatten("", table, &mut out).map_err(serde::de::Error::custom)?;
+    Ok(out)
 }
 
 impl Default for KafkaConfig {
@@ -211,6 +297,7 @@ impl Default for KafkaConfig {
             rotate_records: 2_000,
             drain_secs: 30,
             abandoned_secs: 300,
+            properties: BTreeMap::new(),
         }
     }
 }
@@ -557,6 +644,26 @@ impl Config {
                 format!("{:?} must be an http:// URL", s.advertise_url),
             );
         }
+        for name in k.properties.keys() {
+            if let Some((_, instead)) = RESERVED_KAFKA_PROPERTIES.iter().find(|(r, _)| r == name) {
+                return bad(
+                    &format!("kafka.properties.{name}"),
+                    format!("is set by chatd ({instead}); remove it"),
+                );
+            }
+        }
+        if !k.properties.is_empty() {
+            let mut check = rdkafka::ClientConfig::new();
+            for (name, value) in &k.properties {
+                check.set(name, value);
+            }
+            if let Err(e) = check.create_native_config() {
+                return bad(
+                    "kafka.properties",
+                    format!("librdkafka refuses them: {e} (see librdkafka's CONFIGURATION.md)"),
+                );
+            }
+        }
         if let Err(why) = self.store.backend() {
             return bad("store.url", why);
         }
@@ -614,7 +721,16 @@ impl Config {
     /// The effective configuration as TOML with secrets redacted, for `--print-config`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        for secret in [&mut shown.redis.password, &mut shown.auth.secret] {
+        let properties = shown
+            .kafka
+            .properties
+            .iter_mut()
+            .filter(|(name, _)| secret_property(name))
+            .map(|(_, value)| value);
+        for secret in [&mut shown.redis.password, &mut shown.auth.secret]
+            .into_iter()
+            .chain(properties)
+        {
             if !secret.is_empty() {
                 *secret = "<redacted>".into();
             }
@@ -688,6 +804,19 @@ fn env_layer(name: &str, value: &str) -> Result<Option<toml::Table>, ConfigError
         return Ok(None);
     };
     let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+    if let ("kafka", Some(property)) = (section.as_str(), key.strip_prefix("properties__")) {
+        // librdkafka's names are dotted words; a variable's name cannot hold a dot.
+        let mut properties = toml::Table::new();
+        properties.insert(
+            property.replace('_', "."),
+            toml::Value::String(value.to_string()),
+        );
+        let mut kafka = toml::Table::new();
+        kafka.insert("properties".into(), toml::Value::Table(properties));
+        let mut outer = toml::Table::new();
+        outer.insert(section, toml::Value::Table(kafka));
+        return Ok(Some(outer));
+    }
     let layer_with = |v: toml::Value| {
         let mut inner = toml::Table::new();
         inner.insert(key.clone(), v);
@@ -718,10 +847,35 @@ fn env_layer(name: &str, value: &str) -> Result<Option<toml::Table>, ConfigError
 }
 
 /// Deep-merges `upper` into `base`: tables merge key by key, anything else is replaced.
-fn merge(base: &mut toml::Table, upper: toml::Table) {
+/// Lays `upper` over `base`. Kafka properties are made flat first (`security.protocol` as
+/// one key, however the layer wrote it), so that a later layer's property replaces an
+/// earlier one's.
+fn merge(base: &mut toml::Table, mut upper: toml::Table) {
+    fn flatten(prefix: &str, table: toml::Table, out: &mut toml::Table) {
+        for (key, value) in table {
+            let name = format!("{prefix}{key}");
+            match value {
+                toml::Value::Table(t) => flatten(&format!("{name}."), t, out),
+                v => {
+                    out.insert(name, v);
+                }
+            }
+        }
+    }
+    if let Some(toml::Value::Table(kafka)) = upper.get_mut("kafka") {
+        if let Some(toml::Value::Table(properties)) = kafka.remove("properties") {
+            let mut flat = toml::Table::new();
+            flatten("", properties, &mut flat);
+            kafka.insert("properties".into(), toml::Value::Table(flat));
+        }
+    }
+    merge_tables(base, upper);
+}
+
+fn merge_tables(base: &mut toml::Table, upper: toml::Table) {
     for (key, value) in upper {
         match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge(b, u),
+            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge_tables(b, u),
             (_, value) => {
                 base.insert(key, value);
             }
@@ -935,6 +1089,73 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--profile"));
+    }
+
+    #[test]
+    fn kafka_properties_are_flat_layered_checked_and_redacted() {
+        let dir = dir_with(&[
+            (
+                "default.toml",
+                "[kafka.properties]\nsecurity.protocol = \"sasl_plaintext\"\n\
+                 \"sasl.mechanisms\" = \"PLAIN\"\n\"socket.timeout.ms\" = 30000\n",
+            ),
+            (
+                "extra.toml",
+                "[kafka.properties]\n\"security.protocol\" = \"plaintext\"\n",
+            ),
+            (
+                "list.toml",
+                "[kafka.properties]\n\"sasl.mechanisms\" = [1]\n",
+            ),
+        ]);
+        let mut s = Sources::defaults_only(&dir);
+        let p = Config::load(&s).unwrap().kafka.properties;
+        assert_eq!(p["security.protocol"], "sasl_plaintext");
+        assert_eq!(p["sasl.mechanisms"], "PLAIN");
+        assert_eq!(p["socket.timeout.ms"], "30000");
+
+        // A later layer replaces a property however either wrote its name.
+        s.file = Some(dir.join("extra.toml"));
+        s.env = vec![(
+            "CHATD_KAFKA__PROPERTIES__SASL_PASSWORD".into(),
+            "hunter2".into(),
+        )];
+        let c = Config::load(&s).unwrap();
+        assert_eq!(c.kafka.properties["security.protocol"], "plaintext");
+        assert_eq!(c.kafka.properties["sasl.password"], "hunter2");
+        let printed = c.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(
+            printed.contains("\"sasl.mechanisms\" = \"PLAIN\""),
+            "{printed}"
+        );
+
+        for (name, value, says) in [
+            (
+                "CHATD_KAFKA__PROPERTIES__ACKS",
+                "1",
+                "kafka.properties.acks",
+            ),
+            ("CHATD_KAFKA__PROPERTIES__LINGER_MS", "5", "kafka.linger_ms"),
+            (
+                "CHATD_KAFKA__PROPERTIES__NO_SUCH_THING",
+                "1",
+                "no.such.thing",
+            ),
+            (
+                "CHATD_KAFKA__PROPERTIES__SOCKET_TIMEOUT_MS",
+                "soon",
+                "socket.timeout.ms",
+            ),
+        ] {
+            s.env = vec![(name.into(), value.into())];
+            let err = Config::load(&s).unwrap_err().to_string();
+            assert!(err.contains(says), "{name}={value}: {err}");
+        }
+        s.env.clear();
+        s.file = Some(dir.join("list.toml"));
+        let err = Config::load(&s).unwrap_err().to_string();
+        assert!(err.contains("kafka.properties.sasl.mechanisms"), "{err}");
     }
 
     #[test]

@@ -254,6 +254,38 @@ fn config_errors_stop_start_up_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("node7.toml"));
 }
 
+/// `kafka.properties` reach the node's broker clients: told to speak TLS to the plaintext
+/// broker of `scripts/services.sh` (which every cluster test's node reaches without it), the
+/// node cannot subscribe, and says where to look. A value librdkafka refuses stops start-up
+/// as a configuration error naming the property.
+#[test]
+fn kafka_properties_reach_the_broker_clients() {
+    let out = chatd()
+        .args(["serve", "--profile", "node1", "--port", "0", "--node-id"])
+        .arg(unique("props"))
+        .env("CHATD_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "ssl")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot subscribe to the bus") && err.contains("kafka.properties"),
+        "{err}"
+    );
+
+    let out = chatd()
+        .args(["serve", "--port", "0"])
+        .env("CHATD_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "nope")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("kafka.properties") && err.contains("security.protocol"),
+        "{err}"
+    );
+}
+
 #[test]
 fn profiles_and_print_config() {
     let out = chatd()

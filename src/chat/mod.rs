@@ -96,7 +96,7 @@ impl Backends {
 pub enum NodeError {
     #[error(transparent)]
     Moderation(#[from] moderation::ModerationError),
-    #[error("cannot subscribe to the bus: {0}")]
+    #[error("cannot subscribe to the bus (is the broker of kafka.brokers up? do kafka.properties match it?)")]
     Bus(#[from] crate::bus::BusError),
     #[error(transparent)]
     Presence(#[from] PresenceError),

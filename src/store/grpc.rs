@@ -198,7 +198,8 @@ impl GrpcStore {
                     Err(status) => return Err(from_status(status, &service.url, what)),
                 }
             }
-            let err = last.unwrap_or_else(|| StoreError::Unavailable(format!("{what}: no service")));
+            let err =
+                last.unwrap_or_else(|| StoreError::Unavailable(format!("{what}: no service")));
             if round >= self.retries {
                 return Err(err);
             }
@@ -212,7 +213,11 @@ impl GrpcStore {
 fn transient(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted | Code::Cancelled
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Aborted
+            | Code::Cancelled
     )
 }
 

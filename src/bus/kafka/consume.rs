@@ -17,7 +17,7 @@ use futures_util::FutureExt;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -123,8 +123,7 @@ async fn consumer_of(
     from: Offset,
     fetch_wait_ms: u64,
 ) -> Result<Arc<StreamConsumer>, BusError> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
+    let consumer: StreamConsumer = super::client_config(config)
         .set("group.id", group(config, node_id))
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
@@ -160,8 +159,7 @@ pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusE
     let wait = Duration::from_millis(config.publish_timeout_ms);
     // A client with no group and no assignment, only to look at topics.
     let lister: Arc<rdkafka::consumer::BaseConsumer> = Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
+        super::client_config(config)
             .create()
             .map_err(|e| unavailable("consumer", e))?,
     );

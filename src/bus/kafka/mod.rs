@@ -70,9 +70,20 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(format!("kafka {what}: {e}"))
 }
 
+/// A client of `config`'s brokers with the operator's `kafka.properties` (TLS, SASL, ...);
+/// what each client sets after this is what chatd's guarantees rest on (config validation
+/// refuses those names in `kafka.properties`).
+pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (name, value) in &config.properties {
+        c.set(name, value);
+    }
+    c.set("bootstrap.servers", &config.brokers);
+    c
+}
+
 fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
+    client_config(config)
         .set("enable.idempotence", "false")
         // Only the node that consumes a topic creates it (two creators raced on a broker
         // that came back empty, and publishes failed for a minute after).

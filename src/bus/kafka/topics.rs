@@ -17,7 +17,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{Client, ClientContext, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 use super::unavailable;
 use crate::bus::BusError;
@@ -111,8 +111,7 @@ pub fn list_topics<C: ClientContext>(
 fn admin(
     config: &KafkaConfig,
 ) -> Result<(AdminClient<DefaultClientContext>, AdminOptions), BusError> {
-    let admin = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
+    let admin = super::client_config(config)
         .create()
         .map_err(|e| unavailable("admin", e))?;
     let wait = Duration::from_millis(config.publish_timeout_ms);
@@ -185,8 +184,7 @@ pub struct TopicState {
 /// Node `node_id`'s newest topic, its size and how far its consumer is. Blocking; call from
 /// `spawn_blocking`.
 pub fn topic_state(config: &KafkaConfig, node_id: &str) -> Result<TopicState, BusError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
+    let consumer: BaseConsumer = super::client_config(config)
         .set("group.id", super::group(config, node_id))
         .set("enable.auto.commit", "false")
         .create()
