@@ -206,6 +206,44 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+/// Where frames between nodes go, from `kafka.brokers`, parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusBackend {
+    /// Within this process: the embedded single node (`kafka.brokers` empty).
+    Local,
+    /// A Kafka-compatible broker: cluster mode. The `host:port` of each broker.
+    Kafka(Vec<String>),
+}
+
+impl KafkaConfig {
+    /// The bus `brokers` names, or what is wrong with it.
+    pub fn backend(&self) -> Result<BusBackend, String> {
+        let list = self.brokers.trim();
+        if list.is_empty() {
+            return Ok(BusBackend::Local);
+        }
+        let mut brokers = Vec::new();
+        for one in list.split(',').map(str::trim) {
+            let port = one
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(_))) if !host.is_empty() && !host.contains('/')) {
+                return Err(format!(
+                    "{one:?} in {list:?}: expected host:port, several comma-separated \
+                     (empty: no broker, the single-node bus)"
+                ));
+            }
+            brokers.push(one.to_string());
+        }
+        Ok(BusBackend::Kafka(brokers))
+    }
+
+    /// Whether frames between nodes go through a broker (cluster mode).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend(), Ok(BusBackend::Kafka(_)))
+    }
+}
+
 /// librdkafka properties chatd sets itself, with what to use instead.
 const RESERVED_KAFKA_PROPERTIES: [(&str, &str); 10] = [
     ("bootstrap.servers", "set kafka.brokers"),
@@ -594,7 +632,11 @@ impl Config {
             return bad("redis.timeout_ms", "must be at least 10".into());
         }
         let k = &self.kafka;
-        if !k.brokers.is_empty() && self.presence.backend == PresenceBackend::Memory {
+        let bus = k.backend().map_err(|why| ConfigError::Invalid {
+            origin: "kafka.brokers".into(),
+            detail: why,
+        })?;
+        if bus != BusBackend::Local && self.presence.backend == PresenceBackend::Memory {
             return bad(
                 "kafka.brokers",
                 "cluster mode needs presence.backend = \"redis\" (nodes must see each other's devices)"
@@ -1040,6 +1082,29 @@ mod tests {
             s.env = vec![(name.into(), value.into())];
             let err = Config::load(&s).unwrap_err().to_string();
             assert!(err.contains(key), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_bus_is_chosen_once_from_the_broker_list() {
+        let backend = |brokers: &str| {
+            KafkaConfig {
+                brokers: brokers.into(),
+                ..KafkaConfig::default()
+            }
+            .backend()
+        };
+        assert_eq!(backend(" "), Ok(BusBackend::Local));
+        assert_eq!(
+            backend("k1:9092, [::1]:9093"),
+            Ok(BusBackend::Kafka(vec![
+                "k1:9092".into(),
+                "[::1]:9093".into()
+            ]))
+        );
+        for bad in ["k1", "k1:port", ":9092", "k1:9092,", "kafka://k1:9092"] {
+            let why = backend(bad).unwrap_err();
+            assert!(why.contains("host:port"), "{bad}: {why}");
         }
     }
 

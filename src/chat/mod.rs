@@ -1,6 +1,9 @@
 //! The message path of one node: moderation, ids, store, then delivery to local devices and
 //! targeted publishing to the nodes that hold the other devices.
 //!
+//! - `backends`: presence, bus and store, chosen once from config
+//! - `batch`: chat messages stored and routed in batches; `route`: where a frame goes, the
+//!   live frames, the sender's ack
 //! - [`ids`]: unique, time-ordered message ids
 //! - [`moderation`]: the word-list automaton
 //! - [`registry`]: this node's sessions and the handle that writes to one
@@ -9,6 +12,7 @@
 //!   from its user's inbox
 //! - `offline`: offline-push windows; `upkeep`: this node's devices and lease in presence
 
+mod backends;
 mod batch;
 pub mod ids;
 pub mod metrics;
@@ -26,12 +30,11 @@ use std::sync::Arc;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
-use crate::bus::{Bus, FrameKind, Inbound, KafkaBus, LocalBus, OfflinePush};
-use crate::config::{Config, PresenceBackend, RedisConfig, StoreBackend};
-use crate::presence::{MemoryPresence, Presence, PresenceError, RedisPresence};
+use crate::bus::{FrameKind, Inbound, OfflinePush};
+use crate::config::Config;
 use crate::protocol::{ChatSend, ErrorCode, FrameError, ServerFrame};
-use crate::redis_client::RedisClient;
-use crate::store::{self, GrpcStore, Store, StoreError};
+use crate::store::StoreError;
+pub use backends::{Backends, NodeError};
 use ids::IdGenerator;
 use metrics::Metrics;
 use moderation::{Moderator, Rejected};
@@ -41,72 +44,6 @@ use route::Target;
 /// How long a reply may wait for room in its connection's queue before the connection is
 /// closed as too slow.
 const REPLY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The backends a node runs on; each is a trait object picked from config.
-#[derive(Clone)]
-pub struct Backends {
-    pub presence: Arc<dyn Presence>,
-    pub bus: Arc<dyn Bus>,
-    pub store: Arc<dyn Store>,
-}
-
-impl Backends {
-    /// The backends `config` names: in-process ones for the embedded default, Redis for
-    /// presence in cluster mode.
-    pub fn from_config(config: &Config) -> Result<Backends, NodeError> {
-        let presence: Arc<dyn Presence> = match config.presence.backend {
-            PresenceBackend::Memory => Arc::new(MemoryPresence::new(config.presence.ttl_secs)),
-            PresenceBackend::Redis => {
-                Arc::new(RedisPresence::from_config(config).map_err(NodeError::Redis)?)
-            }
-        };
-        let bus: Arc<dyn Bus> = if config.kafka.brokers.is_empty() {
-            Arc::new(LocalBus::new())
-        } else {
-            Arc::new(KafkaBus::new(&config.kafka)?)
-        };
-        let timeout = std::time::Duration::from_millis(config.store.timeout_ms);
-        let store: Arc<dyn Store> = match config.store.backend().map_err(NodeError::Config)? {
-            StoreBackend::Memory => Arc::new(store::memory_store(&config.store)),
-            StoreBackend::Grpc(services) => Arc::new(GrpcStore::new(
-                &services.join(","),
-                timeout,
-                config.store.retries,
-            )?),
-            StoreBackend::Redis(url) => {
-                let redis = RedisConfig {
-                    url,
-                    ..config.redis.clone()
-                };
-                Arc::new(store::redis_store(
-                    &config.store,
-                    RedisClient::new(&redis).map_err(NodeError::Redis)?,
-                ))
-            }
-        };
-        Ok(Backends {
-            presence,
-            bus,
-            store,
-        })
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error(transparent)]
-    Moderation(#[from] moderation::ModerationError),
-    #[error("cannot subscribe to the bus (is the broker of kafka.brokers up? do kafka.properties match it?)")]
-    Bus(#[from] crate::bus::BusError),
-    #[error(transparent)]
-    Presence(#[from] PresenceError),
-    #[error("{0}")]
-    Redis(String),
-    #[error("store.url {0}")]
-    Config(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
 
 /// One chat node: config, backends, local sessions and counters.
 pub struct Node {
@@ -301,7 +238,7 @@ impl Node {
             vec![Target::ready(
                 &m.sender_id,
                 receipt.seq,
-                sync::receipt_frame(m, receipt.seq),
+                route::receipt_frame(m, receipt.seq),
             )],
         )
         .await;

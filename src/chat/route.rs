@@ -1,17 +1,64 @@
-//! Routing: where a frame goes once it is decided. Devices on this node get it directly (in
-//! inbox order, see `order`); devices on other nodes through the bus, one envelope per node
-//! that holds any of them (targeted, never a broadcast), all envelopes of one call queued at
-//! once and awaited together. An envelope from another node is delivered here.
+//! Routing: where a frame goes once it is decided, and how the live frames are encoded.
+//! Devices on this node get it directly (in inbox order, see `order`); devices on other nodes
+//! through the bus, one envelope per node that holds any of them (targeted, never a
+//! broadcast), all envelopes of one call queued at once and awaited together. An envelope
+//! from another node is delivered here, and the sending device's ack goes out from here, in
+//! order with the rest of what that device gets. (`sync` only catches devices up.)
 
 use std::collections::BTreeMap;
 
 use axum::extract::ws::Utf8Bytes;
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use super::metrics::Metrics;
-use super::{sync, Node};
+use super::order::{Decision, Held};
+use super::registry::SessionHandle;
+use super::{Node, REPLY_PATIENCE};
 use crate::bus::{Envelope, FrameKind, Publish, Recipient};
 use crate::presence::Device;
+use crate::protocol::ServerFrame;
 use crate::store::NewMessage;
+
+/// A chat message as the devices of one user see it: with its place in that user's inbox;
+/// the sender's own copies also carry the sending device's `tempMessageId`.
+pub fn chat_frame(m: &NewMessage, seq: u64, for_user: &str) -> Utf8Bytes {
+    ServerFrame::ChatMessage {
+        message_id: &m.message_id,
+        sender_id: &m.sender_id,
+        receiver_id: &m.receiver_id,
+        chat_id: &m.chat_id,
+        content: &m.content,
+        timestamp: m.timestamp,
+        seq,
+        temp_message_id: if m.sender_id == for_user {
+            m.temp_message_id.as_deref()
+        } else {
+            None
+        },
+    }
+    .encode()
+    .into()
+}
+
+/// A read receipt as the devices of the message's sender see it.
+pub fn receipt_frame(m: &NewMessage, seq: u64) -> Utf8Bytes {
+    ServerFrame::ReadReceipt {
+        chat_id: &m.chat_id,
+        message_id: &m.message_id,
+        reader_id: &m.receiver_id,
+        seq,
+    }
+    .encode()
+    .into()
+}
+
+/// An ack that waits for room in its device's queue.
+struct AckWait {
+    frame: Utf8Bytes,
+    /// Frames after it are held meanwhile: a catch-up sends them once it is out.
+    catch_up_after: bool,
+}
 
 /// Most recipients in one envelope: a batch for one node leaves in records of at most this
 /// many frames, well under a broker's message size limit.
@@ -64,7 +111,7 @@ impl<'a> Target<'a> {
         match &self.frame {
             TargetFrame::Ready(frame) => frame,
             TargetFrame::Chat(m, encoded) => {
-                encoded.get_or_init(|| sync::chat_frame(m, self.seq, self.user_id))
+                encoded.get_or_init(|| chat_frame(m, self.seq, self.user_id))
             }
         }
     }
@@ -242,5 +289,84 @@ impl Node {
             );
             tracing::debug!(from = %envelope.from_node, kind = ?envelope.kind, user = %r.user_id, devices = n, "received from another node; delivered to user");
         }
+    }
+
+    /// Acknowledges the device's own send at `seq` (its place in the sender's inbox), in
+    /// order with the rest of what the device gets. An ack is never dropped.
+    /// Never waits: when the device's queue is full, the rest is done by a task of its own
+    /// (the batched chat path must not wait for one slow device). `permit`, the message's
+    /// place in its connection's in-flight limit, is given back once the ack is queued.
+    pub(super) fn send_ack(
+        &self,
+        handle: &SessionHandle,
+        seq: u64,
+        frame: Utf8Bytes,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        if let Some(wait) = self.offer_ack(handle, seq, frame) {
+            self.spawn_wait(handle.clone(), wait.frame, wait.catch_up_after, permit);
+        }
+    }
+
+    /// A frame that is next in order for a device whose queue is full: a task waits for room
+    /// (up to `REPLY_PATIENCE`, then the device is closed as a slow consumer), and with
+    /// `catch_up_after` then sends what was held meanwhile.
+    pub(super) fn spawn_wait(
+        &self,
+        handle: SessionHandle,
+        frame: Utf8Bytes,
+        catch_up_after: bool,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
+        let Some(node) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            handle.reply(frame, REPLY_PATIENCE, &node.metrics).await;
+            drop(permit);
+            if catch_up_after {
+                node.catch_up(&handle, false).await;
+            }
+        });
+    }
+
+    /// Decides an ack and queues it if there is room; returns what is left when the queue
+    /// is full.
+    fn offer_ack(&self, handle: &SessionHandle, seq: u64, frame: Utf8Bytes) -> Option<AckWait> {
+        if seq == 0 {
+            return handle.try_reply(frame).err().map(|frame| AckWait {
+                frame,
+                catch_up_after: false,
+            });
+        }
+        let held = Held {
+            frame: frame.clone(),
+            kind: FrameKind::Chat,
+            ack: true,
+        };
+        let (decision, catch_up_after) = {
+            let mut order = handle.order();
+            let catching_up = order.is_catching_up();
+            match order.offer_ack(seq, held, handle.max_held()) {
+                Decision::Send => match handle.try_reply(frame.clone()) {
+                    Ok(()) => return None,
+                    // Full: hold everything after it while this waits for room.
+                    Err(_) => (Decision::Send, !catching_up && order.begin_catch_up(false)),
+                },
+                d => (d, false),
+            }
+        };
+        match decision {
+            Decision::Send => {
+                return Some(AckWait {
+                    frame,
+                    catch_up_after,
+                })
+            }
+            Decision::CatchUp => self.spawn_catch_up(handle),
+            Decision::Overflow => handle.close_too_far_behind(&self.metrics),
+            Decision::Held | Decision::Duplicate => {}
+        }
+        None
     }
 }

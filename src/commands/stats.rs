@@ -49,7 +49,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
             .as_ref()
             .and_then(|s| s["nodeId"].as_str().map(String::from))
             .or_else(|| id.clone());
-        let (lag, records) = match (&node_id, config.kafka.brokers.is_empty()) {
+        let (lag, records) = match (&node_id, !config.kafka.is_cluster()) {
             (Some(node), false) => {
                 let (kafka, node) = (config.kafka.clone(), node.clone());
                 match tokio::task::spawn_blocking(move || crate::bus::topic_state(&kafka, &node))

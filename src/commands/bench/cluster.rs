@@ -132,7 +132,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         config_dir: args.config_dir.clone(),
     };
     let config = layers.load(Overrides::default())?;
-    if config.kafka.brokers.is_empty() {
+    if !config.kafka.is_cluster() {
         bail!(
             "profile {:?} names no [kafka] brokers: --cluster needs a cluster profile (node1) \
              and its services (scripts/services.sh up)",
