@@ -4,6 +4,7 @@
 //! - [`cli`]: clap definitions and dispatch; [`commands`]: one module per subcommand
 //! - [`config`]: layered configuration and its validation
 //! - [`auth`]: who may connect: HS256 tokens
+//! - [`backoff`]: the wait before another attempt (doubling, capped, with jitter)
 //! - [`protocol`]: WebSocket frames: parse, validate, serialize; stable error codes
 //! - [`server`]: the axum app: WebSocket sessions, REST, test page, graceful shutdown
 //! - [`chat`]: the message path: ids, moderation, routing, local sessions, counters
@@ -16,6 +17,7 @@
 //! - [`rate`]: the token bucket of the rate limit (node) and of pacing (`connect`)
 
 pub mod auth;
+pub mod backoff;
 pub mod bus;
 pub mod chat;
 pub mod cli;

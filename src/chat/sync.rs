@@ -14,6 +14,7 @@ use super::metrics::Metrics;
 use super::order::Fetched;
 use super::registry::SessionHandle;
 use super::{route, Node, REPLY_PATIENCE};
+use crate::backoff::Backoff;
 use crate::protocol::{ErrorCode, FrameError, ServerFrame};
 use crate::store::{EntryKind, InboxEntry, InboxPage, StoreError};
 
@@ -25,6 +26,11 @@ const FETCH_ATTEMPTS: u32 = 3;
 /// Fetches that find nothing new while frames wait behind a gap before the gap counts as
 /// lost (the store forgot entries it had given out: an in-memory MessageService restarted).
 const MAX_STALLS: u32 = 3;
+/// The pause before fetching again when a fetch found nothing new behind a gap (the missing
+/// frame may still be on its way into the store).
+const STALL: Backoff = Backoff::new(Duration::from_millis(40), Duration::from_millis(160));
+/// The pause before another attempt of a fetch that failed.
+const FETCH_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(1));
 
 fn entry_frame(entry: &InboxEntry, user_id: &str) -> Utf8Bytes {
     match entry.kind {
@@ -230,7 +236,7 @@ impl Node {
                     stalls = 0;
                 } else {
                     if stalls > 0 {
-                        tokio::time::sleep(Duration::from_millis(20 << stalls)).await;
+                        STALL.wait(stalls - 1).await;
                     }
                     fetch = true;
                 }
@@ -263,8 +269,8 @@ impl Node {
                 }
                 Err(e) => {
                     tracing::warn!(user = user_id, "inbox fetch failed, retrying: {e}");
+                    FETCH_RETRY.wait(attempt).await;
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
             }
         }

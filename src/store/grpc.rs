@@ -12,6 +12,8 @@ use async_trait::async_trait;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
+use crate::backoff::Backoff;
+
 use super::{
     EntryKind, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome, Store, StoreError,
     StoredMessage, MAX_PAGE,
@@ -89,6 +91,9 @@ pub const MAX_BATCH: usize = 1024;
 /// (while another answers): one refused connect costs little, but a call per message to a
 /// dead service would double every save's latency.
 const DOWN_FOR: Duration = Duration::from_secs(1);
+
+/// The pause between rounds of attempts over every service.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// One MessageService of those `store.url` lists.
 struct Upstream {
@@ -203,8 +208,8 @@ impl GrpcStore {
             if round >= self.retries {
                 return Err(err);
             }
+            RETRY.wait(round).await;
             round += 1;
-            tokio::time::sleep(Duration::from_millis(50 << round.min(6))).await;
         }
     }
 }
