@@ -56,7 +56,7 @@ fn spawn_serve(extra: &[&str]) -> (Child, String) {
         .spawn()
         .expect("spawn chatd serve");
     let stderr = child.stderr.take().unwrap();
-    let addr = chatd::commands::serve::listening_address(stderr, WAIT).expect("chatd serve starts");
+    let addr = chatd::commands::listening_address(stderr, WAIT).expect("chatd serve starts");
     (child, addr)
 }
 

@@ -42,7 +42,7 @@ impl Proc {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(rest) = text.split(chatd::commands::serve::LISTENING).nth(1) {
+            if let Some(rest) = text.split(chatd::commands::LISTENING).nth(1) {
                 let addr = rest
                     .split_whitespace()
                     .next()

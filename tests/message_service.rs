@@ -24,7 +24,7 @@ impl MessageService {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let addr = chatd::commands::serve::listening_address(child.stderr.take().unwrap(), WAIT)
+        let addr = chatd::commands::listening_address(child.stderr.take().unwrap(), WAIT)
             .expect("message-service starts");
         MessageService { child, addr }
     }

@@ -225,7 +225,7 @@ async fn a_node_killed_with_sigkill_has_its_users_read_offline() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let addr = chatd::commands::serve::listening_address(child.stderr.take().unwrap(), WAIT)
+    let addr = chatd::commands::listening_address(child.stderr.take().unwrap(), WAIT)
         .expect("chatd serve starts");
     let _client = chatd::client::Client::connect(&format!("ws://{addr}"), &user, WAIT)
         .await

@@ -162,7 +162,7 @@ async fn tokens_never_reach_the_logs_and_chatd_token_makes_working_ones() {
         let line = rx.recv_timeout(WAIT).expect("chatd serve logs its address");
         logs.push_str(&line);
         logs.push('\n');
-        if let Some(rest) = line.split(chatd::commands::serve::LISTENING).nth(1) {
+        if let Some(rest) = line.split(chatd::commands::LISTENING).nth(1) {
             break rest.split_whitespace().next().unwrap().to_string();
         }
     };

@@ -182,7 +182,7 @@ async fn connect_since(
     secret: Option<&str>,
     since: Option<u64>,
 ) -> Result<Client, String> {
-    let token = secret.map(|secret| super::token::mint(secret, user, 600, now_ms() / 1000));
+    let token = secret.map(|secret| crate::auth::mint(secret, user, 600, now_ms() / 1000));
     let mut url = chat_url_with_token(node, user, token.as_deref());
     if let Some(since) = since {
         url = with_since(&url, since);

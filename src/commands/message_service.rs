@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use tokio::net::TcpListener;
 
-use super::presence::RedisArgs;
+use super::RedisArgs;
 use crate::redis_client::RedisClient;
 use crate::store::{self, grpc, Store};
 
@@ -53,7 +53,7 @@ pub async fn run(args: MessageServiceArgs) -> anyhow::Result<()> {
     tracing::info!(
         backend = store.name(),
         "{}{local} (MessageService over gRPC)",
-        super::serve::LISTENING
+        super::LISTENING
     );
     tonic::transport::Server::builder()
         .add_service(grpc::Service::new(store))
@@ -61,7 +61,7 @@ pub async fn run(args: MessageServiceArgs) -> anyhow::Result<()> {
             // Nagle off: a small answer would otherwise wait for the node's delayed ACK, and
             // every save took ~40 ms longer.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            super::serve::shutdown_signal(),
+            super::shutdown_signal(),
         )
         .await
         .context("MessageService failed")?;

@@ -6,36 +6,9 @@ use std::collections::BTreeMap;
 use clap::Args;
 use serde_json::json;
 
-use super::ConfigArgs;
+use super::RedisArgs;
 use crate::chat::ids::now_ms;
-use crate::config::{Config, Overrides};
-use crate::presence::{Presence, RedisPresence};
-
-/// Where the operator commands find Redis: `--redis URL`, else the layered config.
-#[derive(Debug, Args)]
-pub struct RedisArgs {
-    /// Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)
-    #[arg(long, value_name = "URL")]
-    pub redis: Option<String>,
-    #[command(flatten)]
-    pub layers: ConfigArgs,
-}
-
-impl RedisArgs {
-    /// The layered config with `--redis` applied.
-    pub fn load(&self) -> anyhow::Result<Config> {
-        let mut config = self.layers.load(Overrides::default())?;
-        if let Some(url) = &self.redis {
-            config.redis.url = url.clone();
-            config.validate()?;
-        }
-        Ok(config)
-    }
-
-    pub fn presence(&self, config: &Config) -> anyhow::Result<RedisPresence> {
-        RedisPresence::from_config(config).map_err(anyhow::Error::msg)
-    }
-}
+use crate::presence::Presence;
 
 #[derive(Debug, Args)]
 pub struct PresenceArgs {

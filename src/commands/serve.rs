@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use tokio::net::TcpListener;
 
-use super::ConfigArgs;
+use super::{ConfigArgs, LISTENING};
 use crate::chat::{Backends, Node};
 use crate::config::{AuthMode, Overrides};
 
@@ -56,77 +56,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
              this port can connect as any user; set auth.mode = \"token\" and auth.secret"
         );
     }
-    crate::server::run(listener, node, shutdown_signal()).await?;
+    crate::server::run(listener, node, super::shutdown_signal()).await?;
     Ok(())
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!("cannot listen for Ctrl-C: {e}");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
-    }
-}
-
-/// What `chatd serve` logs once it listens; [`listening_address`] looks for it.
-pub const LISTENING: &str = "chatd listening on ";
-
-/// Reads a spawned `chatd serve`'s stderr until it logs its address (`host:port`), or until it
-/// reports a fatal error or `within` passes. Keeps draining stderr afterwards so the child never blocks
-/// on a full pipe.
-pub fn listening_address(
-    stderr: std::process::ChildStderr,
-    within: std::time::Duration,
-) -> Result<String, String> {
-    use std::io::BufRead;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let Some(sender) = &tx else { continue };
-            if let Some(rest) = line.split(LISTENING).nth(1) {
-                let _ = sender.send(Ok(rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string()));
-                tx = None;
-            } else if line.starts_with("error:") || line.contains(" ERROR ") {
-                // The fatal message main prints, or an error-level log line; a warning that
-                // merely mentions an error (a dependency not up yet) is not a failed start.
-                let _ = sender.send(Err(line));
-                tx = None;
-            }
-        }
-    });
-    match rx.recv_timeout(within) {
-        Ok(result) => result,
-        Err(_) => Err(format!(
-            "no \"{}\" line within {within:?}",
-            LISTENING.trim()
-        )),
-    }
 }

@@ -44,10 +44,9 @@ impl Spawned {
             .context("cannot start chatd serve")?;
         let stderr = child.stderr.take().context("no stderr")?;
         // Reading the node's log blocks: not on a runtime thread.
-        let started = tokio::task::spawn_blocking(move || {
-            super::serve::listening_address(stderr, START_WITHIN)
-        })
-        .await?;
+        let started =
+            tokio::task::spawn_blocking(move || super::listening_address(stderr, START_WITHIN))
+                .await?;
         match started {
             Ok(addr) => {
                 self.0.push(child);

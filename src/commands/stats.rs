@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::presence::RedisArgs;
+use super::RedisArgs;
 use crate::presence::Presence;
 
 #[derive(Debug, Args)]

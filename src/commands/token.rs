@@ -55,13 +55,11 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
         );
     }
     let now = now_ms() / 1000;
-    println!("{}", mint(&config.auth.secret, &args.user, args.ttl, now));
+    println!(
+        "{}",
+        crate::auth::mint(&config.auth.secret, &args.user, args.ttl, now)
+    );
     Ok(())
-}
-
-/// A token for `user` valid `ttl_secs` from `now`.
-pub fn mint(secret: &str, user: &str, ttl_secs: u64, now: i64) -> String {
-    crate::auth::sign(secret.as_bytes(), user, now, now + ttl_secs as i64)
 }
 
 #[cfg(test)]
