@@ -15,6 +15,24 @@ use redis::AsyncConnectionConfig;
 
 use crate::config::RedisConfig;
 
+/// What went wrong with a Redis call, with Redis's own error kept (typed) as its cause. The
+/// message shows the cause, as every log line prints only the message; so `source()` does not
+/// give it again (a chain printed by `anyhow` would show it twice).
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    /// `redis.url` (or a store URL) is not a Redis URL. The URL is not repeated: it may hold
+    /// the password.
+    #[error("redis.url: {0}")]
+    Url(redis::RedisError),
+    #[error("redis {what}: {cause}")]
+    Failed {
+        what: String,
+        cause: redis::RedisError,
+    },
+    #[error("redis {what}: no answer within {} ms", .after.as_millis())]
+    Timeout { what: String, after: Duration },
+}
+
 #[derive(Clone)]
 pub struct RedisClient {
     client: redis::Client,
@@ -46,10 +64,10 @@ pub fn url_with_password(url: &str, password: &str) -> String {
 }
 
 impl RedisClient {
-    pub fn new(config: &RedisConfig) -> Result<Self, String> {
+    pub fn new(config: &RedisConfig) -> Result<Self, RedisError> {
         let timeout = Duration::from_millis(config.timeout_ms);
         let client = redis::Client::open(url_with_password(&config.url, &config.password))
-            .map_err(|e| format!("redis.url: {e}"))?;
+            .map_err(RedisError::Url)?;
         let slots = (0..config.pool_size.max(1))
             .map(|_| tokio::sync::Mutex::new(None))
             .collect();
@@ -84,7 +102,7 @@ impl RedisClient {
     }
 
     /// Runs `f` on a connection within the deadline; the error names `what` failed.
-    pub async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, String>
+    pub async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, RedisError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -109,19 +127,22 @@ impl RedisClient {
                 {
                     self.drop_connection(slot).await;
                 }
-                Err(format!("redis {what}: {e}"))
+                Err(RedisError::Failed {
+                    what: what.to_string(),
+                    cause: e,
+                })
             }
             Err(_) => {
                 self.drop_connection(slot).await;
-                Err(format!(
-                    "redis {what}: no answer within {} ms",
-                    self.timeout.as_millis()
-                ))
+                Err(RedisError::Timeout {
+                    what: what.to_string(),
+                    after: self.timeout,
+                })
             }
         }
     }
 
-    pub async fn ping(&self) -> Result<(), String> {
+    pub async fn ping(&self) -> Result<(), RedisError> {
         self.call("PING", |mut c| async move {
             redis::cmd("PING").query_async::<String>(&mut c).await
         })

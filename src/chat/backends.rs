@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::bus::{Bus, KafkaBus, LocalBus};
 use crate::config::{BusBackend, Config, PresenceBackend, RedisConfig, StoreBackend};
 use crate::presence::{MemoryPresence, Presence, PresenceError, RedisPresence};
-use crate::redis_client::RedisClient;
+use crate::redis_client::{RedisClient, RedisError};
 use crate::store::{self, GrpcStore, Store, StoreError};
 
 use super::moderation;
@@ -26,9 +26,7 @@ impl Backends {
     pub fn from_config(config: &Config) -> Result<Backends, NodeError> {
         let presence: Arc<dyn Presence> = match config.presence.backend {
             PresenceBackend::Memory => Arc::new(MemoryPresence::new(config.presence.ttl_secs)),
-            PresenceBackend::Redis => {
-                Arc::new(RedisPresence::from_config(config).map_err(NodeError::Redis)?)
-            }
+            PresenceBackend::Redis => Arc::new(RedisPresence::from_config(config)?),
         };
         let bus: Arc<dyn Bus> = match config.kafka.backend().map_err(NodeError::Config)? {
             BusBackend::Local => Arc::new(LocalBus::new()),
@@ -47,10 +45,7 @@ impl Backends {
                     url,
                     ..config.redis.clone()
                 };
-                Arc::new(store::redis_store(
-                    &config.store,
-                    RedisClient::new(&redis).map_err(NodeError::Redis)?,
-                ))
+                Arc::new(store::redis_store(&config.store, RedisClient::new(&redis)?))
             }
         };
         Ok(Backends {
@@ -69,8 +64,8 @@ pub enum NodeError {
     Bus(#[from] crate::bus::BusError),
     #[error(transparent)]
     Presence(#[from] PresenceError),
-    #[error("{0}")]
-    Redis(String),
+    #[error(transparent)]
+    Redis(#[from] RedisError),
     /// A backend's config that validation would have refused.
     #[error("{0}")]
     Config(String),

@@ -222,7 +222,7 @@ impl Node {
                 let code = match e {
                     StoreError::UnknownMessage(..) => ErrorCode::UnknownMessage,
                     StoreError::NotReceiver(_) => ErrorCode::Forbidden,
-                    StoreError::Unavailable(_) => {
+                    StoreError::Unavailable(_) | StoreError::Redis(_) => {
                         Metrics::inc(&self.metrics.store_failures);
                         ErrorCode::StoreUnavailable
                     }

@@ -63,7 +63,7 @@ pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
     };
     let config = layers.load(Overrides::default())?;
     let secret = (config.auth.mode == AuthMode::Token).then_some(config.auth.secret.as_str());
-    let presence = RedisPresence::from_config(&config).map_err(anyhow::Error::msg)?;
+    let presence = RedisPresence::from_config(&config)?;
 
     let run_id = now_ms() % 1_000_000_000;
     let mut spawned = Spawned::default();

@@ -37,7 +37,7 @@ pub async fn run(args: MessageServiceArgs) -> anyhow::Result<()> {
         Backend::Memory => Arc::new(store::memory_store(&config.store)),
         Backend::Redis => Arc::new(store::redis_store(
             &config.store,
-            RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?,
+            RedisClient::new(&config.redis)?,
         )),
     };
     if let Err(e) = store.health().await {

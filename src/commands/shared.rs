@@ -83,7 +83,7 @@ impl RedisArgs {
     }
 
     pub fn presence(&self, config: &Config) -> anyhow::Result<RedisPresence> {
-        RedisPresence::from_config(config).map_err(anyhow::Error::msg)
+        Ok(RedisPresence::from_config(config)?)
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Device {
 pub enum PresenceError {
     #[error("presence backend unavailable: {0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Redis(#[from] crate::redis_client::RedisError),
     /// A heartbeat for a device presence does not know (lost or reaped): register it again.
     #[error("device not registered")]
     Unknown,

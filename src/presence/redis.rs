@@ -23,7 +23,7 @@ use redis::{AsyncCommands, Script};
 
 use super::{Device, Presence, PresenceError};
 use crate::chat::ids::now_ms;
-use crate::redis_client::RedisClient;
+use crate::redis_client::{RedisClient, RedisError};
 
 pub const ONLINE_USERS: &str = "chat:online:users";
 pub const NODES: &str = "chat:nodes";
@@ -172,7 +172,7 @@ impl RedisPresence {
     }
 
     /// Presence on the `[redis]` of `config`, with its TTL and lease.
-    pub fn from_config(config: &crate::config::Config) -> Result<Self, String> {
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, RedisError> {
         Ok(Self::new(
             RedisClient::new(&config.redis)?,
             config.presence.ttl_secs,
@@ -185,10 +185,7 @@ impl RedisPresence {
         F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        self.redis
-            .call(what, f)
-            .await
-            .map_err(PresenceError::Unavailable)
+        self.redis.call(what, f).await.map_err(PresenceError::from)
     }
 
     /// Devices from a flat [conn, `{node}|{lastSeenMs}`, ...] list, the expired ones left out.
@@ -400,7 +397,7 @@ impl Presence for RedisPresence {
     }
 
     async fn health(&self) -> Result<(), PresenceError> {
-        self.redis.ping().await.map_err(PresenceError::Unavailable)
+        self.redis.ping().await.map_err(PresenceError::from)
     }
 
     async fn maintain(&self, node_id: &str, url: &str) -> Result<bool, PresenceError> {

@@ -407,7 +407,7 @@ fn to_status(e: StoreError) -> Status {
     match e {
         StoreError::UnknownMessage(..) => Status::not_found(e.to_string()),
         StoreError::NotReceiver(_) => Status::permission_denied(e.to_string()),
-        StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
+        StoreError::Unavailable(_) | StoreError::Redis(_) => Status::unavailable(e.to_string()),
     }
 }
 

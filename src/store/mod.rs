@@ -119,6 +119,8 @@ pub enum StoreError {
     NotReceiver(String),
     #[error("message store unavailable: {0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Redis(#[from] crate::redis_client::RedisError),
 }
 
 #[async_trait]

@@ -22,7 +22,7 @@ use super::{
     StoredMessage, MAX_PAGE,
 };
 use crate::chat::ids::now_ms;
-use crate::redis_client::RedisClient;
+use crate::redis_client::{RedisClient, RedisError};
 
 const MSG_PREFIX: &str = "chat:msg:";
 const SEQ_PREFIX: &str = "chat:seq:";
@@ -151,8 +151,7 @@ impl RedisStore {
             .call("load message", |mut c| async move {
                 redis::cmd("HGETALL").arg(key).query_async(&mut c).await
             })
-            .await
-            .map_err(StoreError::Unavailable)?;
+            .await?;
         Ok(from_fields(message_id, &fields))
     }
 }
@@ -241,8 +240,7 @@ impl Store for RedisStore {
             .call("save message", |mut c| async move {
                 call.invoke_async(&mut c).await
             })
-            .await
-            .map_err(StoreError::Unavailable)?;
+            .await?;
         self.save_outcome(message, reply).await
     }
 
@@ -255,7 +253,7 @@ impl Store for RedisStore {
         }
         let script = &self.save;
         let pipe = &pipe;
-        let replies: Result<Vec<Vec<String>>, String> = self
+        let replies: Result<Vec<Vec<String>>, RedisError> = self
             .redis
             .call("save messages", |mut c| async move {
                 match pipe.query_async(&mut c).await {
@@ -275,7 +273,7 @@ impl Store for RedisStore {
                 let why = format!("{} answers to {} saves", r.len(), messages.len());
                 return failed_all(messages.len(), &why);
             }
-            Err(why) => return failed_all(messages.len(), &why),
+            Err(why) => return failed_all(messages.len(), &why.to_string()),
         };
         let mut out = Vec::with_capacity(messages.len());
         for (m, reply) in messages.into_iter().zip(replies) {
@@ -308,8 +306,7 @@ impl Store for RedisStore {
                     .invoke_async(&mut c)
                     .await
             })
-            .await
-            .map_err(StoreError::Unavailable)?;
+            .await?;
         let unknown = || StoreError::UnknownMessage(message_id.to_string(), chat_id.to_string());
         match reply.first().map(String::as_str) {
             Some("ok") => {
@@ -348,8 +345,7 @@ impl Store for RedisStore {
                     .invoke_async(&mut c)
                     .await
             })
-            .await
-            .map_err(StoreError::Unavailable)?;
+            .await?;
         let bad = || StoreError::Unavailable("fetch script answered an unreadable reply".into());
         let (head, rows) = reply.split_first().ok_or_else(bad)?;
         let [oldest, latest] = head.as_slice() else {
@@ -387,7 +383,7 @@ impl Store for RedisStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        self.redis.ping().await.map_err(StoreError::Unavailable)
+        Ok(self.redis.ping().await?)
     }
 
     fn name(&self) -> &'static str {

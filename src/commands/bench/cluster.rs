@@ -139,7 +139,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             args.profile
         );
     }
-    let redis = RedisClient::new(&config.redis).map_err(anyhow::Error::msg)?;
+    let redis = RedisClient::new(&config.redis)?;
     redis_calls(&redis).await.with_context(|| {
         format!(
             "Redis at {} does not answer: start the services with scripts/services.sh up",
