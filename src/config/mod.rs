@@ -3,9 +3,18 @@
 //!
 //! Every layer is checked on its own before the layers are merged, so an unknown key or a
 //! value of the wrong type is reported against the file or variable that holds it.
+//!
+//! This file holds the schema (every key, its default, why it exists) and the typed choices
+//! read from it; `load` reads and merges the layers; `validate` checks what types alone
+//! cannot say, reporting every invalid key at once.
+
+mod load;
+mod validate;
+
+pub use load::chatd_env;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -496,270 +505,23 @@ pub enum ConfigError {
     MissingProfile { profile: String, path: PathBuf },
     #[error("{origin}: {detail}")]
     Invalid { origin: String, detail: String },
+    /// Several invalid keys, one per line.
+    #[error("{} settings are invalid:\n  {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Several(Vec<ConfigError>),
 }
 
-const ENV_PREFIX: &str = "CHATD_";
+impl ConfigError {
+    /// Nothing wrong, one error, or all of them.
+    pub fn all(mut problems: Vec<ConfigError>) -> Result<(), ConfigError> {
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            _ => Err(ConfigError::Several(problems)),
+        }
+    }
+}
 
 impl Config {
-    /// Loads and validates every layer.
-    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
-        let mut merged = toml::Table::new();
-
-        let default_path = sources.config_dir.join("default.toml");
-        if default_path.exists() {
-            merge(&mut merged, read_layer(&default_path)?);
-        }
-        if let Some(profile) = &sources.profile {
-            if profile.is_empty()
-                || !profile
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(ConfigError::Invalid {
-                    origin: "--profile".into(),
-                    detail: format!("{profile:?} is not a profile name (letters, digits, - and _)"),
-                });
-            }
-            let path = sources.config_dir.join(format!("{profile}.toml"));
-            if !path.exists() {
-                return Err(ConfigError::MissingProfile {
-                    profile: profile.clone(),
-                    path,
-                });
-            }
-            merge(&mut merged, read_layer(&path)?);
-        }
-        if let Some(path) = &sources.file {
-            merge(&mut merged, read_layer(path)?);
-        }
-        for (name, value) in &sources.env {
-            if let Some(layer) = env_layer(name, value)? {
-                merge(&mut merged, layer);
-            }
-        }
-
-        let mut config =
-            Config::deserialize(toml::Value::Table(merged)).map_err(|e| ConfigError::Invalid {
-                origin: "merged configuration".into(),
-                detail: e.to_string(),
-            })?;
-        if let Some(port) = sources.overrides.port {
-            config.server.port = port;
-        }
-        if let Some(node_id) = &sources.overrides.node_id {
-            config.server.node_id = node_id.clone();
-        }
-        if config.server.node_id.is_empty() {
-            config.server.node_id = default_node_id(config.server.port);
-        }
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// Checks what types alone cannot say. Errors name the key and what was expected.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let s = &self.server;
-        let bad = |key: &str, detail: String| {
-            Err(ConfigError::Invalid {
-                origin: key.to_string(),
-                detail,
-            })
-        };
-        if !valid_node_id(&s.node_id) {
-            return bad(
-                "server.node_id",
-                format!("{:?} must be 1-64 of A-Z a-z 0-9 _ . -", s.node_id),
-            );
-        }
-        if s.host.parse::<std::net::IpAddr>().is_err() {
-            return bad("server.host", format!("{:?} is not an IP address", s.host));
-        }
-        if s.heartbeat_interval_ms < 100 {
-            return bad(
-                "server.heartbeat_interval_ms",
-                "must be at least 100".into(),
-            );
-        }
-        if s.idle_timeout_ms <= s.heartbeat_interval_ms {
-            return bad(
-                "server.idle_timeout_ms",
-                format!(
-                    "{} must be greater than server.heartbeat_interval_ms ({})",
-                    s.idle_timeout_ms, s.heartbeat_interval_ms
-                ),
-            );
-        }
-        if !(1024..=16 * 1024 * 1024).contains(&s.max_frame_bytes) {
-            return bad(
-                "server.max_frame_bytes",
-                "must be between 1024 and 16777216".into(),
-            );
-        }
-        if s.max_content_chars == 0 {
-            return bad("server.max_content_chars", "must be at least 1".into());
-        }
-        if s.send_queue_len == 0 {
-            return bad("server.send_queue_len", "must be at least 1".into());
-        }
-        if s.batch_linger_us > 100_000 {
-            return bad(
-                "server.batch_linger_us",
-                "must be between 0 and 100000".into(),
-            );
-        }
-        if !(1..=4096).contains(&s.max_in_flight) {
-            return bad("server.max_in_flight", "must be between 1 and 4096".into());
-        }
-        if self.presence.ttl_secs == 0 {
-            return bad("presence.ttl_secs", "must be at least 1".into());
-        }
-        if !(2..=15).contains(&self.presence.node_lease_secs) {
-            return bad(
-                "presence.node_lease_secs",
-                "must be between 2 and 15".into(),
-            );
-        }
-        if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
-            return bad(
-                "redis.url",
-                format!("{:?} must start with redis://", self.redis.url),
-            );
-        }
-        if self.redis.pool_size == 0 {
-            return bad("redis.pool_size", "must be at least 1".into());
-        }
-        if self.redis.timeout_ms < 10 {
-            return bad("redis.timeout_ms", "must be at least 10".into());
-        }
-        let k = &self.kafka;
-        let bus = k.backend().map_err(|why| ConfigError::Invalid {
-            origin: "kafka.brokers".into(),
-            detail: why,
-        })?;
-        if bus != BusBackend::Local && self.presence.backend == PresenceBackend::Memory {
-            return bad(
-                "kafka.brokers",
-                "cluster mode needs presence.backend = \"redis\" (nodes must see each other's devices)"
-                    .into(),
-            );
-        }
-        if k.topic_prefix.is_empty() || k.offline_topic.is_empty() || k.group_prefix.is_empty() {
-            return bad(
-                "kafka.topic_prefix",
-                "kafka.topic_prefix, kafka.offline_topic and kafka.group_prefix must not be empty"
-                    .into(),
-            );
-        }
-        if !(1..=1000).contains(&k.fetch_wait_ms) {
-            return bad("kafka.fetch_wait_ms", "must be between 1 and 1000".into());
-        }
-        if k.linger_ms > 1000 {
-            return bad("kafka.linger_ms", "must be between 0 and 1000".into());
-        }
-        if k.rotate_records < 100 {
-            return bad("kafka.rotate_records", "must be at least 100".into());
-        }
-        if k.drain_secs < self.presence.node_lease_secs || k.drain_secs > 3600 {
-            return bad(
-                "kafka.drain_secs",
-                format!(
-                    "must be between presence.node_lease_secs ({}) and 3600: senders learn of a new topic generation within a third of a lease",
-                    self.presence.node_lease_secs
-                ),
-            );
-        }
-        if k.abandoned_secs < k.drain_secs {
-            return bad(
-                "kafka.abandoned_secs",
-                format!(
-                    "must be at least kafka.drain_secs ({}): a node without a lease for less may be a live one that lost Redis for a moment",
-                    k.drain_secs
-                ),
-            );
-        }
-        if k.publish_timeout_ms < 100 {
-            return bad("kafka.publish_timeout_ms", "must be at least 100".into());
-        }
-        if !s.advertise_url.is_empty() && !s.advertise_url.starts_with("http") {
-            return bad(
-                "server.advertise_url",
-                format!("{:?} must be an http:// URL", s.advertise_url),
-            );
-        }
-        for name in k.properties.keys() {
-            if let Some((_, instead)) = RESERVED_KAFKA_PROPERTIES.iter().find(|(r, _)| r == name) {
-                return bad(
-                    &format!("kafka.properties.{name}"),
-                    format!("is set by chatd ({instead}); remove it"),
-                );
-            }
-        }
-        if !k.properties.is_empty() {
-            let mut check = rdkafka::ClientConfig::new();
-            for (name, value) in &k.properties {
-                check.set(name, value);
-            }
-            if let Err(e) = check.create_native_config() {
-                return bad(
-                    "kafka.properties",
-                    format!("librdkafka refuses them: {e} (see librdkafka's CONFIGURATION.md)"),
-                );
-            }
-        }
-        if let Err(why) = self.store.backend() {
-            return bad("store.url", why);
-        }
-        if self.store.timeout_ms < 10 {
-            return bad("store.timeout_ms", "must be at least 10".into());
-        }
-        if self.store.retention_secs == 0 {
-            return bad("store.retention_secs", "must be at least 1".into());
-        }
-        if self.store.memory_max_messages == 0 {
-            return bad("store.memory_max_messages", "must be at least 1".into());
-        }
-        if self.store.inbox_max_entries == 0 {
-            return bad("store.inbox_max_entries", "must be at least 1".into());
-        }
-        if self.auth.mode == AuthMode::Token && self.auth.secret.len() < 32 {
-            return bad(
-                "auth.secret",
-                "auth.mode = \"token\" needs a secret of at least 32 bytes \
-                 (e.g. CHATD_AUTH__SECRET=$(openssl rand -hex 32))"
-                    .into(),
-            );
-        }
-        if s.max_connections == 0 || s.max_devices_per_user == 0 {
-            return bad(
-                "server.max_connections",
-                "server.max_connections and server.max_devices_per_user must be at least 1".into(),
-            );
-        }
-        if s.rate_limit_per_sec == 0 || s.rate_limit_burst == 0 || s.rate_limit_strikes == 0 {
-            return bad(
-                "server.rate_limit_per_sec",
-                "server.rate_limit_per_sec, rate_limit_burst and rate_limit_strikes must be at least 1"
-                    .into(),
-            );
-        }
-        if s.header_read_timeout_ms < 100 {
-            return bad(
-                "server.header_read_timeout_ms",
-                "must be at least 100".into(),
-            );
-        }
-        if let Some(o) = s.allowed_origins.iter().find(|o| !o.starts_with("http")) {
-            return bad(
-                "server.allowed_origins",
-                format!("{o:?} is not an origin like \"https://app.example\""),
-            );
-        }
-        if self.moderation.words.iter().any(|w| w.trim().is_empty()) {
-            return bad("moderation.words", "contains an empty word".into());
-        }
-        Ok(())
-    }
-
     /// The effective configuration as TOML with secrets redacted, for `--print-config`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
@@ -781,15 +543,6 @@ impl Config {
     }
 }
 
-/// The process environment's `CHATD_*` variables, in a stable order.
-pub fn chatd_env() -> Vec<(String, String)> {
-    let mut vars: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
-    vars.sort();
-    vars
-}
-
 pub fn valid_node_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id
@@ -797,136 +550,10 @@ pub fn valid_node_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-fn default_node_id(port: u16) -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "chatd".into());
-    let host: String = host
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        .take(50)
-        .collect();
-    format!("{host}-{port}")
-}
-
-fn read_layer(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let invalid = |e: toml::de::Error| ConfigError::Invalid {
-        origin: path.display().to_string(),
-        detail: e.to_string().trim_end().to_string(),
-    };
-    // Parsing into `Config` first gives errors with line, column and the offending key.
-    toml::from_str::<Config>(&text).map_err(invalid)?;
-    toml::from_str::<toml::Table>(&text).map_err(invalid)
-}
-
-/// One `CHATD_<SECTION>__<KEY>` variable as a layer. The value is read as a TOML value
-/// (`9500`, `true`, `["a","b"]`) and, when that does not fit the key, as a plain string.
-fn env_layer(name: &str, value: &str) -> Result<Option<toml::Table>, ConfigError> {
-    let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-        return Ok(None);
-    };
-    let invalid = |detail: String| ConfigError::Invalid {
-        origin: format!("environment variable {name}"),
-        detail,
-    };
-    let Some((section, key)) = rest.split_once("__") else {
-        // Not meant for us: Kubernetes injects CHATD_SERVICE_HOST, CHATD_PORT=tcp://... for
-        // a Service named chatd, and scripts set things like CHATD_BIN. Only a name of the
-        // form CHATD_<SECTION>__<KEY> is a setting (and a mistyped one stays an error).
-        tracing::debug!(
-            variable = name,
-            "not a CHATD_<SECTION>__<KEY> setting; ignored"
-        );
-        return Ok(None);
-    };
-    let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
-    if let ("kafka", Some(property)) = (section.as_str(), key.strip_prefix("properties__")) {
-        // librdkafka's names are dotted words; a variable's name cannot hold a dot.
-        let mut properties = toml::Table::new();
-        properties.insert(
-            property.replace('_', "."),
-            toml::Value::String(value.to_string()),
-        );
-        let mut kafka = toml::Table::new();
-        kafka.insert("properties".into(), toml::Value::Table(properties));
-        let mut outer = toml::Table::new();
-        outer.insert(section, toml::Value::Table(kafka));
-        return Ok(Some(outer));
-    }
-    let layer_with = |v: toml::Value| {
-        let mut inner = toml::Table::new();
-        inner.insert(key.clone(), v);
-        let mut outer = toml::Table::new();
-        outer.insert(section.clone(), toml::Value::Table(inner));
-        outer
-    };
-    let check = |t: &toml::Table| Config::deserialize(toml::Value::Table(t.clone()));
-
-    let as_string = layer_with(toml::Value::String(value.to_string()));
-    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .map(layer_with);
-    if let Some(parsed) = parsed {
-        match check(&parsed) {
-            Ok(_) => return Ok(Some(parsed)),
-            Err(first) => {
-                return match check(&as_string) {
-                    Ok(_) => Ok(Some(as_string)),
-                    Err(_) => Err(invalid(first.to_string())),
-                }
-            }
-        }
-    }
-    check(&as_string).map_err(|e| invalid(e.to_string()))?;
-    Ok(Some(as_string))
-}
-
-/// Deep-merges `upper` into `base`: tables merge key by key, anything else is replaced.
-/// Lays `upper` over `base`. Kafka properties are made flat first (`security.protocol` as
-/// one key, however the layer wrote it), so that a later layer's property replaces an
-/// earlier one's.
-fn merge(base: &mut toml::Table, mut upper: toml::Table) {
-    fn flatten(prefix: &str, table: toml::Table, out: &mut toml::Table) {
-        for (key, value) in table {
-            let name = format!("{prefix}{key}");
-            match value {
-                toml::Value::Table(t) => flatten(&format!("{name}."), t, out),
-                v => {
-                    out.insert(name, v);
-                }
-            }
-        }
-    }
-    if let Some(toml::Value::Table(kafka)) = upper.get_mut("kafka") {
-        if let Some(toml::Value::Table(properties)) = kafka.remove("properties") {
-            let mut flat = toml::Table::new();
-            flatten("", properties, &mut flat);
-            kafka.insert("properties".into(), toml::Value::Table(flat));
-        }
-    }
-    merge_tables(base, upper);
-}
-
-fn merge_tables(base: &mut toml::Table, upper: toml::Table) {
-    for (key, value) in upper {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(u)) => merge_tables(b, u),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn dir_with(files: &[(&str, &str)]) -> PathBuf {
@@ -1139,6 +766,26 @@ mod tests {
             let why = backend(url).unwrap_err();
             assert!(why.contains(says), "{url}: {why}");
         }
+    }
+
+    #[test]
+    fn every_invalid_key_is_reported_at_once() {
+        let mut s = Sources::defaults_only("/nonexistent");
+        s.env = vec![
+            ("CHATD_SERVER__MAX_IN_FLIGHT".into(), "0".into()),
+            ("CHATD_KAFKA__BROKERS".into(), "nohost".into()),
+            ("CHATD_STORE__URL".into(), "ftp://x".into()),
+        ];
+        let err = Config::load(&s).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, ConfigError::Several(ref all) if all.len() == 3),
+            "{text}"
+        );
+        for key in ["server.max_in_flight", "kafka.brokers", "store.url"] {
+            assert!(text.contains(key), "{key}: {text}");
+        }
+        assert!(text.starts_with("3 settings are invalid:\n  "), "{text}");
     }
 
     #[test]
