@@ -56,51 +56,62 @@ pub fn chat_url(base: &str, user_id: &str) -> String {
 
 /// `url` asking for a replay of the inbox after `since` before live frames.
 pub fn with_since(url: &str, since: u64) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}since={since}")
-}
-
-/// The endpoint URL with a token (auth mode token) as well as the user id.
-pub fn chat_url_with_token(base: &str, user_id: &str, token: Option<&str>) -> String {
-    let base = base.trim_end_matches('/');
-    let path = if base.contains("/ws/chat") {
-        base.to_string()
-    } else {
-        format!("{base}/ws/chat")
-    };
-    let sep = if path.contains('?') { '&' } else { '?' };
-    let mut url = format!("{path}{sep}userId={}", encode_query_value(user_id));
-    if let Some(token) = token {
-        url.push_str("&token=");
-        url.push_str(&encode_query_value(token));
-    }
-    url
-}
-
-/// The URL with the value of a `token=` parameter replaced, for messages and logs.
-pub fn redact_token(url: &str) -> String {
-    match url.find("token=") {
-        Some(i) => {
-            let start = i + "token=".len();
-            let end = url[start..]
-                .find('&')
-                .map(|j| start + j)
-                .unwrap_or(url.len());
-            format!("{}<redacted>{}", &url[..start], &url[end..])
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            u.query_pairs_mut().append_pair("since", &since.to_string());
+            u.into()
         }
-        None => url.to_string(),
+        // Not a URL: connecting to it fails and says so.
+        Err(_) => url.to_string(),
     }
 }
 
-fn encode_query_value(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b'@' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
+/// The endpoint URL with a token (auth mode token) as well as the user id, each encoded as a
+/// query value (by the `url` crate).
+pub fn chat_url_with_token(base: &str, user_id: &str, token: Option<&str>) -> String {
+    let Ok(mut u) = url::Url::parse(base.trim_end_matches('/')) else {
+        // Not a URL: connecting to it fails and says so.
+        return base.to_string();
+    };
+    if !u.path().ends_with("/ws/chat") {
+        let path = format!("{}/ws/chat", u.path().trim_end_matches('/'));
+        u.set_path(&path);
+    }
+    {
+        let mut query = u.query_pairs_mut();
+        query.append_pair("userId", user_id);
+        if let Some(token) = token {
+            query.append_pair("token", token);
+        }
+    }
+    u.into()
+}
+
+/// The URL with the value of every `token` query parameter replaced, for messages and logs;
+/// a URL that does not parse loses its whole query.
+pub fn redact_token(url: &str) -> String {
+    let Ok(mut u) = url::Url::parse(url) else {
+        return match url.split_once('?') {
+            Some((before, _)) => format!("{before}?<redacted>"),
+            None => url.to_string(),
+        };
+    };
+    if !u.query_pairs().any(|(k, _)| k == "token") {
+        return url.to_string();
+    }
+    let pairs: Vec<(String, String)> = u
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k == "token" {
+                "<redacted>".into()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
         })
-        .collect()
+        .collect();
+    u.query_pairs_mut().clear().extend_pairs(pairs);
+    u.into()
 }
 
 /// A connected client. Its halves are public so a caller can read and write at once
@@ -345,16 +356,34 @@ mod tests {
     fn urls() {
         assert_eq!(chat_url("ws://h:1", "bob"), "ws://h:1/ws/chat?userId=bob");
         assert_eq!(
-            chat_url("ws://h:1/", "a@b:c"),
-            "ws://h:1/ws/chat?userId=a@b:c"
+            chat_url("ws://h:1/", "a@b&c=d"),
+            "ws://h:1/ws/chat?userId=a%40b%26c%3Dd"
         );
         assert_eq!(
             chat_url("ws://h:1/ws/chat", "a b"),
-            "ws://h:1/ws/chat?userId=a%20b"
+            "ws://h:1/ws/chat?userId=a+b"
         );
         assert_eq!(
             chat_url("ws://h:1/ws/chat?x=1", "u"),
             "ws://h:1/ws/chat?x=1&userId=u"
         );
+        assert_eq!(
+            with_since(&chat_url("ws://h:1/chatd/", "u"), 7),
+            "ws://h:1/chatd/ws/chat?userId=u&since=7"
+        );
+    }
+
+    #[test]
+    fn tokens_are_redacted_by_query_key() {
+        let url = chat_url_with_token("ws://h:1", "u", Some("secret.jwt"));
+        assert_eq!(url, "ws://h:1/ws/chat?userId=u&token=secret.jwt");
+        assert_eq!(
+            redact_token(&url),
+            "ws://h:1/ws/chat?userId=u&token=%3Credacted%3E"
+        );
+        // A parameter whose name only ends in "token" is not the token.
+        let other = "ws://h:1/ws/chat?userId=u&mytoken=visible";
+        assert_eq!(redact_token(other), other);
+        assert_eq!(redact_token("not a url?token=s"), "not a url?<redacted>");
     }
 }

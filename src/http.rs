@@ -28,15 +28,16 @@ pub enum HttpError {
 
 /// `http://host:port` (or `ws://host:port/...`) to `host:port`.
 pub fn authority(url: &str) -> Result<String, HttpError> {
-    let rest = ["http://", "ws://"]
-        .iter()
-        .find_map(|p| url.strip_prefix(p))
-        .ok_or_else(|| HttpError::BadUrl(url.to_string()))?;
-    let host = rest.split('/').next().unwrap_or(rest);
-    if host.is_empty() {
-        return Err(HttpError::BadUrl(url.to_string()));
+    let bad = || HttpError::BadUrl(url.to_string());
+    let u = url::Url::parse(url).map_err(|_| bad())?;
+    if !matches!(u.scheme(), "http" | "ws") {
+        return Err(bad());
     }
-    Ok(host.to_string())
+    let host = u.host_str().filter(|h| !h.is_empty()).ok_or_else(bad)?;
+    Ok(match u.port_or_known_default() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    })
 }
 
 /// GETs `path` from the node at `base`; returns the status and the body.

@@ -44,20 +44,19 @@ pub struct RedisClient {
     timeout: Duration,
 }
 
-/// The URL with the password from config put in, unless the URL already carries credentials.
+/// The URL with the password from config put in (percent-encoded by the `url` crate),
+/// unless the URL already carries credentials or does not parse (then Redis's own parser
+/// reports it).
 pub fn url_with_password(url: &str, password: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) if !password.is_empty() && !rest.contains('@') => {
-            let encoded: String = password
-                .bytes()
-                .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                        (b as char).to_string()
-                    }
-                    _ => format!("%{b:02X}"),
-                })
-                .collect();
-            format!("{scheme}://:{encoded}@{rest}")
+    if password.is_empty() {
+        return url.to_string();
+    }
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_none() && u.username().is_empty() => {
+            if u.set_password(Some(password)).is_err() {
+                return url.to_string();
+            }
+            u.into()
         }
         _ => url.to_string(),
     }
