@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chatd::client::Incoming;
@@ -46,50 +46,18 @@ fn run_connect(
     })
 }
 
-/// Starts `chatd serve` on a free port; returns the child and the address it logged.
-fn spawn_serve(extra: &[&str]) -> (Child, String) {
-    let mut child = chatd()
-        .args(["serve", "--port", "0", "--node-id", "proc1"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn chatd serve");
-    let stderr = child.stderr.take().unwrap();
-    let addr = chatd::commands::listening_address(stderr, WAIT).expect("chatd serve starts");
-    (child, addr)
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chatd did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test]
 async fn sigterm_closes_sessions_with_1001_and_exits_zero() {
-    let (mut child, addr) = spawn_serve(&[]);
-    let mut client = chatd::client::Client::connect(&format!("ws://{addr}"), "alice", WAIT)
+    let mut node = Proc::serve("proc1", &[], &[]);
+    let mut client = chatd::client::Client::connect(&node.ws(), "alice", WAIT)
         .await
         .unwrap();
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    node.terminate();
     match client.next(WAIT).await {
         Ok(Incoming::Closed { code, .. }) => assert_eq!(code, 1001),
         other => panic!("expected close 1001, got {other:?}"),
     }
-    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let status = node.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
 }
 

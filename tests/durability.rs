@@ -18,106 +18,27 @@ use serde_json::{json, Value};
 /// Long streams on a shared 2-core machine: generous, the tests wait for events.
 const LONG: Duration = Duration::from_secs(120);
 
-/// A child process, SIGKILLed when dropped (or on purpose).
-struct Proc {
-    child: Child,
-    /// Where it listens: `host:port`.
-    addr: String,
-    /// Its stderr.
-    log: std::path::PathBuf,
+/// The MessageService on the shared Redis (durable across its restarts).
+fn message_service(listen: &str) -> Proc {
+    Proc::message_service(listen, "redis", "redis://:redis123@127.0.0.1:6379/0")
 }
 
-impl Proc {
-    /// Starts `command` with its stderr in a log file (named in every failure), and waits
-    /// for the line that says where it listens.
-    // The child is waited for by `Proc`'s Drop (or here, when it does not start).
-    #[allow(clippy::zombie_processes)]
-    fn spawn(mut command: std::process::Command, what: &str) -> Proc {
-        let log = std::env::temp_dir().join(format!("{}.log", unique(what)));
-        let mut child = command
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(rest) = text.split(chatd::commands::LISTENING).nth(1) {
-                let addr = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                eprintln!("{what} listens on {addr}; its log: {}", log.display());
-                return Proc { child, addr, log };
-            }
-            if std::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{what} did not start; see {}", log.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `chatd message-service` on the Redis backend (durable across its restarts).
-    fn message_service(listen: &str) -> Proc {
-        Proc::message_service_on(listen, "redis://:redis123@127.0.0.1:6379/0")
-    }
-
-    /// [`Proc::message_service`] on the Redis at `redis_url`.
-    fn message_service_on(listen: &str, redis_url: &str) -> Proc {
-        let mut c = chatd();
-        c.args(["message-service", "--listen", listen, "--backend", "redis"])
-            .args(["--redis", redis_url]);
-        Proc::spawn(c, "message-service")
-    }
-
-    /// `chatd serve --profile node1` (Redis presence, Kafka) on a free port, storing through
-    /// the MessageService at `store`.
-    fn node(node_id: &str, store: &str) -> Proc {
-        Proc::node_with(node_id, store, &[])
-    }
-
-    /// [`Proc::node`] with more `CHATD_*` settings.
-    fn node_with(node_id: &str, store: &str, env: &[(&str, &str)]) -> Proc {
-        let mut c = chatd();
-        c.args([
-            "serve",
-            "--profile",
-            "node1",
-            "--port",
-            "0",
-            "--node-id",
-            node_id,
-        ])
-        .env("CHATD_STORE__URL", format!("grpc://{store}"))
-        .env("CHATD_SERVER__RATE_LIMIT_PER_SEC", "1000000")
-        .env("CHATD_SERVER__RATE_LIMIT_BURST", "1000000")
-        .envs(env.iter().copied());
-        Proc::spawn(c, node_id)
-    }
-
-    /// Whether the process still runs (a crash, a segfault, ends it).
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn ws(&self) -> String {
-        format!("ws://{}", self.addr)
-    }
-
-    /// SIGKILL: nothing flushed, no goodbye, its presence lease left to lapse.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `chatd serve --profile node1` (Redis presence, Kafka) on a free port, storing through the
+/// MessageService at `store`, with more `CHATD_*` settings.
+fn node_with(node_id: &str, store: &str, env: &[(&str, &str)]) -> Proc {
+    let store = format!("grpc://{store}");
+    let mut all = vec![
+        ("CHATD_STORE__URL", store.as_str()),
+        ("CHATD_SERVER__RATE_LIMIT_PER_SEC", "1000000"),
+        ("CHATD_SERVER__RATE_LIMIT_BURST", "1000000"),
+    ];
+    all.extend_from_slice(env);
+    Proc::serve(node_id, &["--profile", "node1"], &all)
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// [`node_with`] and no more settings.
+fn node(node_id: &str, store: &str) -> Proc {
+    node_with(node_id, store, &[])
 }
 
 /// `chatd connect --json` as a user runs it, failing over between `urls`; every frame it
@@ -211,17 +132,6 @@ impl Drop for Connect {
     }
 }
 
-async fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + within;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn line(to: &str, i: usize) -> String {
     json!({"type": "CHAT_MESSAGE", "receiverId": to, "chatId": "dur", "content": format!("m{i}"), "tempMessageId": format!("t{i}")})
         .to_string()
@@ -302,15 +212,15 @@ async fn inbox(store_addr: &str, user: &str) -> (u64, Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_moving_to_new_topic_generations_under_traffic_loses_and_repeats_nothing() {
-    let service = Proc::message_service("127.0.0.1:0");
+    let service = message_service("127.0.0.1:0");
     // Small generations, a short drain, and a lease short enough that senders follow in time.
     let env = [
         ("CHATD_KAFKA__ROTATE_RECORDS", "100"),
         ("CHATD_KAFKA__DRAIN_SECS", "2"),
         ("CHATD_PRESENCE__NODE_LEASE_SECS", "2"),
     ];
-    let receiving = Proc::node_with(&unique("gen-b"), &service.addr, &env);
-    let sending = Proc::node_with(&unique("gen-a"), &service.addr, &env);
+    let receiving = node_with(&unique("gen-b"), &service.addr, &env);
+    let sending = node_with(&unique("gen-a"), &service.addr, &env);
     let (a, b) = (unique("alice"), unique("bob"));
     let mut receiver = Client::connect(&receiving.ws(), &b, WAIT).await.unwrap();
     let mut sender = Client::connect(&sending.ws(), &a, WAIT).await.unwrap();
@@ -358,9 +268,9 @@ async fn a_node_moving_to_new_topic_generations_under_traffic_loses_and_repeats_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_receivers_node_mid_stream_loses_and_repeats_nothing() {
-    let service = Proc::message_service("127.0.0.1:0");
-    let mut n1 = Proc::node(&unique("dur-a1"), &service.addr);
-    let n2 = Proc::node(&unique("dur-a2"), &service.addr);
+    let service = message_service("127.0.0.1:0");
+    let mut n1 = node(&unique("dur-a1"), &service.addr);
+    let n2 = node(&unique("dur-a2"), &service.addr);
     let (a, b) = (unique("alice"), unique("bob"));
     let receiver = Connect::spawn(&b, &[n1.ws(), n2.ws()]);
     until("the receiver connects to node 1", WAIT, || {
@@ -402,9 +312,9 @@ async fn killing_the_receivers_node_mid_stream_loses_and_repeats_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_senders_node_mid_stream_stores_every_message_once() {
-    let service = Proc::message_service("127.0.0.1:0");
-    let mut n1 = Proc::node(&unique("dur-b1"), &service.addr);
-    let n2 = Proc::node(&unique("dur-b2"), &service.addr);
+    let service = message_service("127.0.0.1:0");
+    let mut n1 = node(&unique("dur-b1"), &service.addr);
+    let n2 = node(&unique("dur-b2"), &service.addr);
     let (a, b) = (unique("alice"), unique("bob"));
     let mut receiver = Client::connect(&n2.ws(), &b, WAIT).await.unwrap();
     let mut sender = Connect::spawn(&a, &[n1.ws(), n2.ws()]);
@@ -509,24 +419,24 @@ async fn outage_under_traffic(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarting_the_message_service_under_traffic_loses_no_acknowledged_message() {
-    let mut service = Proc::message_service("127.0.0.1:0");
+    let mut service = message_service("127.0.0.1:0");
     let addr = service.addr.clone();
-    let node = Proc::node(&unique("dur-c1"), &addr);
+    let node = node(&unique("dur-c1"), &addr);
     outage_under_traffic(&node, &addr, 2000, Seen::Refusals, || {
         service.kill();
         std::thread::sleep(Duration::from_millis(700));
-        service = Proc::message_service(&addr);
+        service = message_service(&addr);
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_one_of_two_message_services_under_traffic_goes_unnoticed() {
-    let mut first = Proc::message_service("127.0.0.1:0");
-    let second = Proc::message_service("127.0.0.1:0");
+    let mut first = message_service("127.0.0.1:0");
+    let second = message_service("127.0.0.1:0");
     // `Proc::node` puts the first `grpc://` in front.
     let both = format!("{},grpc://{}", first.addr, second.addr);
-    let node = Proc::node(&unique("dur-ms2"), &both);
+    let node = node(&unique("dur-ms2"), &both);
     outage_under_traffic(&node, &second.addr, 2000, Seen::Nothing, || first.kill()).await;
     // The node reads as healthy while one MessageService answers.
     let (status, body) =
@@ -540,9 +450,9 @@ async fn killing_one_of_two_message_services_under_traffic_goes_unnoticed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_senders_on_two_node_processes_give_one_gap_free_seq() {
-    let service = Proc::message_service("127.0.0.1:0");
-    let n1 = Proc::node(&unique("dur-d1"), &service.addr);
-    let n2 = Proc::node(&unique("dur-d2"), &service.addr);
+    let service = message_service("127.0.0.1:0");
+    let n1 = node(&unique("dur-d1"), &service.addr);
+    let n2 = node(&unique("dur-d2"), &service.addr);
     let b = unique("bob");
     let mut on1 = Client::connect(&n1.ws(), &b, WAIT).await.unwrap();
     let mut on2 = Client::connect(&n2.ws(), &b, WAIT).await.unwrap();
@@ -601,31 +511,16 @@ async fn port_open(port: u16) -> bool {
         .is_ok()
 }
 
-async fn until_async<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broker_restarted_empty_neither_crashes_the_nodes_nor_loses_a_message() {
     let port = free_port();
     let mut broker = tansu(port);
-    until_async("the test's broker listens", || port_open(port)).await;
+    eventually("the test's broker listens", || port_open(port)).await;
     let brokers = format!("127.0.0.1:{port}");
     let env = [("CHATD_KAFKA__BROKERS", brokers.as_str())];
-    let service = Proc::message_service("127.0.0.1:0");
-    let mut n1 = Proc::node_with(&unique("dur-k1"), &service.addr, &env);
-    let mut n2 = Proc::node_with(&unique("dur-k2"), &service.addr, &env);
+    let service = message_service("127.0.0.1:0");
+    let mut n1 = node_with(&unique("dur-k1"), &service.addr, &env);
+    let mut n2 = node_with(&unique("dur-k2"), &service.addr, &env);
     let (a, b) = (unique("alice"), unique("bob"));
     let mut receiver = Client::connect(&n1.ws(), &b, WAIT).await.unwrap();
     let mut sender = Client::connect(&n2.ws(), &a, WAIT).await.unwrap();
@@ -638,7 +533,7 @@ async fn a_broker_restarted_empty_neither_crashes_the_nodes_nor_loses_a_message(
     broker.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut broker = tansu(port);
-    until_async("the test's broker is back", || port_open(port)).await;
+    eventually("the test's broker is back", || port_open(port)).await;
     for i in half + 1..=2 * half {
         sender.send_text(&line(&b, i)).await.unwrap();
         expect(&mut sender, "MESSAGE_ACK").await;
@@ -668,15 +563,15 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
     let dir = std::env::temp_dir().join(unique("redis-data"));
     std::fs::create_dir_all(&dir).unwrap();
     let mut redis = redis_server(port, Some(&dir));
-    until_async("the test's Redis listens", || port_open(port)).await;
+    eventually("the test's Redis listens", || port_open(port)).await;
     let url = format!("redis://127.0.0.1:{port}/0");
     // Presence and store both on this Redis: killing it takes both away.
-    let service = Proc::message_service_on("127.0.0.1:0", &url);
+    let service = Proc::message_service("127.0.0.1:0", "redis", &url);
     let env = [
         ("CHATD_REDIS__URL", url.as_str()),
         ("CHATD_REDIS__PASSWORD", ""),
     ];
-    let node = Proc::node_with(&unique("dur-r1"), &service.addr, &env);
+    let node = node_with(&unique("dur-r1"), &service.addr, &env);
     outage_under_traffic(&node, &service.addr, 1500, Seen::Refusals, || {
         redis.kill();
         std::thread::sleep(Duration::from_millis(700));
@@ -717,20 +612,20 @@ fn topics_of(node: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_topics_of_a_killed_node_are_deleted_by_a_live_one_and_a_live_nodes_are_kept() {
-    let service = Proc::message_service("127.0.0.1:0");
+    let service = message_service("127.0.0.1:0");
     let env = [
         ("CHATD_PRESENCE__NODE_LEASE_SECS", "2"),
         ("CHATD_KAFKA__DRAIN_SECS", "2"),
         ("CHATD_KAFKA__ABANDONED_SECS", "2"),
     ];
     let (gone_id, live_id) = (unique("gone"), unique("sweeper"));
-    let mut gone = Proc::node_with(&gone_id, &service.addr, &env);
-    let live = Proc::node_with(&live_id, &service.addr, &env);
+    let mut gone = node_with(&gone_id, &service.addr, &env);
+    let live = node_with(&live_id, &service.addr, &env);
     let before = topics_of(&gone_id);
     assert_eq!(before.len(), 1, "{before:?}");
     // SIGKILL: it cannot delete its own topic.
     gone.kill();
-    until_async("the live node deletes the killed node's topic", || {
+    eventually("the live node deletes the killed node's topic", || {
         let gone_id = gone_id.clone();
         async move {
             tokio::time::sleep(Duration::from_millis(500)).await;

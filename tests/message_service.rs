@@ -3,58 +3,24 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-
 use common::*;
 use serde_json::json;
 
-/// A `chatd message-service` process, killed when dropped.
-struct MessageService {
-    child: Child,
-    addr: String,
+/// `chatd message-service` on `backend` (Redis: the shared one), killed when dropped.
+fn message_service(listen: &str, backend: &str) -> Proc {
+    Proc::message_service(listen, backend, "redis://:redis123@127.0.0.1:6379/0")
 }
 
-impl MessageService {
-    fn spawn(listen: &str, backend: &str) -> MessageService {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["message-service", "--listen", listen, "--backend", backend])
-            .args(["--redis", "redis://:redis123@127.0.0.1:6379/0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let addr = chatd::commands::listening_address(child.stderr.take().unwrap(), WAIT)
-            .expect("message-service starts");
-        MessageService { child, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("grpc://{}", self.addr)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL: nothing flushed, nothing said goodbye
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for MessageService {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-async fn node_on(service: &MessageService) -> TestNode {
+async fn node_on(service: &Proc) -> TestNode {
     let mut c = config("grpc-node");
-    c.store.url = service.url();
+    c.store.url = format!("grpc://{}", service.addr);
     c.store.timeout_ms = 500;
     start(c).await
 }
 
 #[tokio::test]
 async fn messages_and_receipts_go_through_the_message_service() {
-    let service = MessageService::spawn("127.0.0.1:0", "memory");
+    let service = message_service("127.0.0.1:0", "memory");
     let node = node_on(&service).await;
     let (_, health) = node.get("/api/chat/health").await;
     assert_eq!(
@@ -101,7 +67,7 @@ async fn messages_and_receipts_go_through_the_message_service() {
 
 #[tokio::test]
 async fn a_dead_message_service_is_an_error_to_the_sender_and_degraded_health_until_it_returns() {
-    let mut service = MessageService::spawn("127.0.0.1:0", "memory");
+    let mut service = message_service("127.0.0.1:0", "memory");
     let addr = service.addr.clone();
     let node = node_on(&service).await;
     let mut alice = node.client("alice").await;
@@ -134,7 +100,7 @@ async fn a_dead_message_service_is_an_error_to_the_sender_and_degraded_health_un
     expect(&mut alice, "HEARTBEAT_ACK").await;
 
     // Back on the same address: the retry goes through, the node recovers by itself.
-    let _service = MessageService::spawn(&addr, "memory");
+    let _service = message_service(&addr, "memory");
     alice
         .send_json(&chat("bob", "into the void?", "t1"))
         .await
@@ -153,7 +119,7 @@ async fn a_dead_message_service_is_an_error_to_the_sender_and_degraded_health_un
 
 #[tokio::test]
 async fn the_redis_backend_keeps_messages_across_restarts_of_the_service() {
-    let mut service = MessageService::spawn("127.0.0.1:0", "redis");
+    let mut service = message_service("127.0.0.1:0", "redis");
     let addr = service.addr.clone();
     let node = node_on(&service).await;
     let (alice, bob) = (
@@ -167,7 +133,7 @@ async fn the_redis_backend_keeps_messages_across_restarts_of_the_service() {
     expect(&mut b, "CHAT_MESSAGE").await;
 
     service.kill();
-    let _service = MessageService::spawn(&addr, "redis");
+    let _service = message_service(&addr, "redis");
     // The receipt needs the message stored before the restart.
     b.send_json(&json!({"type": "READ_RECEIPT", "chatId": "c1", "messageId": ack["messageId"]}))
         .await

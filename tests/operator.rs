@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use chatd::config::PresenceBackend;
 use common::*;
 use serde_json::{json, Value};
@@ -24,15 +22,9 @@ async fn cluster_node(node_id: &str) -> TestNode {
 }
 
 async fn chatd_json(args: Vec<String>) -> Value {
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_chatd"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(&args)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = tokio::task::spawn_blocking(move || chatd().args(&args).output().unwrap())
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -93,7 +85,7 @@ async fn presence_shows_each_node_and_its_devices() {
     );
 
     // The table names the same things.
-    let out = Command::new(env!("CARGO_BIN_EXE_chatd"))
+    let out = chatd()
         .args(["presence", "--redis", REDIS, &user])
         .output()
         .unwrap();

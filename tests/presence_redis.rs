@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use chatd::bus::LocalBus;
@@ -209,25 +209,12 @@ async fn a_node_killed_with_sigkill_has_its_users_read_offline() {
     let observer = cluster(1).await.remove(0);
     let victim_id = unique("victim");
     let user = unique("doomed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "serve",
-            "--profile",
-            "node1",
-            "--port",
-            "0",
-            "--node-id",
-            &victim_id,
-        ])
-        .env("CHATD_PRESENCE__NODE_LEASE_SECS", "3")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let addr = chatd::commands::listening_address(child.stderr.take().unwrap(), WAIT)
-        .expect("chatd serve starts");
-    let _client = chatd::client::Client::connect(&format!("ws://{addr}"), &user, WAIT)
+    let mut victim = Proc::serve(
+        &victim_id,
+        &["--profile", "node1"],
+        &[("CHATD_PRESENCE__NODE_LEASE_SECS", "3")],
+    );
+    let _client = chatd::client::Client::connect(&victim.ws(), &user, WAIT)
         .await
         .unwrap();
     let status = format!("/api/chat/online/status/{user}");
@@ -236,8 +223,7 @@ async fn a_node_killed_with_sigkill_has_its_users_read_offline() {
     })
     .await;
 
-    child.kill().unwrap(); // SIGKILL: no shutdown, no cleanup
-    child.wait().unwrap();
+    victim.kill(); // SIGKILL: no shutdown, no cleanup
     eventually("user offline once the lease lapses", || async {
         observer.get(&status).await.1["online"] == false
     })

@@ -115,10 +115,7 @@ async fn a_session_ends_when_its_token_expires() {
 
 #[tokio::test]
 async fn tokens_never_reach_the_logs_and_chatd_token_makes_working_ones() {
-    use std::process::{Command, Stdio};
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new(env!("CARGO_BIN_EXE_chatd"))
-        .current_dir(dir)
+    let out = chatd()
         .args(["token", "--user", "alice", "--ttl", "10m"])
         .env("CHATD_AUTH__SECRET", SECRET)
         .output()
@@ -137,35 +134,20 @@ async fn tokens_never_reach_the_logs_and_chatd_token_makes_working_ones() {
     .unwrap();
     assert_eq!(claims.sub, "alice");
     // Without a secret it says what to set.
-    let out = Command::new(env!("CARGO_BIN_EXE_chatd"))
-        .current_dir(dir)
-        .args(["token", "--user", "alice"])
-        .output()
-        .unwrap();
+    let out = chatd().args(["token", "--user", "alice"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("auth.secret"));
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
-        .current_dir(dir)
-        .args(["serve", "--port", "0", "--node-id", "logs"])
-        .env("CHATD_AUTH__MODE", "token")
-        .env("CHATD_AUTH__SECRET", SECRET)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Every log line, kept; the address comes from the "listening on" line.
-    let rx = lines_of(child.stderr.take().unwrap());
-    let mut logs = String::new();
-    let addr = loop {
-        let line = rx.recv_timeout(WAIT).expect("chatd serve logs its address");
-        logs.push_str(&line);
-        logs.push('\n');
-        if let Some(rest) = line.split(chatd::commands::LISTENING).nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
+    let mut node = Proc::serve(
+        "logs",
+        &[],
+        &[
+            ("CHATD_AUTH__MODE", "token"),
+            ("CHATD_AUTH__SECRET", SECRET),
+            ("RUST_LOG", "trace"),
+        ],
+    );
+    let addr = node.addr.clone();
     let mut ok = Client::connect_url(&format!("ws://{addr}/ws/chat?token={minted}"), WAIT)
         .await
         .unwrap();
@@ -174,14 +156,10 @@ async fn tokens_never_reach_the_logs_and_chatd_token_makes_working_ones() {
     let bad = format!("{minted}x");
     let _ = Client::connect_url(&format!("ws://{addr}/ws/chat?token={bad}"), WAIT).await;
     ok.close().await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    child.wait().unwrap();
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(2)) {
-        logs.push_str(&line);
-        logs.push('\n');
-    }
+    node.terminate();
+    node.wait_exit(WAIT);
+    // Every line it logged, the last ones (shutdown) included.
+    let logs = node.log_text();
     let signature = minted.rsplit('.').next().unwrap();
     assert!(
         logs.contains("connected"),
@@ -582,29 +560,17 @@ async fn a_thousand_stalled_sockets_do_not_slow_ordinary_clients() {
 
 #[test]
 fn auth_none_off_loopback_is_announced_loudly() {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatd"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["serve", "--port", "0", "--node-id", "loud"])
-        .env("CHATD_SERVER__HOST", "0.0.0.0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = lines_of(child.stderr.take().unwrap());
-    let mut warned = false;
-    while let Ok(line) = rx.recv_timeout(WAIT) {
-        if line.contains("AUTH IS OFF") {
-            warned = true;
-            break;
-        }
+    let node = Proc::serve("loud", &[], &[("CHATD_SERVER__HOST", "0.0.0.0")]);
+    // Logged right after the address.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !node.log_text().contains("AUTH IS OFF") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no AUTH IS OFF warning when listening on 0.0.0.0 with auth.mode none: {}",
+            node.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(
-        warned,
-        "no AUTH IS OFF warning when listening on 0.0.0.0 with auth.mode none"
-    );
 }
 
 #[tokio::test]

@@ -309,6 +309,143 @@ pub fn chatd() -> std::process::Command {
     c
 }
 
+/// A `chatd` process a test started (a node, a MessageService): SIGKILLed when dropped, also
+/// when the test fails. Its stderr goes to a log file, named in every failure, and it is
+/// taken as started once it logs where it listens. The one way tests start chatd processes.
+pub struct Proc {
+    pub child: std::process::Child,
+    /// Where it listens: `host:port`.
+    pub addr: String,
+    /// Its stderr.
+    pub log: std::path::PathBuf,
+}
+
+impl Proc {
+    /// Starts `command` (a [`chatd`] command) with its stderr in a log file and waits for the
+    /// line that says where it listens; panics, naming the log, if it does not come.
+    // The child is waited for by `Proc`'s Drop (or here, when it does not start).
+    #[allow(clippy::zombie_processes)]
+    pub fn spawn(mut command: std::process::Command, what: &str) -> Proc {
+        let log = std::env::temp_dir().join(format!("{}.log", unique(what)));
+        let mut child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(rest) = text.split(chatd::commands::LISTENING).nth(1) {
+                let addr = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                eprintln!("{what} listens on {addr}; its log: {}", log.display());
+                return Proc { child, addr, log };
+            }
+            if !matches!(child.try_wait(), Ok(None)) || std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not start; its log ({}):\n{text}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `chatd serve --port 0 --node-id ID` with more arguments and `CHATD_*` settings.
+    pub fn serve(node_id: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut c = chatd();
+        c.args(["serve", "--port", "0", "--node-id", node_id])
+            .args(args)
+            .envs(env.iter().copied());
+        Proc::spawn(c, node_id)
+    }
+
+    /// `chatd message-service` on `backend` (`memory` or `redis`, on the Redis at
+    /// `redis_url`), listening on `listen`.
+    pub fn message_service(listen: &str, backend: &str, redis_url: &str) -> Proc {
+        let mut c = chatd();
+        c.args(["message-service", "--listen", listen, "--backend", backend])
+            .args(["--redis", redis_url]);
+        Proc::spawn(c, "message-service")
+    }
+
+    pub fn ws(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process still runs (a crash, a segfault, ends it).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM: the graceful stop an operator (or systemd) asks for.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to end; SIGKILLs it and panics after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        eprintln!(
+            "waiting for {} to exit; its log: {}",
+            self.addr,
+            self.log.display()
+        );
+        wait_exit(&mut self.child, within)
+    }
+
+    /// SIGKILL: nothing flushed, no goodbye, its presence lease left to lapse.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits for `child` to end; SIGKILLs it and panics after `within`.
+pub fn wait_exit(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("chatd did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for a condition on state the test holds (frames collected by a thread) to become
+/// true within `within`.
+pub async fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A helper process of a test's own (a Redis, a broker), SIGKILLed when dropped, also when
 /// the test fails.
 pub struct KillOnDrop(pub std::process::Child);
