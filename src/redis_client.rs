@@ -113,7 +113,7 @@ impl RedisClient {
         };
         let started = std::time::Instant::now();
         let result = tokio::time::timeout(self.timeout, work).await;
-        crate::chat::metrics::REDIS_CALLS.observe(started.elapsed());
+        crate::chat::metrics::REDIS_CALLS.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {

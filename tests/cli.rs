@@ -456,7 +456,7 @@ async fn send_count_under_limits(limits: (u32, u32, u32), count: usize) {
         .collect();
     assert_eq!(lines.len(), count, "every message acknowledged once");
     assert_eq!(
-        node.node.metrics.snapshot().messages_received,
+        node.node.metrics.messages_received.get(),
         count as u64,
         "retries stored nothing twice"
     );

@@ -122,7 +122,7 @@ async fn slow_reader_is_cut_off_without_slowing_anyone_else() {
         .expect("the reading neighbour got every message")
         .unwrap();
     eventually("stalled reader closed", || async {
-        node.node.metrics.snapshot().slow_consumers_closed >= 1
+        node.node.metrics.slow_consumers_closed.get() >= 1
             && node.get("/api/chat/online/status/stalled").await.1["online"] == false
     })
     .await;

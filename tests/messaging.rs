@@ -269,12 +269,12 @@ async fn offline_pushes_are_one_per_chat_per_window_and_cancelled_when_the_user_
         .unwrap();
     expect(&mut alice, "MESSAGE_ACK").await;
     assert_eq!(
-        node.node.metrics.snapshot().offline_pushes,
+        node.node.metrics.offline_pushes.get(),
         0,
         "nothing before the window ends"
     );
     eventually("two offline pushes", || async {
-        node.node.metrics.snapshot().offline_pushes == 2
+        node.node.metrics.offline_pushes.get() == 2
     })
     .await;
 
@@ -286,9 +286,9 @@ async fn offline_pushes_are_one_per_chat_per_window_and_cancelled_when_the_user_
     expect(&mut alice, "MESSAGE_ACK").await;
     let _carol = node.client("carol").await;
     eventually("the window closed", || async {
-        node.node.metrics.snapshot().offline_pushes_cancelled == 1
+        node.node.metrics.offline_pushes_cancelled.get() == 1
     })
     .await;
-    assert_eq!(node.node.metrics.snapshot().offline_pushes, 2);
+    assert_eq!(node.node.metrics.offline_pushes.get(), 2);
     node.stop().await;
 }

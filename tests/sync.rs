@@ -148,7 +148,7 @@ async fn the_seam_between_replay_and_live_loses_and_repeats_nothing() {
     });
     // Connect while the stream is under way: part replay, part live.
     eventually("some messages stored", || async {
-        node.node.metrics.snapshot().messages_received >= 300
+        node.node.metrics.messages_received.get() >= 300
     })
     .await;
     let mut b1 = connect_since(&node, &b, 0).await;

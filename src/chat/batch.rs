@@ -21,7 +21,6 @@ use std::sync::Weak;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-use super::metrics::Metrics;
 use super::registry::SessionHandle;
 use super::route::{Outgoing, Published, Reach, Target};
 use super::Node;
@@ -123,7 +122,7 @@ impl Node {
             Err(e) => {
                 // Local delivery happens regardless; other nodes' devices catch up from the
                 // store at their next heartbeat.
-                Metrics::inc(&self.metrics.presence_failures);
+                self.metrics.presence_failures.inc();
                 tracing::warn!("presence lookup failed: {e}");
                 None
             }
@@ -145,14 +144,14 @@ impl Node {
                 Ok(SaveOutcome::Saved(m)) => (m, true),
                 Ok(SaveOutcome::Duplicate(m)) => (m, false),
                 Err(e) => {
-                    Metrics::inc(&self.metrics.store_failures);
+                    self.metrics.store_failures.inc();
                     tracing::error!(user = %from.user_id, "store refused a message: {e}");
                     self.refuse(from, permit, temp, &e.to_string());
                     continue;
                 }
             };
             if fresh {
-                Metrics::inc(&self.metrics.messages_received);
+                self.metrics.messages_received.inc();
             }
             stored.push(Stored {
                 from,
@@ -266,7 +265,7 @@ impl Node {
         permit: Option<OwnedSemaphorePermit>,
         error: FrameError,
     ) {
-        Metrics::inc(&self.metrics.frames_rejected);
+        self.metrics.frames_rejected.inc();
         let frame: Utf8Bytes = ServerFrame::from(&error).encode().into();
         let Err(frame) = to.try_reply(frame) else {
             return;

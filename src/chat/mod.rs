@@ -150,7 +150,7 @@ impl Node {
     }
 
     pub async fn reply_error(&self, to: &SessionHandle, error: &FrameError) {
-        Metrics::inc(&self.metrics.frames_rejected);
+        self.metrics.frames_rejected.inc();
         self.reply(to, &ServerFrame::from(error)).await;
     }
 
@@ -223,7 +223,7 @@ impl Node {
                     StoreError::UnknownMessage(..) => ErrorCode::UnknownMessage,
                     StoreError::NotReceiver(_) => ErrorCode::Forbidden,
                     StoreError::Unavailable(_) | StoreError::Redis(_) => {
-                        Metrics::inc(&self.metrics.store_failures);
+                        self.metrics.store_failures.inc();
                         ErrorCode::StoreUnavailable
                     }
                 };

@@ -2,7 +2,6 @@
 //! `server.offline_push_window_ms`, with the count of messages, and none if the user came
 //! back before the window ended.
 
-use super::metrics::Metrics;
 use super::Node;
 use crate::bus::OfflinePush;
 
@@ -45,7 +44,7 @@ impl Node {
                         Err(_) => node.sessions.devices_of(&event.user_id) > 0,
                     };
                     if back {
-                        Metrics::inc(&node.metrics.offline_pushes_cancelled);
+                        node.metrics.offline_pushes_cancelled.inc();
                         tracing::debug!(user = %event.user_id, "offline push cancelled: the user came back");
                     } else {
                         node.emit_offline_push(event).await;
@@ -58,9 +57,11 @@ impl Node {
     async fn emit_offline_push(&self, event: OfflinePush) {
         let user = event.user_id.clone();
         match self.backends.bus.offline_push(event).await {
-            Ok(()) => Metrics::inc(&self.metrics.offline_pushes),
+            Ok(()) => {
+                self.metrics.offline_pushes.inc();
+            }
             Err(e) => {
-                Metrics::inc(&self.metrics.bus_failures);
+                self.metrics.bus_failures.inc();
                 tracing::error!(user = %user, "offline push failed: {e}");
             }
         }

@@ -105,11 +105,9 @@ impl SessionHandle {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if kind == FrameKind::Typing {
-                    metrics.typing_dropped.fetch_add(1, Ordering::Relaxed);
+                    metrics.typing_dropped();
                 } else {
-                    metrics
-                        .slow_consumers_closed
-                        .fetch_add(1, Ordering::Relaxed);
+                    metrics.slow_consumers_closed.inc();
                     tracing::warn!(
                         user = %self.user_id,
                         connection = %self.connection_id,
@@ -184,9 +182,7 @@ impl SessionHandle {
     /// Closes a device that has more frames waiting for a gap than it may hold; it
     /// reconnects with `?since=` and gets them from the store.
     pub fn close_too_far_behind(&self, metrics: &Metrics) {
-        metrics
-            .slow_consumers_closed
-            .fetch_add(1, Ordering::Relaxed);
+        metrics.slow_consumers_closed.inc();
         self.request_close(
             CLOSE_SLOW_CONSUMER,
             "too far behind: reconnect with ?since=<last seq> to get the rest",
@@ -202,9 +198,7 @@ impl SessionHandle {
         match tokio::time::timeout(patience, self.outbox.send(frame)).await {
             Ok(_) => {}
             Err(_) => {
-                metrics
-                    .slow_consumers_closed
-                    .fetch_add(1, Ordering::Relaxed);
+                metrics.slow_consumers_closed.inc();
                 self.request_close(
                     CLOSE_SLOW_CONSUMER,
                     "slow consumer: replies not read; reconnect",
@@ -397,7 +391,7 @@ mod tests {
                 .devices,
             0
         );
-        assert_eq!(metrics.typing_dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.snapshot()["typingDropped"], 1);
         assert!(ends.close.borrow().is_none());
         assert_eq!(
             registry

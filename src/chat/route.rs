@@ -11,7 +11,6 @@ use axum::extract::ws::Utf8Bytes;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::metrics::Metrics;
 use super::order::{Decision, Held};
 use super::registry::SessionHandle;
 use super::{Node, REPLY_PATIENCE};
@@ -196,17 +195,19 @@ impl Node {
         }))
         .await;
         for (node_id, targets, started, result) in results {
-            self.metrics.publish_latency.observe(started.elapsed());
+            self.metrics
+                .publish_latency
+                .observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(()) => {
-                    Metrics::inc(&self.metrics.messages_routed_remote);
+                    self.metrics.messages_routed_remote.inc();
                     tracing::debug!(node = %node_id, frames = targets.len(), "sent to another node via the {}", self.backends.bus.name());
                     for i in targets {
                         reach[i].remote_nodes += 1;
                     }
                 }
                 Err(e) => {
-                    Metrics::inc(&self.metrics.bus_failures);
+                    self.metrics.bus_failures.inc();
                     tracing::error!(node = %node_id, "publish to another node failed: {e}");
                     for i in targets {
                         reach[i].failed_nodes += 1;
@@ -237,7 +238,7 @@ impl Node {
             Err(e) => {
                 // Local delivery happened regardless; other nodes are unknown until presence
                 // answers again (their devices catch up from the store).
-                Metrics::inc(&self.metrics.presence_failures);
+                self.metrics.presence_failures.inc();
                 tracing::warn!("presence lookup failed: {e}");
             }
         }
@@ -267,17 +268,16 @@ impl Node {
             self.spawn_wait(h, frame, true, None);
         }
         if kind == FrameKind::Chat {
-            Metrics::add(
-                &self.metrics.messages_delivered_local,
-                delivered.devices as u64,
-            );
+            self.metrics
+                .messages_delivered_local
+                .inc_by(delivered.devices as u64);
         }
         delivered.devices
     }
 
     /// An envelope from another node: deliver to the named users' devices here.
     pub fn deliver_envelope(&self, envelope: Envelope) {
-        Metrics::inc(&self.metrics.envelopes_consumed);
+        self.metrics.envelopes_consumed.inc();
         for r in envelope.recipients {
             let frame = Utf8Bytes::from(r.frame);
             let n = self.deliver_local(

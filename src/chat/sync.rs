@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 
-use super::metrics::Metrics;
 use super::order::Fetched;
 use super::registry::SessionHandle;
 use super::{route, Node, REPLY_PATIENCE};
@@ -164,7 +163,7 @@ impl Node {
                 }
                 if page.oldest > after + 1 {
                     h.order().skip_to(page.oldest - 1);
-                    Metrics::inc(&self.metrics.sync_too_old);
+                    self.metrics.sync_too_old.inc();
                     let e = FrameError::new(
                         ErrorCode::SyncTooOld,
                         format!(
@@ -189,7 +188,9 @@ impl Node {
                     h.reply(frame, REPLY_PATIENCE, &self.metrics).await;
                     replayed += 1;
                 }
-                Metrics::add(&self.metrics.messages_replayed, page.entries.len() as u64);
+                self.metrics
+                    .messages_replayed
+                    .inc_by(page.entries.len() as u64);
                 if full {
                     fetch = true;
                     continue;
@@ -223,7 +224,7 @@ impl Node {
                         order.skip_to(first_held - 1);
                         cursor
                     };
-                    Metrics::inc(&self.metrics.sync_too_old);
+                    self.metrics.sync_too_old.inc();
                     let e = FrameError::new(
                         ErrorCode::SyncTooOld,
                         format!(
@@ -264,7 +265,7 @@ impl Node {
             match self.backends.store.fetch(user_id, after, limit).await {
                 Ok(page) => return Ok(page),
                 Err(e) if attempt + 1 >= FETCH_ATTEMPTS => {
-                    Metrics::inc(&self.metrics.store_failures);
+                    self.metrics.store_failures.inc();
                     return Err(e);
                 }
                 Err(e) => {

@@ -2,7 +2,6 @@
 //! heartbeats, registered again when presence lost them) and its lease.
 
 use super::ids;
-use super::metrics::Metrics;
 use super::registry::SessionHandle;
 use super::Node;
 use crate::presence::{Device, PresenceError};
@@ -22,7 +21,7 @@ impl Node {
             .connect(&handle.user_id, device)
             .await
         {
-            Metrics::inc(&self.metrics.presence_failures);
+            self.metrics.presence_failures.inc();
             tracing::warn!(user = %handle.user_id, "presence not recorded: {e}");
         }
     }
@@ -39,7 +38,7 @@ impl Node {
             Ok(()) => {}
             Err(PresenceError::Unknown) => self.register(handle).await,
             Err(e) => {
-                Metrics::inc(&self.metrics.presence_failures);
+                self.metrics.presence_failures.inc();
                 tracing::warn!(user = %handle.user_id, "heartbeat not recorded: {e}");
             }
         }
@@ -113,7 +112,7 @@ pub(super) async fn maintain_presence(node: std::sync::Weak<Node>) {
                     );
                 }
                 healthy = false;
-                Metrics::inc(&node.metrics.presence_failures);
+                node.metrics.presence_failures.inc();
             }
         }
     }

@@ -108,10 +108,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .metrics
         .render_prometheus(node.sessions.session_count(), node.sessions.user_count());
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::chat::metrics::CONTENT_TYPE)],
         body,
     )
         .into_response()

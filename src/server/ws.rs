@@ -20,7 +20,6 @@ use super::handshake::{self, Identity};
 use super::rest::json_error;
 use super::AppState;
 use crate::chat::ids::now_ms;
-use crate::chat::metrics::Metrics;
 use crate::chat::registry::{CloseReason, Closer, SessionHandle};
 use crate::chat::Node;
 use crate::protocol::{
@@ -132,7 +131,7 @@ where
     Si: Sink<Message, Error = axum::Error> + Send + Unpin + 'static,
     St: Stream<Item = Result<Message, axum::Error>> + Send + Unpin,
 {
-    Metrics::inc(&node.metrics.connections_total);
+    node.metrics.connections_total.inc();
     let user_id = identity.user_id;
     let server = &node.config.server;
     let connection_id = format!("c{}", node.ids.next().0);
@@ -267,7 +266,7 @@ where
         .disconnect(&user_id, &connection_id)
         .await
     {
-        Metrics::inc(&node.metrics.presence_failures);
+        node.metrics.presence_failures.inc();
         tracing::warn!(user = %user_id, "presence not cleared: {e}");
     }
     drop(handle);
@@ -392,7 +391,7 @@ async fn write_loop<Si>(
                         if r.is_err() {
                             // The peer has not read for WRITE_TIMEOUT: the session ends, so
                             // that its frames wait in the store, not here.
-                            Metrics::inc(&stuck.node.metrics.slow_consumers_closed);
+                            stuck.node.metrics.slow_consumers_closed.inc();
                             stuck.closer.request_close(1013, "slow consumer: nothing read for 10 s; reconnect");
                         }
                         if !matches!(r, Ok(Ok(()))) {
