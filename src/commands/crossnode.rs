@@ -102,9 +102,13 @@ pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
     };
     let checks = scenarios(&nodes, secret, &presence, &format!("xn{run_id}"), &bar).await;
     bar.finish_and_clear();
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if failed > 0 && args.spawn {
+        // What the nodes said, for a failure that does not happen again on demand.
+        eprintln!("{}", spawned.log_tails(40));
+    }
     spawned.stop().await;
 
-    let failed = checks.iter().filter(|c| !c.ok).count();
     if args.json {
         println!(
             "{}",
@@ -267,7 +271,12 @@ async fn scenarios(
                 .await
                 .map_err(|e| e.to_string())?;
             let ack = frame(&mut a, "MESSAGE_ACK").await?;
-            let m = frame(&mut b, "CHAT_MESSAGE").await?;
+            let m = frame(&mut b, "CHAT_MESSAGE").await.map_err(|e| {
+                format!(
+                    "{e}; the sender's ack said route {}, remoteFailed {}",
+                    ack["route"], ack["remoteFailed"]
+                )
+            })?;
             bob_seen = bob_seen.max(m["seq"].as_u64().unwrap_or(0));
             if ack["route"] != "remote" {
                 return Err(format!("route is {} (expected remote)", ack["route"]));

@@ -1,7 +1,6 @@
 //! What several commands share: the config layers they read, where the operator commands
-//! find Redis, tables for people, the client commands' defaults, and the two helpers of the
-//! commands that run a server (waiting for SIGINT/SIGTERM, and reading where a spawned one
-//! listens).
+//! find Redis, tables for people, the client commands' defaults, waiting for SIGINT/SIGTERM,
+//! and the line a server logs once it listens.
 
 use std::path::PathBuf;
 
@@ -115,45 +114,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// What `chatd serve` logs once it listens; [`listening_address`] looks for it.
+/// What `chatd serve` (and `chatd message-service`) log once they listen; whoever starts one
+/// looks for it in its log.
 pub const LISTENING: &str = "chatd listening on ";
-
-/// Reads a spawned `chatd serve`'s stderr until it logs its address (`host:port`), or until it
-/// reports a fatal error or `within` passes. Keeps draining stderr afterwards so the child never blocks
-/// on a full pipe.
-pub fn listening_address(
-    stderr: std::process::ChildStderr,
-    within: std::time::Duration,
-) -> Result<String, String> {
-    use std::io::BufRead;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let Some(sender) = &tx else { continue };
-            if let Some(rest) = line.split(LISTENING).nth(1) {
-                let _ = sender.send(Ok(rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string()));
-                tx = None;
-            } else if line.starts_with("error:") || line.contains(" ERROR ") {
-                // The fatal message main prints, or an error-level log line; a warning that
-                // merely mentions an error (a dependency not up yet) is not a failed start.
-                let _ = sender.send(Err(line));
-                tx = None;
-            }
-        }
-    });
-    match rx.recv_timeout(within) {
-        Ok(result) => result,
-        Err(_) => Err(format!(
-            "no \"{}\" line within {within:?}",
-            LISTENING.trim()
-        )),
-    }
-}
