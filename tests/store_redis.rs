@@ -115,3 +115,49 @@ async fn a_trimmed_or_expired_inbox_says_what_it_no_longer_keeps() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A batch larger than one script call (256 messages) is stored in order across its calls;
+/// a tempMessageId repeated inside the batch stores once; the whole batch sent again stores
+/// nothing and answers with the first places.
+#[tokio::test]
+async fn a_batch_across_script_calls_keeps_order_and_idempotency() {
+    let s = store(600, 10_000);
+    let (a, b) = (unique("a"), unique("b"));
+    let mut batch: Vec<NewMessage> = (0..600)
+        .map(|i| message(&unique("m"), &a, &b, Some(&format!("t{i}"))))
+        .collect();
+    // The same send twice in one batch (a client's retry that caught up with it).
+    batch.push(message(&unique("m"), &a, &b, Some("t300")));
+    let first = s.save_batch(batch.clone()).await;
+    let seqs: Vec<u64> = first
+        .iter()
+        .take(600)
+        .map(|r| match r {
+            Ok(SaveOutcome::Saved(m)) => m.receiver_seq,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, (1..=600).collect::<Vec<u64>>());
+    match &first[600] {
+        Ok(SaveOutcome::Duplicate(m)) => assert_eq!(m.receiver_seq, 301),
+        other => panic!("{other:?}"),
+    }
+    let again = s.save_batch(batch).await;
+    for (i, r) in again.iter().enumerate().take(600) {
+        match r {
+            Ok(SaveOutcome::Duplicate(m)) => assert_eq!(m.receiver_seq, i as u64 + 1),
+            other => panic!("message {i}: {other:?}"),
+        }
+    }
+    let page = s.fetch(&b, 0, 1000).await.unwrap();
+    assert_eq!(page.latest, 600, "each stored once");
+    let contents: Vec<String> = page
+        .entries
+        .iter()
+        .map(|e| e.message.message.temp_message_id.clone().unwrap())
+        .collect();
+    assert_eq!(
+        contents,
+        (0..600).map(|i| format!("t{i}")).collect::<Vec<_>>()
+    );
+}

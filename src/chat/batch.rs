@@ -2,7 +2,7 @@
 //! message (moderation, id) and hands it here without waiting; one task takes whatever has
 //! arrived meanwhile (up to [`MAX_BATCH`]) and, for the whole batch at once:
 //!
-//! 1. stores it (one store call: one Redis pipeline, one `SaveMessages` RPC) while it looks
+//! 1. stores it (one store call: one Redis script call, one `SaveMessages` RPC) while it looks
 //!    up every receiver's and sender's devices (one presence call);
 //! 2. delivers to devices on this node, and queues one envelope per other node on the bus;
 //! 3. hands the batch on to the completion task, and takes the next batch.
