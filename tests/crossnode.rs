@@ -21,7 +21,12 @@ fn every_scenario_passes_on_two_spawned_nodes() {
     });
     let checks = report["checks"].as_array().unwrap();
     let failed: Vec<_> = checks.iter().filter(|c| c["ok"] != true).collect();
-    assert!(failed.is_empty(), "failed checks: {failed:#?}");
+    // On a failure the command prints the tails of both nodes' logs on stderr.
+    assert!(
+        failed.is_empty(),
+        "failed checks: {failed:#?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success());
     assert_eq!(report["passed"], true);
     assert_eq!(checks.len(), 9, "{checks:#?}");
