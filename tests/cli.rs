@@ -222,15 +222,27 @@ fn config_errors_stop_start_up_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("node7.toml"));
 }
 
-/// `kafka.properties` reach the node's broker clients: told to speak TLS to the plaintext
-/// broker of `scripts/services.sh` (which every cluster test's node reaches without it), the
-/// node cannot subscribe, and says where to look. A value librdkafka refuses stops start-up
-/// as a configuration error naming the property.
+/// `kafka.properties` reach the node's broker clients: told to speak TLS, the node opens its
+/// connections to the broker with a TLS handshake (seen by a listener of the test's own, so
+/// the shared broker never gets bytes it cannot read), cannot subscribe, and says where to
+/// look. A value librdkafka refuses stops start-up as a configuration error naming it.
 #[test]
 fn kafka_properties_reach_the_broker_clients() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let broker = listener.local_addr().unwrap().to_string();
+    let (first_bytes, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(1) {
+            let mut head = [0u8; 3];
+            let read = stream.and_then(|mut s| std::io::Read::read_exact(&mut s, &mut head));
+            let _ = first_bytes.send(read.map(|_| head).ok());
+        }
+    });
     let out = chatd()
         .args(["serve", "--profile", "node1", "--port", "0", "--node-id"])
         .arg(unique("props"))
+        .env("CHATD_KAFKA__BROKERS", &broker)
+        .env("CHATD_KAFKA__PUBLISH_TIMEOUT_MS", "1000")
         .env("CHATD_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "ssl")
         .output()
         .unwrap();
@@ -240,6 +252,12 @@ fn kafka_properties_reach_the_broker_clients() {
         err.contains("cannot subscribe to the bus") && err.contains("kafka.properties"),
         "{err}"
     );
+    // A TLS record of type handshake (22), version 3.x: not a Kafka request.
+    let head = seen
+        .recv_timeout(WAIT)
+        .unwrap()
+        .expect("the node connected");
+    assert_eq!(head[..2], [22, 3], "{head:?}");
 
     let out = chatd()
         .args(["serve", "--port", "0"])
