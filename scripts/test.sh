@@ -57,4 +57,6 @@ cargo test --release --locked "$@"
 
 # The seed's cross-node scenarios, as an operator runs them: two node processes, real Redis,
 # real broker; the table shows every check and its latency.
-target/release/chatd crossnode-test --spawn
+# The spawned nodes log what the bus does with each frame: on a failure the command prints
+# the tails of both nodes' logs.
+RUST_LOG=info,chatd::bus=debug target/release/chatd crossnode-test --spawn

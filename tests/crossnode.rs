@@ -10,6 +10,9 @@ use common::chatd;
 fn every_scenario_passes_on_two_spawned_nodes() {
     let out = chatd()
         .args(["crossnode-test", "--spawn", "--json"])
+        // The spawned nodes inherit it: their log tails (printed on a failure) then say what
+        // the bus did with each frame.
+        .env("RUST_LOG", "info,chatd::bus=debug")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -105,7 +105,7 @@ pub async fn run(args: CrossnodeArgs) -> anyhow::Result<()> {
     let failed = checks.iter().filter(|c| !c.ok).count();
     if failed > 0 && args.spawn {
         // What the nodes said, for a failure that does not happen again on demand.
-        eprintln!("{}", spawned.log_tails(40));
+        eprintln!("{}", spawned.log_tails(80));
     }
     spawned.stop().await;
 
