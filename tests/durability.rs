@@ -192,7 +192,7 @@ fn assert_gap_free(frames: &[Value], n: usize) {
 
 /// The user's inbox as the store keeps it: the newest seq and the contents, in seq order.
 async fn inbox(store_addr: &str, user: &str) -> (u64, Vec<String>) {
-    let store = GrpcStore::new(&format!("grpc://{store_addr}"), WAIT, 2).unwrap();
+    let store = GrpcStore::new(&[format!("grpc://{store_addr}")], WAIT, 2).unwrap();
     let (mut after, mut latest, mut contents) = (0, 0, Vec::new());
     loop {
         let page = store.fetch(user, after, 1000).await.unwrap();

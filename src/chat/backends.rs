@@ -35,11 +35,9 @@ impl Backends {
         let timeout = std::time::Duration::from_millis(config.store.timeout_ms);
         let store: Arc<dyn Store> = match config.store.backend().map_err(NodeError::Config)? {
             StoreBackend::Memory => Arc::new(store::memory_store(&config.store)),
-            StoreBackend::Grpc(services) => Arc::new(GrpcStore::new(
-                &services.join(","),
-                timeout,
-                config.store.retries,
-            )?),
+            StoreBackend::Grpc(services) => {
+                Arc::new(GrpcStore::new(&services, timeout, config.store.retries)?)
+            }
             StoreBackend::Redis(url) => {
                 let redis = RedisConfig {
                     url,

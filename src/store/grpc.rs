@@ -120,32 +120,32 @@ pub struct GrpcStore {
 
 impl GrpcStore {
     /// Connects lazily: a service that is down at start-up is reported by health and by the
-    /// first send, not by a node that refuses to start. `url` is one `grpc://host:port` or
-    /// several, comma-separated.
-    pub fn new(url: &str, timeout: Duration, retries: u32) -> Result<Self, StoreError> {
-        let mut services = Vec::new();
-        for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+    /// first send, not by a node that refuses to start. `services`: the `grpc://host:port` of
+    /// each MessageService, as config validation parsed them from `store.url`.
+    pub fn new(services: &[String], timeout: Duration, retries: u32) -> Result<Self, StoreError> {
+        let mut upstreams = Vec::with_capacity(services.len());
+        for one in services {
             let http = one.replacen("grpc://", "http://", 1);
             let endpoint = Endpoint::from_shared(http)
                 .map_err(|e| StoreError::Unavailable(format!("store.url {one:?}: {e}")))?
                 .connect_timeout(timeout)
                 .timeout(timeout);
-            services.push(Upstream {
+            upstreams.push(Upstream {
                 client: MessageServiceClient::new(endpoint.connect_lazy()),
-                url: one.to_string(),
+                url: one.clone(),
                 down_since_ms: AtomicU64::new(0),
             });
         }
-        if services.is_empty() {
-            return Err(StoreError::Unavailable(format!(
-                "store.url {url:?} names no MessageService"
-            )));
+        if upstreams.is_empty() {
+            return Err(StoreError::Unavailable(
+                "store.url names no MessageService".into(),
+            ));
         }
         Ok(Self {
-            services,
+            services: upstreams,
             next: AtomicUsize::new(0),
             started: std::time::Instant::now(),
-            url: url.to_string(),
+            url: services.join(","),
             retries,
         })
     }

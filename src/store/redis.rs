@@ -59,9 +59,8 @@ end
 
 /// Saves a batch of messages, in order, in one script call: under `appendfsync always` Redis
 /// writes and fsyncs its log once per command it completes, so one call for the batch costs
-/// Redis a third less CPU per message than one script call per message pipelined, and its
-/// throughput is half again as high (measured on this machine: 39-42 vs 43-56 µs of Redis
-/// CPU per message, batches of 256). Each message is stored exactly as alone would be.
+/// Redis less per message than one call per message pipelined (`chatd bench --cluster`, the
+/// README's cross-node table). Each message is stored exactly as alone would be.
 ///
 /// KEYS, six per message: message, idempotency (ignored when its tempMessageId is empty),
 /// receiver's counter and inbox, sender's counter and inbox. ARGV: retention ms, message key
