@@ -64,6 +64,9 @@ pub enum Inbound {
     /// The bus was away and is back: frames published to this node meanwhile may be lost,
     /// so its devices catch up from the store.
     Resumed,
+    /// A consumer of this node's queue handed on nothing while the broker held frames for
+    /// it, and was replaced by one from where it stopped (counted and logged).
+    ConsumerRestarted,
 }
 
 /// A message for a user with no device online: a push service should wake the user.

@@ -70,6 +70,9 @@ pub struct Metrics {
     pub messages_replayed: Counter,
     /// Catch-ups that found the store no longer keeps what a device missed (`SYNC_TOO_OLD`).
     pub sync_too_old: Counter,
+    /// Consumers of this node's topic replaced because they stopped handing on frames the
+    /// broker held for them.
+    pub consumer_restarts: Counter,
     /// Acknowledged messages by route (in [`Route`]'s order), and typing frames dropped for
     /// devices that could not keep up (a chat frame is never dropped): the counters of the
     /// labelled families `chatd_messages_acked` and `chatd_frames_dropped`, held here so that
@@ -101,6 +104,7 @@ impl Default for Metrics {
             connections_total: Counter::default(),
             messages_replayed: Counter::default(),
             sync_too_old: Counter::default(),
+            consumer_restarts: Counter::default(),
             by_route: Default::default(),
             typing: Counter::default(),
             publish_latency: latency_histogram(),
@@ -173,7 +177,7 @@ fn route_label(route: Route) -> RouteLabel {
 impl Metrics {
     /// Every plain counter: its key in the REST stats, its Prometheus name (`_total` is
     /// added), its help.
-    fn counters(&self) -> [(&'static str, &'static str, &'static str, &Counter); 14] {
+    fn counters(&self) -> [(&'static str, &'static str, &'static str, &Counter); 15] {
         [
             (
                 "connectionsTotal",
@@ -258,6 +262,12 @@ impl Metrics {
                 "chatd_presence_failures",
                 "Presence calls that failed",
                 &self.presence_failures,
+            ),
+            (
+                "consumerRestarts",
+                "chatd_broker_consumer_restarts",
+                "Consumers of this node's topic replaced because they stopped fetching",
+                &self.consumer_restarts,
             ),
         ]
     }

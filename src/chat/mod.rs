@@ -92,6 +92,9 @@ impl Node {
                 match inbound {
                     Inbound::Envelope(envelope) => node.deliver_envelope(envelope),
                     Inbound::Resumed => node.catch_up_everyone(),
+                    Inbound::ConsumerRestarted => {
+                        node.metrics.consumer_restarts.inc();
+                    }
                 }
             }
         });

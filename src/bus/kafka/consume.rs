@@ -29,6 +29,9 @@ use crate::config::KafkaConfig;
 
 /// How often the consumer looks at its topic's size and at retired generations.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a consumer may hand on nothing while the broker holds records past its position
+/// before it is replaced (see [`watch`]).
+const STALLED_AFTER: Duration = Duration::from_secs(3);
 /// The fetch wait of a retired generation once senders have moved on: a fetch costs the
 /// broker as much empty as full, and few frames still come there.
 const SLOW_FETCH_WAIT_MS: u64 = 500;
@@ -42,6 +45,9 @@ struct Generation {
     /// A retired generation: when it is consumed slowly (its senders have moved on), and when
     /// it is let go and deleted. `None` for the current one.
     retired: Option<Retired>,
+    /// The position its consumer had, and since when, while the broker held records past it:
+    /// see [`watch`].
+    behind: Option<(i64, Instant)>,
 }
 
 #[derive(Clone, Copy)]
@@ -74,8 +80,17 @@ pub struct Consuming {
     generations: Vec<Generation>,
 }
 
-/// A new generation being made in a task of its own (see [`upkeep`]).
-type Rotating = Option<tokio::sync::oneshot::Receiver<Option<NewGeneration>>>;
+/// A look at the current generation under way in a task of its own (see [`upkeep`]).
+type Checking = Option<tokio::sync::oneshot::Receiver<Checked>>;
+
+/// What a look at the current generation found.
+struct Checked {
+    topic: String,
+    /// How many records the broker holds in it (its high watermark), if it answered.
+    end: Option<i64>,
+    /// A new generation, made because this one is large.
+    next: Option<NewGeneration>,
+}
 
 /// A new generation's topic and consumer, and how many records the one before held.
 type NewGeneration = (String, Arc<StreamConsumer>, i64);
@@ -192,6 +207,7 @@ pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusE
             topic,
             from,
             retired: Some(Retired::now(config)),
+            behind: None,
         });
     }
     generations.push(Generation {
@@ -206,6 +222,7 @@ pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusE
         topic: current,
         from: Offset::Beginning,
         retired: None,
+        behind: None,
     });
     let _ = tokio::task::spawn_blocking(move || drop(ends)).await;
     Ok(Consuming { generations })
@@ -232,7 +249,7 @@ pub async fn run(
 ) {
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rotating: Rotating = None;
+    let mut checking: Checking = None;
     loop {
         let gone = tokio::select! {
             (i, received) = next_message(&c.generations) => {
@@ -255,14 +272,19 @@ pub async fn run(
                 }
             }
             _ = check.tick() => {
-                upkeep(&config, &node_id, &mut c, &mut rotating).await;
+                upkeep(&config, &node_id, &mut c, &mut checking).await;
                 false
             }
-            made = rotation(&mut rotating) => {
-                // Consumed at once: senders may publish to it as soon as it exists.
-                rotating = None;
-                if let Some(new) = made {
-                    adopt(&config, &mut c, new);
+            checked = looked(&mut checking) => {
+                checking = None;
+                if let Some(checked) = checked {
+                    if watch(&config, &node_id, &mut c, &checked).await && tx.send(Inbound::ConsumerRestarted).await.is_err() {
+                        return;
+                    }
+                    // Consumed at once: senders may publish to it as soon as it exists.
+                    if let Some(new) = checked.next {
+                        adopt(&config, &mut c, new);
+                    }
                 }
                 false
             }
@@ -275,7 +297,7 @@ pub async fn run(
             for g in std::mem::take(&mut c.generations) {
                 destroy(g.consumer).await;
             }
-            rotating = None;
+            checking = None;
             c = reopen(&config, &node_id).await;
             if tx.send(Inbound::Resumed).await.is_err() {
                 return;
@@ -306,9 +328,9 @@ async fn deliver(message: &BorrowedMessage<'_>, tx: &mpsc::Sender<Inbound>) -> b
 }
 
 /// Lets go of retired generations whose time is up (their consumer destroyed, then their
-/// topic deleted), fetches slowly from those whose senders have moved on, and starts a new
-/// generation when the current one holds `kafka.rotate_records` records.
-async fn upkeep(config: &KafkaConfig, node_id: &str, c: &mut Consuming, rotating: &mut Rotating) {
+/// topic deleted), fetches slowly from those whose senders have moved on, and looks at the
+/// current generation (see [`check`]).
+async fn upkeep(config: &KafkaConfig, node_id: &str, c: &mut Consuming, checking: &mut Checking) {
     let now = Instant::now();
     let (due, kept): (Vec<Generation>, Vec<Generation>) = std::mem::take(&mut c.generations)
         .into_iter()
@@ -329,36 +351,34 @@ async fn upkeep(config: &KafkaConfig, node_id: &str, c: &mut Consuming, rotating
     for g in &mut c.generations {
         slow_down(config, node_id, g, now).await;
     }
-    if rotating.is_some() {
+    if checking.is_some() {
         return; // One at a time.
     }
     // One generation fetched fast besides the current one at a time: the broker's cost is
     // per consumer, and a topic is rotated at most every half of `kafka.drain_secs`.
-    if c.generations
+    let may_rotate = !c
+        .generations
         .iter()
-        .any(|g| g.retired.is_some_and(|r| !r.slow))
-    {
-        return;
-    }
+        .any(|g| g.retired.is_some_and(|r| !r.slow));
     let Some(current) = c.generations.last() else {
         return;
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    *rotating = Some(rx);
+    *checking = Some(rx);
     let (config, node_id) = (config.clone(), node_id.to_string());
     let (consumer, topic) = (current.consumer.clone(), current.topic.clone());
     // The broker's answers (the topic's size, a new topic, a new consumer) are awaited in a
     // task of its own: this loop delivers every frame to this node meanwhile.
     tokio::spawn(async move {
-        let _ = tx.send(next_generation(&config, &node_id, consumer, topic).await);
+        let _ = tx.send(check(&config, &node_id, consumer, topic, may_rotate).await);
     });
 }
 
-/// The new generation being made, once it is ready (`None`: none was needed, or it failed);
-/// never, when none is being made.
-async fn rotation(rotating: &mut Rotating) -> Option<NewGeneration> {
-    match rotating {
-        Some(rx) => rx.await.ok().flatten(),
+/// What the look under way found, once it is done (`None`: its task failed); never, when
+/// none is under way.
+async fn looked(checking: &mut Checking) -> Option<Checked> {
+    match checking {
+        Some(rx) => rx.await.ok(),
         None => std::future::pending().await,
     }
 }
@@ -374,34 +394,62 @@ fn adopt(config: &KafkaConfig, c: &mut Consuming, (next, consumer, records): New
         consumer,
         from: Offset::Beginning,
         retired: None,
+        behind: None,
     });
 }
 
-/// A new generation (its topic, a consumer from its beginning, and how many records the
-/// current one held) when the current one holds `kafka.rotate_records` records; else `None`.
-async fn next_generation(
+/// The current generation's size, and (if `may_rotate` and it holds `kafka.rotate_records`
+/// records) a new generation: its topic and a consumer from its beginning.
+async fn check(
     config: &KafkaConfig,
     node_id: &str,
     current: Arc<StreamConsumer>,
     topic: String,
-) -> Option<NewGeneration> {
+    may_rotate: bool,
+) -> Checked {
     let t = topic.clone();
     let size = tokio::task::spawn_blocking(move || {
         current.fetch_watermarks(&t, 0, Duration::from_secs(3))
     })
     .await;
-    let records = match size {
+    let end = match size {
         Ok(Ok((_, high))) => high,
         Ok(Err(e)) => {
             tracing::debug!(%topic, "size of this node's topic unknown: {e}");
-            return None;
+            return Checked {
+                topic,
+                end: None,
+                next: None,
+            };
         }
-        Err(_) => return None,
+        Err(_) => {
+            return Checked {
+                topic,
+                end: None,
+                next: None,
+            }
+        }
     };
-    if records < config.rotate_records as i64 {
-        return None;
+    let next = if may_rotate && end >= config.rotate_records as i64 {
+        next_generation(config, node_id, &topic, end).await
+    } else {
+        None
+    };
+    Checked {
+        topic,
+        end: Some(end),
+        next,
     }
-    let newest = topics::generation_of(config, node_id, &topic).unwrap_or(0) + 1;
+}
+
+/// A new generation after `topic`, which holds `records` records.
+async fn next_generation(
+    config: &KafkaConfig,
+    node_id: &str,
+    topic: &str,
+    records: i64,
+) -> Option<NewGeneration> {
+    let newest = topics::generation_of(config, node_id, topic).unwrap_or(0) + 1;
     let next = generation_topic(config, node_id, (now_ms().max(0) as u64).max(newest));
     let started = async {
         ensure_topics(config, std::slice::from_ref(&next)).await?;
@@ -423,6 +471,99 @@ async fn next_generation(
     }
 }
 
+/// The watchdog of the current generation's consumer: the broker acked frames to this node's
+/// topic, so they must reach its devices. If the broker holds records past the consumer's
+/// position and the position has not moved for [`STALLED_AFTER`], the consumer is replaced by
+/// one from that position (nothing is skipped or handed twice) and a warning says so. Returns
+/// whether it replaced one. Once seen (CI, 2 runs of many): a consumer that had fetched its
+/// first record handed on nothing more for a minute while senders' publishes were acked.
+async fn watch(config: &KafkaConfig, node_id: &str, c: &mut Consuming, checked: &Checked) -> bool {
+    let (Some(end), Some(g)) = (checked.end, c.generations.last_mut()) else {
+        return false;
+    };
+    if g.topic != checked.topic {
+        return false;
+    }
+    let Some(from) = position(g).await else {
+        return false;
+    };
+    // A consumer from the beginning that handed on nothing yet is at the first record.
+    let position = match from {
+        Offset::Offset(o) => o,
+        _ => 0,
+    };
+    let Some(stuck) = stalled(&mut g.behind, position, end, Instant::now()) else {
+        return false;
+    };
+    tracing::warn!(
+        topic = %g.topic,
+        position,
+        end,
+        "this node's consumer has handed on nothing for {}s while the broker holds records past it; replacing it",
+        stuck.as_secs()
+    );
+    replace_consumer(config, node_id, g, from, config.fetch_wait_ms).await
+}
+
+/// For how long a consumer at `position` has been stuck there while the broker holds `end`
+/// records, once that is [`STALLED_AFTER`] or more (and then forgotten, to start over);
+/// `behind` keeps the position and since when it has been seen behind.
+fn stalled(
+    behind: &mut Option<(i64, Instant)>,
+    position: i64,
+    end: i64,
+    now: Instant,
+) -> Option<Duration> {
+    match *behind {
+        _ if end <= position => *behind = None,
+        Some((at, since)) if at == position => {
+            let stuck = now.saturating_duration_since(since);
+            if stuck >= STALLED_AFTER {
+                *behind = None;
+                return Some(stuck);
+            }
+        }
+        _ => *behind = Some((position, now)),
+    }
+    None
+}
+
+/// Where `g`'s consumer hands on its next record: an offset once it handed one on, else
+/// where it started.
+async fn position(g: &Generation) -> Option<Offset> {
+    let consumer = g.consumer.clone();
+    let list = tokio::task::spawn_blocking(move || consumer.position())
+        .await
+        .ok()?
+        .ok()?;
+    match list.find_partition(&g.topic, 0).map(|p| p.offset()) {
+        Some(Offset::Offset(o)) => Some(Offset::Offset(o)),
+        _ => Some(g.from),
+    }
+}
+
+/// Swaps `g`'s consumer for a new one from `from`, fetching every `fetch_wait_ms`.
+async fn replace_consumer(
+    config: &KafkaConfig,
+    node_id: &str,
+    g: &mut Generation,
+    from: Offset,
+    fetch_wait_ms: u64,
+) -> bool {
+    match consumer_of(config, node_id, &g.topic, from, fetch_wait_ms).await {
+        Ok(new) => {
+            let old = std::mem::replace(&mut g.consumer, new);
+            destroy(old).await;
+            g.from = from;
+            true
+        }
+        Err(e) => {
+            tracing::warn!(topic = %g.topic, "cannot replace this generation's consumer: {e}");
+            false
+        }
+    }
+}
+
 /// Once a retired generation's senders have moved on, swaps its consumer for one that fetches
 /// every [`SLOW_FETCH_WAIT_MS`] (librdkafka's fetch wait is fixed at creation), from where the
 /// old one stopped handing messages to the node: nothing is skipped or handed twice.
@@ -437,27 +578,14 @@ async fn slow_down(config: &KafkaConfig, node_id: &str, g: &mut Generation, now:
         retired.slow = true; // Slow enough as it is.
         return;
     }
-    let old = g.consumer.clone();
-    let position = tokio::task::spawn_blocking(move || old.position()).await;
-    let from = match position {
-        Ok(Ok(list)) => match list.find_partition(&g.topic, 0).map(|p| p.offset()) {
-            Some(Offset::Offset(o)) => Offset::Offset(o),
-            // Nothing handed on yet: where the old consumer started.
-            _ => g.from,
-        },
-        _ => return, // Try again at the next check.
+    let Some(from) = position(g).await else {
+        return; // Try again at the next check.
     };
-    match consumer_of(config, node_id, &g.topic, from, SLOW_FETCH_WAIT_MS).await {
-        Ok(slow) => {
-            let old = std::mem::replace(&mut g.consumer, slow);
-            destroy(old).await;
-            g.from = from;
+    if replace_consumer(config, node_id, g, from, SLOW_FETCH_WAIT_MS).await {
+        if let Some(retired) = g.retired.as_mut() {
             retired.slow = true;
-            tracing::info!(topic = %g.topic, "senders moved on: fetching this retired generation slowly");
         }
-        Err(e) => {
-            tracing::warn!(topic = %g.topic, "cannot swap a retired generation's consumer: {e}")
-        }
+        tracing::info!(topic = %g.topic, "senders moved on: fetching this retired generation slowly");
     }
 }
 
@@ -472,5 +600,36 @@ async fn reopen(config: &KafkaConfig, node_id: &str) -> Consuming {
             }
             Err(e) => tracing::debug!("the Kafka broker is not back yet: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_consumer_is_stalled_only_when_stuck_behind_the_end_long_enough() {
+        let t0 = Instant::now();
+        let later = |s: u64| t0 + Duration::from_secs(s);
+        let mut behind = None;
+        // Caught up: nothing to watch.
+        assert_eq!(stalled(&mut behind, 10, 10, t0), None);
+        assert_eq!(behind, None);
+        // Behind: noted, not yet stalled.
+        assert_eq!(stalled(&mut behind, 10, 12, t0), None);
+        assert_eq!(stalled(&mut behind, 10, 15, later(2)), None);
+        // Moving, even slowly: the clock starts again.
+        assert_eq!(stalled(&mut behind, 11, 15, later(3)), None);
+        assert_eq!(stalled(&mut behind, 11, 15, later(5)), None);
+        // Stuck at 11 for 3 s while the broker holds more: stalled, and forgotten.
+        assert_eq!(
+            stalled(&mut behind, 11, 16, later(6)),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(behind, None);
+        // Caught up after being behind: forgotten.
+        assert_eq!(stalled(&mut behind, 11, 16, later(7)), None);
+        assert_eq!(stalled(&mut behind, 16, 16, later(20)), None);
+        assert_eq!(behind, None);
     }
 }
