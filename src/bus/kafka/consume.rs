@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -78,6 +78,11 @@ impl Retired {
 /// This node's generations: the current one last.
 pub struct Consuming {
     generations: Vec<Generation>,
+    /// A client with no group and no assignment that asks the broker for the current
+    /// generation's size, on a connection of its own (a stuck consumer's connection could not
+    /// tell it is stuck). Replaced with the generation, so it never asks about a topic that
+    /// is deleted later: see the module's note.
+    sizer: Arc<BaseConsumer>,
 }
 
 /// A look at the current generation under way in a task of its own (see [`upkeep`]).
@@ -92,8 +97,15 @@ struct Checked {
     next: Option<NewGeneration>,
 }
 
-/// A new generation's topic and consumer, and how many records the one before held.
-type NewGeneration = (String, Arc<StreamConsumer>, i64);
+/// A new generation being adopted.
+struct NewGeneration {
+    topic: String,
+    consumer: Arc<StreamConsumer>,
+    /// Asks for its size (see [`Consuming::sizer`]).
+    sizer: Arc<BaseConsumer>,
+    /// How many records the generation before it held.
+    records: i64,
+}
 
 impl Consuming {
     pub fn current(&self) -> &str {
@@ -160,8 +172,16 @@ async fn consumer_of(
     Ok(consumer)
 }
 
-/// Destroys a consumer off the runtime (it waits for librdkafka's threads).
-async fn destroy(consumer: Arc<StreamConsumer>) {
+/// A client with no group and no assignment, only to ask the broker about topics.
+fn plain_client(config: &KafkaConfig) -> Result<Arc<BaseConsumer>, BusError> {
+    super::client_config(config)
+        .create()
+        .map(Arc::new)
+        .map_err(|e| unavailable("consumer", e))
+}
+
+/// Destroys a client off the runtime (it waits for librdkafka's threads).
+async fn destroy<T: Send + Sync + 'static>(consumer: Arc<T>) {
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
 }
 
@@ -173,16 +193,11 @@ async fn destroy(consumer: Arc<StreamConsumer>) {
 pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusError> {
     let wait = Duration::from_millis(config.publish_timeout_ms);
     // A client with no group and no assignment, only to look at topics.
-    let lister: Arc<rdkafka::consumer::BaseConsumer> = Arc::new(
-        super::client_config(config)
-            .create()
-            .map_err(|e| unavailable("consumer", e))?,
-    );
+    let lister = plain_client(config)?;
     let l = lister.clone();
     let existing = tokio::task::spawn_blocking(move || list_topics(l.client(), wait))
         .await
         .map_err(|e| unavailable("list topics", e))??;
-    let ends = lister;
     let older = topics::generations(config, node_id, existing.iter().map(String::as_str));
     let newest = older.last().map_or(0, |(g, _)| g + 1);
     let current = generation_topic(config, node_id, (now_ms().max(0) as u64).max(newest));
@@ -191,7 +206,7 @@ pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusE
     let mut generations = Vec::new();
     for (_, topic) in older {
         // The end taken now, before the node serves: nothing published after it is skipped.
-        let (l, t) = (ends.clone(), topic.clone());
+        let (l, t) = (lister.clone(), topic.clone());
         let end = tokio::task::spawn_blocking(move || l.fetch_watermarks(&t, 0, wait))
             .await
             .map_err(|e| unavailable("watermarks", e))?;
@@ -224,8 +239,11 @@ pub async fn open(config: &KafkaConfig, node_id: &str) -> Result<Consuming, BusE
         retired: None,
         behind: None,
     });
-    let _ = tokio::task::spawn_blocking(move || drop(ends)).await;
-    Ok(Consuming { generations })
+    destroy(lister).await;
+    Ok(Consuming {
+        generations,
+        sizer: plain_client(config)?,
+    })
 }
 
 /// The next message of any generation, with the index of its generation.
@@ -297,6 +315,7 @@ pub async fn run(
             for g in std::mem::take(&mut c.generations) {
                 destroy(g.consumer).await;
             }
+            destroy(c.sizer).await;
             checking = None;
             c = reopen(&config, &node_id).await;
             if tx.send(Inbound::Resumed).await.is_err() {
@@ -366,11 +385,11 @@ async fn upkeep(config: &KafkaConfig, node_id: &str, c: &mut Consuming, checking
     let (tx, rx) = tokio::sync::oneshot::channel();
     *checking = Some(rx);
     let (config, node_id) = (config.clone(), node_id.to_string());
-    let (consumer, topic) = (current.consumer.clone(), current.topic.clone());
+    let (sizer, topic) = (c.sizer.clone(), current.topic.clone());
     // The broker's answers (the topic's size, a new topic, a new consumer) are awaited in a
     // task of its own: this loop delivers every frame to this node meanwhile.
     tokio::spawn(async move {
-        let _ = tx.send(check(&config, &node_id, consumer, topic, may_rotate).await);
+        let _ = tx.send(check(&config, &node_id, sizer, topic, may_rotate).await);
     });
 }
 
@@ -384,14 +403,16 @@ async fn looked(checking: &mut Checking) -> Option<Checked> {
 }
 
 /// Consumes a new generation from now on; the current one retires.
-fn adopt(config: &KafkaConfig, c: &mut Consuming, (next, consumer, records): NewGeneration) {
+fn adopt(config: &KafkaConfig, c: &mut Consuming, new: NewGeneration) {
     if let Some(old) = c.generations.last_mut() {
-        tracing::info!(old = %old.topic, new = %next, records, "this node's topic is large: moved to a new generation");
+        tracing::info!(old = %old.topic, new = %new.topic, records = new.records, "this node's topic is large: moved to a new generation");
         old.retired = Some(Retired::now(config));
     }
+    // The old generation's topic is deleted once retired: its sizer goes now.
+    tokio::spawn(destroy(std::mem::replace(&mut c.sizer, new.sizer)));
     c.generations.push(Generation {
-        topic: next,
-        consumer,
+        topic: new.topic,
+        consumer: new.consumer,
         from: Offset::Beginning,
         retired: None,
         behind: None,
@@ -403,15 +424,14 @@ fn adopt(config: &KafkaConfig, c: &mut Consuming, (next, consumer, records): New
 async fn check(
     config: &KafkaConfig,
     node_id: &str,
-    current: Arc<StreamConsumer>,
+    sizer: Arc<BaseConsumer>,
     topic: String,
     may_rotate: bool,
 ) -> Checked {
     let t = topic.clone();
-    let size = tokio::task::spawn_blocking(move || {
-        current.fetch_watermarks(&t, 0, Duration::from_secs(3))
-    })
-    .await;
+    let size =
+        tokio::task::spawn_blocking(move || sizer.fetch_watermarks(&t, 0, Duration::from_secs(3)))
+            .await;
     let end = match size {
         Ok(Ok((_, high))) => high,
         Ok(Err(e)) => {
@@ -453,17 +473,23 @@ async fn next_generation(
     let next = generation_topic(config, node_id, (now_ms().max(0) as u64).max(newest));
     let started = async {
         ensure_topics(config, std::slice::from_ref(&next)).await?;
-        consumer_of(
+        let consumer = consumer_of(
             config,
             node_id,
             &next,
             Offset::Beginning,
             config.fetch_wait_ms,
         )
-        .await
+        .await?;
+        Ok::<_, BusError>((consumer, plain_client(config)?))
     };
     match started.await {
-        Ok(consumer) => Some((next, consumer, records)),
+        Ok((consumer, sizer)) => Some(NewGeneration {
+            topic: next,
+            consumer,
+            sizer,
+            records,
+        }),
         Err(e) => {
             tracing::warn!("cannot start a new generation of this node's topic: {e}");
             None
