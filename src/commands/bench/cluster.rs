@@ -85,28 +85,39 @@ fn pid_file(dir: &Path, name: &str) -> Option<u32> {
         .ok()
 }
 
-/// Calls of every Redis command so far (`INFO commandstats`).
-async fn redis_calls(redis: &RedisClient) -> anyhow::Result<BTreeMap<String, u64>> {
+/// What Redis has done so far: calls of every command (`INFO commandstats`), and its forks
+/// (`total_forks`: AOF rewrites and RDB saves, each of which copies the whole dataset in a
+/// child process while the bench runs: the tail latency of a run with one is not the same).
+#[derive(Debug, Default, PartialEq)]
+struct RedisWork {
+    calls: BTreeMap<String, u64>,
+    forks: u64,
+}
+
+async fn redis_work(redis: &RedisClient) -> anyhow::Result<RedisWork> {
     let info: String = redis
-        .call("INFO commandstats", |mut c| async move {
-            redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut c)
-                .await
+        .call("INFO all", |mut c| async move {
+            redis::cmd("INFO").arg("all").query_async(&mut c).await
         })
         .await
         .map_err(anyhow::Error::msg)?;
-    Ok(parse_commandstats(&info))
+    Ok(parse_info(&info))
 }
 
-fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
-    info.lines()
+fn parse_info(info: &str) -> RedisWork {
+    let calls = info
+        .lines()
         .filter_map(|line| {
             let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
             let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
             Some((name.to_string(), calls.parse().ok()?))
         })
-        .collect()
+        .collect();
+    let forks = info
+        .lines()
+        .find_map(|line| line.strip_prefix("total_forks:")?.trim().parse().ok())
+        .unwrap_or(0);
+    RedisWork { calls, forks }
 }
 
 fn chat_frame(to: &str, n: u64, due_us: u128) -> String {
@@ -140,7 +151,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     let redis = RedisClient::new(&config.redis)?;
-    redis_calls(&redis).await.with_context(|| {
+    redis_work(&redis).await.with_context(|| {
         format!(
             "Redis at {} does not answer: start the services with scripts/services.sh up",
             config.redis.url
@@ -219,7 +230,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| p.pid.and_then(cpu_ticks))
         .collect();
-    let calls_before = redis_calls(&redis).await?;
+    let redis_before = redis_work(&redis).await?;
     let started = Instant::now();
     let end = started + Duration::from_secs(args.duration);
     let delivered = Arc::new(AtomicU64::new(0));
@@ -288,7 +299,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| p.pid.and_then(cpu_ticks))
         .collect();
-    let calls_after = redis_calls(&redis).await?;
+    let redis_after = redis_work(&redis).await?;
     spawned.stop().await;
     let drift = drift(&sampler.await?, &processes);
 
@@ -305,18 +316,18 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             (p.name, secs)
         })
         .collect();
-    let mut calls: Vec<(String, u64)> = calls_after
+    let mut calls: Vec<(String, u64)> = redis_after
+        .calls
         .iter()
         .map(|(k, after)| {
-            (
-                k.clone(),
-                after - calls_before.get(k).copied().unwrap_or(0).min(*after),
-            )
+            let before = redis_before.calls.get(k).copied().unwrap_or(0);
+            (k.clone(), after.saturating_sub(before))
         })
         .filter(|(_, n)| *n > 0)
         .collect();
     calls.sort_by_key(|c| std::cmp::Reverse(c.1));
-    report.print(args, &cpu, &calls, &drift)
+    let forks = redis_after.forks.saturating_sub(redis_before.forks);
+    report.print(args, &cpu, &calls, forks, &drift)
 }
 
 /// Every second while sending: messages delivered so far and each process's CPU ticks.
@@ -602,6 +613,7 @@ impl Report {
         args: &BenchArgs,
         cpu: &[(&str, Option<f64>)],
         calls: &[(String, u64)],
+        redis_forks: u64,
         drift: &[(&str, f64, f64)],
     ) -> anyhow::Result<()> {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
@@ -640,6 +652,7 @@ impl Report {
                     "usPerMessage": s.map(|s| per_msg(s) * 1e6),
                 })).collect::<Vec<_>>(),
                 "redisCommandsPerMessage": per_msg(total_calls as f64),
+                "redisForks": redis_forks,
                 "cpuDrift": drift.iter().map(|(name, first, last)| json!({
                     "process": name, "firstFifthUsPerMessage": first, "lastFifthUsPerMessage": last,
                 })).collect::<Vec<_>>(),
@@ -694,6 +707,13 @@ impl Report {
                 "Redis commands / msg".to_string(),
                 format!("{:.2} ({})", per_msg(total_calls as f64), top.join(", ")),
             ]);
+            table.add_row([
+                "Redis forks (AOF rewrite, RDB save)".to_string(),
+                match redis_forks {
+                    0 => "0".to_string(),
+                    n => format!("{n}: the dataset was copied during the run (tail latency)"),
+                },
+            ]);
             for (name, first, last) in drift {
                 table.add_row([
                     format!("CPU {name}, first → last fifth"),
@@ -721,12 +741,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commandstats_are_read() {
-        let info = "# Commandstats\r\ncmdstat_evalsha:calls=17032,usec=1,usec_per_call=0.1,rejected_calls=0\r\ncmdstat_ping:calls=3,usec=0\r\n";
-        let calls = parse_commandstats(info);
-        assert_eq!(calls.get("evalsha"), Some(&17032));
-        assert_eq!(calls.get("ping"), Some(&3));
-        assert_eq!(calls.len(), 2);
+    fn commandstats_and_forks_are_read() {
+        let info = "# Stats\r\ntotal_forks:5\r\nlatest_fork_usec:9203\r\n# Commandstats\r\ncmdstat_evalsha:calls=17032,usec=1,usec_per_call=0.1,rejected_calls=0\r\ncmdstat_ping:calls=3,usec=0\r\n";
+        let work = parse_info(info);
+        assert_eq!(work.calls.get("evalsha"), Some(&17032));
+        assert_eq!(work.calls.get("ping"), Some(&3));
+        assert_eq!(work.calls.len(), 2);
+        assert_eq!(work.forks, 5);
+        assert_eq!(parse_info("").forks, 0);
     }
 
     #[test]
