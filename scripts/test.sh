@@ -16,7 +16,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# The browser test of /test.html needs Debian's Chromium and the npm package playwright-core.
+# The browser test of the chat page and the dashboard needs Debian's Chromium and the npm package playwright-core.
 if [ ! -x /usr/bin/chromium ]; then
   echo "installing chromium (Debian package) for the browser test..."
   sudo=""

@@ -20,7 +20,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)
+    /// Run one chat node (WebSocket on /ws/chat, REST on /api/chat, chat page on /, dashboard on /dashboard)
     Serve(commands::serve::ServeArgs),
     /// Run the MessageService over gRPC (memory or Redis backend)
     #[command(name = "message-service")]

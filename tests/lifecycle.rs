@@ -177,24 +177,36 @@ async fn rest_health_status_and_stats() {
 }
 
 #[tokio::test]
-async fn test_page_is_served_and_self_contained() {
+async fn the_pages_are_served_and_self_contained() {
     let node = start(config("n1")).await;
-    let (status, page) = http_get(node.addr, "/test.html").await;
-    assert_eq!(status, 200);
-    assert!(page.contains("<html") && page.contains("/ws/chat?userId="));
+    let (_, root) = http_get(node.addr, "/").await;
+    for path in ["/", "/test.html", "/dashboard"] {
+        let (status, page) = http_get(node.addr, path).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(page.contains("<html"), "{path}");
+        // No CDN, no external request: nothing loaded from another origin.
+        for external in ["http://", "https://", "src=\"//", "<link"] {
+            assert!(!page.contains(external), "{path} references {external}");
+        }
+    }
+    let (_, test_page) = http_get(node.addr, "/test.html").await;
+    assert_eq!(root, test_page, "/test.html is the chat page");
+    assert!(root.contains("/ws/chat?") && root.contains("\"userId\""));
     for frame in [
         "CHAT_MESSAGE",
         "READ_RECEIPT",
         "TYPING",
         "HEARTBEAT",
         "MESSAGE_ACK",
+        "SYNCED",
     ] {
-        assert!(page.contains(frame), "test page does not handle {frame}");
+        assert!(
+            root.contains(frame),
+            "the chat page does not handle {frame}"
+        );
     }
-    // No CDN, no external request: nothing loaded from another origin.
-    for external in ["http://", "https://", "src=\"//", "<link"] {
-        assert!(!page.contains(external), "test page references {external}");
-    }
+    let (_, dashboard) = http_get(node.addr, "/dashboard").await;
+    assert!(dashboard.contains("/api/cluster"));
     node.stop().await;
 }
 

@@ -1,6 +1,6 @@
 //! The operator's commands against a real cluster in this process (Redis presence, Kafka bus,
-//! Redis store from the node1 profile's services): `chatd presence`, `chatd stats`, and the
-//! `/metrics` endpoint Prometheus scrapes.
+//! Redis store from the node1 profile's services): `chatd presence`, `chatd stats` (and the
+//! dashboard's `/api/cluster`), and the `/metrics` endpoint Prometheus scrapes.
 
 mod common;
 
@@ -162,6 +162,25 @@ async fn stats_lists_nodes_from_leases_with_counters_and_lag_and_shows_dead_ones
         (&json!(true), &json!(false))
     );
     assert_eq!(r["nodes"][0]["nodeId"], id1.as_str());
+
+    // The dashboard's data: the same report from any node, with each node's health.
+    let (status, cluster) = n2.get("/api/cluster").await;
+    assert_eq!(status, 200, "{cluster:#}");
+    for id in [&id1, &id2] {
+        let row = cluster["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["nodeId"] == id.as_str())
+            .unwrap_or_else(|| panic!("/api/cluster lacks {id}: {cluster:#}"));
+        assert_eq!(row["up"], true);
+        assert_eq!(row["health"]["status"], "UP", "{row:#}");
+        assert!(row["messages"]["messagesReceived"].is_u64());
+    }
+    assert!(
+        !cluster.to_string().contains("counted"),
+        "the report shows no content"
+    );
     n1.stop().await;
     n2.stop().await;
 }

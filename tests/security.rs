@@ -25,6 +25,40 @@ fn token(user: &str, ttl: i64) -> String {
     chatd::auth::sign(SECRET.as_bytes(), user, now, now + ttl)
 }
 
+#[tokio::test]
+async fn operator_data_needs_an_operator_token_in_token_mode() {
+    let mut c = token_config();
+    c.auth.operators = vec!["ops".into()];
+    let node = start(c).await;
+    let (status, body) = node.get("/api/cluster").await;
+    assert_eq!((status, &body["error"]), (401, &json!("INVALID_TOKEN")));
+    let (status, body) = node
+        .get(&format!("/api/cluster?token={}", token("alice", 60)))
+        .await;
+    assert_eq!((status, &body["error"]), (403, &json!("NOT_OPERATOR")));
+    assert!(body["message"].as_str().unwrap().contains("auth.operators"));
+    let (status, body) = node
+        .get(&format!("/api/cluster?token={}", token("ops", -5)))
+        .await;
+    assert_eq!(
+        (status, &body["error"]),
+        (401, &json!("INVALID_TOKEN")),
+        "expired"
+    );
+    let (status, body) = node
+        .get(&format!("/api/cluster?token={}", token("ops", 60)))
+        .await;
+    assert_eq!(status, 200, "{body:#}");
+    assert_eq!(
+        (&body["nodes"][0]["nodeId"], &body["nodes"][0]["up"]),
+        (&json!("sec"), &json!(true)),
+        "{body:#}"
+    );
+    // The pages themselves hold no data: served to anyone.
+    assert_eq!(node.get("/dashboard").await.0, 200);
+    node.stop().await;
+}
+
 async fn refused(url: &str) -> (u16, serde_json::Value) {
     match Client::connect_url(url, WAIT).await {
         Err(ClientError::Refused {

@@ -48,7 +48,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         presence = node.backends.presence.name(),
         bus = node.backends.bus.name(),
         store = node.backends.store.name(),
-        "{LISTENING}{local} (ws://{local}/ws/chat?userId=U, http://{local}/test.html)"
+        "{LISTENING}{local} (ws://{local}/ws/chat?userId=U, chat page http://{local}/, dashboard http://{local}/dashboard)"
     );
     if node.config.auth.mode == AuthMode::None && !local.ip().is_loopback() {
         tracing::warn!(

@@ -3,13 +3,11 @@
 //! cluster totals from Redis, and each node's topic lag from the broker (the seed's
 //! `mqadmin consumerProgress`). A node that does not answer is shown as down.
 
-use std::time::Duration;
-
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::RedisArgs;
-use crate::presence::Presence;
+use crate::server::cluster::{leased_nodes, report};
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {
@@ -26,69 +24,15 @@ pub struct StatsArgs {
 pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
     let config = args.redis.load()?;
     let presence = args.redis.presence(&config)?;
-    let redis_up = presence.health().await;
-
     // Nodes: given, or every live lease (node id -> REST URL).
-    let nodes: Vec<(Option<String>, String)> = if args.nodes.is_empty() {
-        let live = presence.nodes().await.map_err(|e| {
-            anyhow::anyhow!("no --node given and cannot list nodes from Redis: {e}")
-        })?;
-        live.into_iter().map(|(id, url)| (Some(id), url)).collect()
+    let nodes = if args.nodes.is_empty() {
+        leased_nodes(&presence)
+            .await
+            .map_err(|e| anyhow::anyhow!("no --node given and {e}"))?
     } else {
         args.nodes.iter().map(|u| (None, u.clone())).collect()
     };
-
-    let mut rows = Vec::new();
-    for (id, url) in &nodes {
-        let answer = crate::http::get(url, "/api/chat/online/stats", Duration::from_secs(3)).await;
-        let stats: Option<Value> = match answer {
-            Ok((200, body)) => serde_json::from_str(&body).ok(),
-            _ => None,
-        };
-        let node_id = stats
-            .as_ref()
-            .and_then(|s| s["nodeId"].as_str().map(String::from))
-            .or_else(|| id.clone());
-        let (lag, records) = match (&node_id, !config.kafka.is_cluster()) {
-            (Some(node), false) => {
-                let (kafka, node) = (config.kafka.clone(), node.clone());
-                match tokio::task::spawn_blocking(move || crate::bus::topic_state(&kafka, &node))
-                    .await
-                {
-                    Ok(Ok(t)) => (
-                        match t.committed {
-                            Some(c) => json!((t.records - c).max(0)),
-                            None => json!("no commit yet"),
-                        },
-                        json!(t.records),
-                    ),
-                    Ok(Err(e)) => (json!(format!("unknown: {e}")), Value::Null),
-                    Err(e) => (json!(format!("unknown: {e}")), Value::Null),
-                }
-            }
-            _ => (Value::Null, Value::Null),
-        };
-        rows.push(json!({
-            "nodeId": node_id,
-            "url": url,
-            "up": stats.is_some(),
-            "sessions": stats.as_ref().map(|s| s["activeWebSocketSessions"].clone()),
-            "localUsers": stats.as_ref().map(|s| s["localOnlineUsers"].clone()),
-            "messages": stats.as_ref().map(|s| s["messages"].clone()),
-            "topicLag": lag,
-            "topicRecords": records,
-        }));
-    }
-    let total_users = presence.online_user_count().await.ok();
-    let report = json!({
-        "nodes": rows,
-        "cluster": {
-            "nodesUp": rows.iter().filter(|r| r["up"] == true).count(),
-            "nodesKnown": rows.len(),
-            "onlineUsers": total_users,
-            "redis": match &redis_up { Ok(()) => "UP".to_string(), Err(e) => format!("DOWN: {e}") },
-        },
-    });
+    let report = report(&presence, &config.kafka, &nodes).await;
     if args.json {
         println!("{report}");
         return Ok(());
@@ -97,6 +41,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
         "node",
         "url",
         "state",
+        "health",
         "sessions",
         "users here",
         "msgs in",
@@ -120,6 +65,7 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
             } else {
                 "DOWN".into()
             },
+            show(&r["health"]["status"]),
             show(&r["sessions"]),
             show(&r["localUsers"]),
             show(&m["messagesReceived"]),

@@ -440,6 +440,9 @@ pub struct AuthConfig {
     pub mode: AuthMode,
     /// HS256 key of the tokens, at least 32 bytes; redacted when printed.
     pub secret: String,
+    /// Users whose tokens may read the operator dashboard's data (`/api/cluster`) in token
+    /// mode.
+    pub operators: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

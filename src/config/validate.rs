@@ -182,6 +182,17 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(o) = self
+            .auth
+            .operators
+            .iter()
+            .find(|o| !crate::protocol::is_valid_user_id(o))
+        {
+            bad(
+                "auth.operators",
+                format!("{o:?} is not a user id ([A-Za-z0-9_.:@-]{{1,64}})"),
+            );
+        }
         if s.max_connections == 0 || s.max_devices_per_user == 0 {
             bad(
                 "server.max_connections",

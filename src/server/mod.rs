@@ -4,6 +4,7 @@
 //! Graceful shutdown does not wait for upgraded WebSockets, so sessions are counted here
 //! ([`SessionTracker`]) and closed by the node itself (1001) before `run` returns.
 
+pub mod cluster;
 pub mod handshake;
 mod rest;
 mod ws;
@@ -25,6 +26,8 @@ use crate::chat::Node;
 pub struct AppState {
     pub node: Arc<Node>,
     pub tracker: SessionTracker,
+    /// The last cluster report and when it was made (see `rest::cluster`).
+    pub cluster: Arc<tokio::sync::Mutex<Option<(std::time::Instant, serde_json::Value)>>>,
 }
 
 /// Counts live WebSocket sessions so shutdown can wait for them.
@@ -76,7 +79,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/chat/online/stats", get(rest::online_stats))
         .route("/metrics", get(rest::metrics))
-        .route("/test.html", get(rest::test_page))
+        .route("/api/cluster", get(rest::cluster))
+        .route("/", get(rest::chat_page))
+        .route("/test.html", get(rest::chat_page))
+        .route("/dashboard", get(rest::dashboard_page))
         .route("/favicon.ico", get(rest::favicon))
         .fallback(rest::not_found)
         .with_state(state)
@@ -104,6 +110,7 @@ pub async fn run(
     let app = router(AppState {
         node: node.clone(),
         tracker: tracker.clone(),
+        cluster: Default::default(),
     });
     let header_timeout = Duration::from_millis(node.config.server.header_read_timeout_ms);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -1,4 +1,5 @@
-//! REST: health, a user's online status, the node's stats, and the test page.
+//! REST: health, a user's online status, the node's stats, the cluster report for operators,
+//! and the two pages (the chat page, the operator dashboard).
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -10,7 +11,12 @@ use super::AppState;
 use crate::chat::ids::now_ms;
 use crate::protocol::is_valid_user_id;
 
-const TEST_PAGE: &str = include_str!("test.html");
+const CHAT_PAGE: &str = include_str!("chat.html");
+const DASHBOARD_PAGE: &str = include_str!("dashboard.html");
+
+/// How long one cluster report serves every dashboard that asks (each costs a request to
+/// every node and, with Kafka, a look at every node's topic).
+const CLUSTER_REPORT_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An error body every endpoint shares: a stable `error` code and a sentence for people.
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -49,6 +55,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "version": env!("CARGO_PKG_VERSION"),
         "nodeId": state.node.node_id,
         "timestamp": now_ms(),
+        "auth": state.node.config.auth.mode,
         "checks": checks,
     });
     (code, Json(body)).into_response()
@@ -114,12 +121,104 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-pub async fn test_page() -> Response {
+fn html(page: &'static str) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        TEST_PAGE,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        page,
     )
         .into_response()
+}
+
+pub async fn chat_page() -> Response {
+    html(CHAT_PAGE)
+}
+
+pub async fn dashboard_page() -> Response {
+    html(DASHBOARD_PAGE)
+}
+
+/// Every node of the cluster and its counters (`chatd stats` as JSON), for the dashboard. In
+/// token mode only for a token of a user in `auth.operators` (`Authorization: Bearer` or
+/// `?token=`).
+pub async fn cluster(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    query: axum::extract::RawQuery,
+) -> Response {
+    if let Some(refused) = operator(&state.node.config.auth, &headers, query.0.as_deref()) {
+        return refused;
+    }
+    let mut cached = state.cluster.lock().await;
+    if let Some((at, report)) = cached.as_ref() {
+        if at.elapsed() < CLUSTER_REPORT_FOR {
+            return Json(report.clone()).into_response();
+        }
+    }
+    let node = &state.node;
+    let presence = node.backends.presence.as_ref();
+    let mut nodes = super::cluster::leased_nodes(presence)
+        .await
+        .unwrap_or_default();
+    if !nodes
+        .iter()
+        .any(|(id, _)| id.as_deref() == Some(node.node_id.as_str()))
+    {
+        // In-process presence lists no leases; this node is part of the cluster either way.
+        nodes.insert(0, (Some(node.node_id.clone()), node.advertise_url()));
+    }
+    let report = super::cluster::report(presence, &node.config.kafka, &nodes).await;
+    *cached = Some((std::time::Instant::now(), report.clone()));
+    Json(report).into_response()
+}
+
+/// The refusal of a request that may not read operator data; `None` lets it: always in auth
+/// mode none, in token mode with a valid token of a user listed in `auth.operators`.
+fn operator(
+    auth: &crate::config::AuthConfig,
+    headers: &axum::http::HeaderMap,
+    query: Option<&str>,
+) -> Option<Response> {
+    if auth.mode == crate::config::AuthMode::None {
+        return None;
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    let from_query = query.and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    });
+    let Some(token) = bearer.or(from_query) else {
+        return Some(json_error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_TOKEN",
+            "operator data needs a token of a user listed in auth.operators \
+             (chatd token --user OPERATOR), as Authorization: Bearer or ?token=",
+        ));
+    };
+    let now = now_ms() / 1000;
+    match crate::auth::verify(auth.secret.as_bytes(), &token, now) {
+        Err(e) => Some(json_error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_TOKEN",
+            &e.to_string(),
+        )),
+        Ok(claims) if !auth.operators.contains(&claims.sub) => Some(json_error(
+            StatusCode::FORBIDDEN,
+            "NOT_OPERATOR",
+            &format!(
+                "user {:?} is not listed in auth.operators; ask for an operator's token",
+                claims.sub
+            ),
+        )),
+        Ok(_) => None,
+    }
 }
 
 /// Browsers ask for it on every page; no icon, and no 404 in their console.
@@ -132,6 +231,6 @@ pub async fn not_found() -> Response {
         StatusCode::NOT_FOUND,
         "NOT_FOUND",
         "no such path; try /ws/chat?userId=U, /api/chat/health, /api/chat/online/status/U, \
-         /api/chat/online/stats or /test.html",
+         /api/chat/online/stats, /api/cluster, / (the chat page) or /dashboard",
     )
 }
