@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use common::*;
 
 const STORE: &str = "redis://:redis123@127.0.0.1:6379/0";
+const SECRET: &str = "browser-test-secret-0123456789abcdef";
 
 /// `chatd serve --profile node1` (Redis presence, Kafka) on `port`, storing in Redis.
 fn node(node_id: &str, port: u16) -> Proc {
@@ -37,6 +38,20 @@ fn the_chat_page_and_the_dashboard_work_in_a_headless_browser() {
     let port1 = free_port();
     let mut n1 = Some(node(&id1, port1));
     let n2 = node(&id2, free_port());
+    // A node in token mode, in-memory, with one operator.
+    let id3 = unique("web3");
+    let n3 = Proc::serve(
+        &id3,
+        &[],
+        &[
+            ("CHATD_AUTH__MODE", "token"),
+            ("CHATD_AUTH__SECRET", SECRET),
+            ("CHATD_AUTH__OPERATORS", r#"["ops"]"#),
+        ],
+    );
+    let now = chatd::chat::ids::now_ms() / 1000;
+    let carol = chatd::auth::mint(SECRET, "carol", 600, now);
+    let ops = chatd::auth::mint(SECRET, "ops", 600, now);
 
     let mut script = Command::new("node")
         .arg(dir.join("pages.mjs"))
@@ -44,6 +59,8 @@ fn the_chat_page_and_the_dashboard_work_in_a_headless_browser() {
         .arg(format!("http://{}", n2.addr))
         .args([&id1, &id2, &alice, &bob])
         .arg(&shots)
+        .arg(format!("http://{}", n3.addr))
+        .args([&id3, &carol, &ops])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -70,7 +87,7 @@ fn the_chat_page_and_the_dashboard_work_in_a_headless_browser() {
     }
     let out = script.wait_with_output().unwrap();
     let said = said.join("\n");
-    let logs = [n1.as_ref(), Some(&n2)]
+    let logs = [n1.as_ref(), Some(&n2), Some(&n3)]
         .into_iter()
         .flatten()
         .map(|p| format!("{}:\n{}", p.log.display(), p.log_text()))
@@ -81,7 +98,10 @@ fn the_chat_page_and_the_dashboard_work_in_a_headless_browser() {
         "browser test failed:\n{said}\n{}\nnode logs:\n{logs}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(said.contains("ok: presence, typing, read ticks"), "{said}");
+    assert!(
+        said.contains("ok: presence, typing, read ticks") && said.contains("token mode"),
+        "{said}"
+    );
     for page in ["chat.png", "dashboard.png"] {
         let shot = shots.join(page);
         assert!(

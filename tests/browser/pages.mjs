@@ -8,23 +8,27 @@
 //     order, after what she had;
 //   - node 1 stops (alice sees the reconnecting banner), bob sends two more, node 1 starts
 //     again on its port: alice's page reconnects by itself and shows them once, in order;
+//     a reload then shows the same, nothing twice;
 //   - the dashboard on node 2 shows both nodes up, and its message counter rises when bob
-//     sends.
+//     sends;
+//   - on node 3, in auth mode token: the page signs carol in with her token, and the
+//     dashboard shows nothing until it is given an operator's token.
 //
 // Fails on any page error and on any request that leaves the nodes (the pages must be
 // self-contained). Asks the test to stop and start node 1 by printing `ACTION stop-n1` /
 // `ACTION start-n1` and waiting for a line on stdin. Writes a screenshot of each page.
 //
 // usage: node pages.mjs NODE1_URL NODE2_URL NODE1_ID NODE2_ID ALICE BOB SCREENSHOT_DIR
+//                       NODE3_URL NODE3_ID CAROL_TOKEN OPERATOR_TOKEN
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 
-const [n1, n2, id1, id2, alice, bob, shots] = process.argv.slice(2);
-if (!shots) {
-  console.error("usage: node pages.mjs NODE1_URL NODE2_URL NODE1_ID NODE2_ID ALICE BOB SCREENSHOT_DIR");
+const [n1, n2, id1, id2, alice, bob, shots, n3, id3, carolToken, opsToken] = process.argv.slice(2);
+if (!opsToken) {
+  console.error("usage: node pages.mjs NODE1_URL NODE2_URL NODE1_ID NODE2_ID ALICE BOB SCREENSHOT_DIR NODE3_URL NODE3_ID CAROL_TOKEN OPERATOR_TOKEN");
   process.exit(2);
 }
-const origins = [n1, n2].map((u) => new URL(u).origin);
+const origins = [n1, n2, n3].map((u) => new URL(u).origin);
 const problems = [];
 const stdin = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
 const WAIT = 20000;
@@ -48,8 +52,11 @@ async function page(who, url) {
   const p = await context.newPage();
   p.on("pageerror", (e) => problems.push(`${who}: page error: ${e.message}`));
   p.on("console", (m) => {
-    // Chromium logs every refused WebSocket; the restart below makes some on purpose.
-    if (m.type() === "error" && !/^WebSocket connection to .* failed/.test(m.text()))
+    // Chromium logs every refused WebSocket (the restart below makes some on purpose) and
+    // every refused request (the dashboard's before it has a token).
+    const expected = /^WebSocket connection to .* failed/.test(m.text()) ||
+      (who === "token-mode dashboard" && /status of 401/.test(m.text()));
+    if (m.type() === "error" && !expected)
       problems.push(`${who}: console: ${m.text()}`);
   });
   p.on("request", (r) => {
@@ -150,6 +157,11 @@ try {
   await action("start-n1");
   await bubblesBecome(a, "alice after her node restarted", ["hello bob", "one", "two", "three", "four"]);
   await see(b, `#messages .msg.mine[data-status="read"]:has-text("four")`, "bob", "the read ticks of four");
+  // A plain reload: the same conversation, nothing twice.
+  await a.reload();
+  await connected(a, "alice after a reload");
+  await a.waitForTimeout(500);
+  await bubblesBecome(a, "alice after a reload", ["hello bob", "one", "two", "three", "four"]);
 
   // The dashboard: both nodes up, and a counter that rises when messages flow.
   const d = await page("dashboard", `${n2}/dashboard`);
@@ -165,10 +177,24 @@ try {
   if (!(after > before)) problems.push(`the dashboard's messages-in counter stayed at ${before}`);
   await d.waitForTimeout(2500); // one more report, so the charts have a rate to show
 
+  // Token mode: a token to sign in; the dashboard's data only for an operator's token.
+  const t = await page("token-mode page", `${n3}/`);
+  await see(t, "#token-row:not([hidden])", "the token-mode page", "the token field");
+  await t.fill("#user", "carol");
+  await t.fill("#token", carolToken);
+  await t.click("#signin-go");
+  await connected(t, "carol (token mode)");
+  const td = await page("token-mode dashboard", `${n3}/dashboard`);
+  await see(td, "#problem.show:has-text('auth.operators')", "the token-mode dashboard", "why it shows nothing");
+  if (await td.$(`#nodes tr[data-node="${id3}"]`)) problems.push("the token-mode dashboard showed data without a token");
+  await td.fill("#token", opsToken);
+  await td.click("#auth button");
+  await see(td, `#nodes tr[data-node="${id3}"]:has-text("up")`, "the token-mode dashboard", "its node with the operator's token");
+
   await a.screenshot({ path: `${shots}/chat.png` });
   await d.screenshot({ path: `${shots}/dashboard.png`, fullPage: true });
   console.log(`screenshots: ${shots}/chat.png ${shots}/dashboard.png`);
-  console.log("ok: presence, typing, read ticks, second device, come back, node restart, dashboard");
+  console.log("ok: presence, typing, read ticks, second device, come back, node restart, reload, dashboard, token mode");
 } catch (e) {
   problems.push(e.message);
 } finally {
