@@ -203,6 +203,9 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     ];
 
     let run_id = now_ms() % 1_000_000_000;
+    if args.heartbeats {
+        return heartbeats(args, &urls[0], run_id, &processes, &redis, spawned).await;
+    }
     let mut pairs = Vec::with_capacity(args.pairs);
     for i in 0..args.pairs {
         let to = format!("bench{run_id}-r{i}");
@@ -328,6 +331,123 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     calls.sort_by_key(|c| std::cmp::Reverse(c.1));
     let forks = redis_after.forks.saturating_sub(redis_before.forks);
     report.print(args, &cpu, &calls, forks, &drift)
+}
+
+/// `--heartbeats`: what a device's `HEARTBEAT` costs each process (a node records it in
+/// presence and looks in the device's inbox for anything missed, then answers), measured as
+/// messages are: `--pairs` devices on node A, `--rate` heartbeats a second in all.
+async fn heartbeats(
+    args: &BenchArgs,
+    url: &str,
+    run_id: i64,
+    processes: &[Process],
+    redis: &RedisClient,
+    spawned: Spawned,
+) -> anyhow::Result<()> {
+    let rate = args.rate.unwrap_or(5000);
+    let mut devices = Vec::with_capacity(args.pairs);
+    for i in 0..args.pairs {
+        devices.push(Client::connect(url, &format!("bench{run_id}-h{i}"), CONNECT_WAIT).await?);
+    }
+    let cpu_before: Vec<Option<u64>> = processes
+        .iter()
+        .map(|p| p.pid.and_then(cpu_ticks))
+        .collect();
+    let redis_before = redis_work(redis).await?;
+    let started = Instant::now();
+    let end = started + Duration::from_secs(args.duration);
+    let every = Duration::from_secs_f64(args.pairs as f64 / rate as f64);
+    let answered = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = devices
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut device)| {
+            let answered = answered.clone();
+            // Devices out of phase, so that the load is smooth.
+            let first = started + every.mul_f64(i as f64 / args.pairs as f64);
+            tokio::spawn(async move {
+                let mut due = first;
+                while due < end {
+                    tokio::time::sleep_until(due).await;
+                    device
+                        .send_json(&json!({"type": "HEARTBEAT", "content": "ping"}))
+                        .await?;
+                    device
+                        .wait_for("HEARTBEAT_ACK", CONNECT_WAIT, |_| {})
+                        .await?;
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    due += every;
+                }
+                Ok::<_, ClientError>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await?.context("a device failed")?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after: Vec<Option<u64>> = processes
+        .iter()
+        .map(|p| p.pid.and_then(cpu_ticks))
+        .collect();
+    let redis_after = redis_work(redis).await?;
+    spawned.stop().await;
+    let n = answered.load(Ordering::Relaxed).max(1) as f64;
+    let commands: u64 = redis_after
+        .calls
+        .iter()
+        .map(|(k, after)| after.saturating_sub(redis_before.calls.get(k).copied().unwrap_or(0)))
+        .sum();
+    let cpu: Vec<(&str, Option<f64>)> = processes
+        .iter()
+        .zip(cpu_before.iter().zip(&cpu_after))
+        .map(|(p, (b, a))| {
+            let us = match (b, a) {
+                (Some(b), Some(a)) => Some(a.saturating_sub(*b) as f64 / TICKS_PER_SEC * 1e6 / n),
+                _ => None,
+            };
+            (p.name, us)
+        })
+        .collect();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "mode": "heartbeats",
+                "devices": args.pairs,
+                "offeredPerSec": rate,
+                "answered": n as u64,
+                "answeredPerSec": n / elapsed,
+                "cpuUsPerHeartbeat": cpu.iter().map(|(name, us)| (name.to_string(), json!(us))).collect::<serde_json::Map<_, _>>(),
+                "redisCommandsPerHeartbeat": commands as f64 / n,
+            })
+        );
+        return Ok(());
+    }
+    let mut table = crate::commands::table(["measure", "value"]);
+    table.add_row([
+        "load".to_string(),
+        format!(
+            "{} devices on node A, {rate} heartbeats/s offered, {} s",
+            args.pairs, args.duration
+        ),
+    ]);
+    table.add_row([
+        "answered".to_string(),
+        format!("{} in {elapsed:.2} s: {:.0}/s", n as u64, n / elapsed),
+    ]);
+    for (name, us) in cpu {
+        let value = us.map_or("not measured (no pid)".to_string(), |us| {
+            format!("{us:.1} µs/heartbeat")
+        });
+        table.add_row([format!("CPU {name}"), value]);
+    }
+    table.add_row([
+        "Redis commands / heartbeat".to_string(),
+        format!("{:.2}", commands as f64 / n),
+    ]);
+    println!("{table}");
+    Ok(())
 }
 
 /// Every second while sending: messages delivered so far and each process's CPU ticks.

@@ -60,6 +60,10 @@ pub struct BenchArgs {
     /// from when each message was due); without it, each sender keeps --window in flight
     #[arg(long, requires = "cluster")]
     pub rate: Option<u32>,
+    /// With --cluster: measure heartbeats instead of messages: --pairs devices on node A each
+    /// send HEARTBEAT (--rate in all a second, default 5000) and wait for the answer
+    #[arg(long, requires = "cluster")]
+    pub heartbeats: bool,
     /// With --cluster: seconds of sending
     #[arg(long, default_value_t = 15, requires = "cluster")]
     pub duration: u64,
