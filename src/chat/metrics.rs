@@ -324,7 +324,7 @@ mod tests {
         let stats = m.snapshot();
         assert_eq!(stats["messagesReceived"], 3);
         assert_eq!(stats["typingDropped"], 1);
-        assert_eq!(stats.as_object().unwrap().len(), 15);
+        assert_eq!(stats.as_object().unwrap().len(), 16);
         let text = m.render_prometheus(2, 1);
         for want in [
             "chatd_websocket_sessions 2",
