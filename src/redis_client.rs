@@ -150,6 +150,23 @@ impl RedisClient {
     }
 }
 
+/// Runs `pipe`, a pipeline of calls of `script`; if Redis lost the script (it restarted empty:
+/// scripts are not persisted), loads it and runs the pipeline again. Nothing ran the first
+/// time: every call of a missing script fails.
+pub async fn query_script_pipe<T: redis::FromRedisValue>(
+    c: &mut MultiplexedConnection,
+    pipe: &redis::Pipeline,
+    script: &redis::Script,
+) -> redis::RedisResult<T> {
+    match pipe.query_async(c).await {
+        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+            script.prepare_invoke().load_async(c).await?;
+            pipe.query_async(c).await
+        }
+        r => r,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

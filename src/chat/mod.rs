@@ -109,6 +109,7 @@ impl Node {
         }
         node.warm_routes().await;
         tokio::spawn(upkeep::maintain_presence(Arc::downgrade(&node)));
+        tokio::spawn(upkeep::refresh_presence(Arc::downgrade(&node)));
         Ok(node)
     }
 

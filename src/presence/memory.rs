@@ -43,14 +43,22 @@ impl Presence for MemoryPresence {
         Ok(())
     }
 
-    async fn heartbeat(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError> {
-        let mut devices = self.users.get_mut(user_id).ok_or(PresenceError::Unknown)?;
-        let device = devices
-            .iter_mut()
-            .find(|d| d.connection_id == connection_id)
-            .ok_or(PresenceError::Unknown)?;
-        device.last_seen_ms = now_ms();
-        Ok(())
+    async fn refresh(&self, devices: &[(&str, &str)]) -> Result<Vec<usize>, PresenceError> {
+        let now = now_ms();
+        let mut unknown = Vec::new();
+        for (i, (user_id, connection_id)) in devices.iter().enumerate() {
+            let found = self.users.get_mut(*user_id).and_then(|mut list| {
+                let d = list
+                    .iter_mut()
+                    .find(|d| d.connection_id == *connection_id)?;
+                d.last_seen_ms = now;
+                Some(())
+            });
+            if found.is_none() {
+                unknown.push(i);
+            }
+        }
+        Ok(unknown)
     }
 
     async fn devices(&self, user_id: &str) -> Result<Vec<Device>, PresenceError> {
@@ -121,14 +129,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stale_devices_read_offline_until_heartbeat() {
+    async fn stale_devices_read_offline_until_refreshed() {
         let p = MemoryPresence::new(1);
         p.connect("u", device("c1", "n1", now_ms() - 5_000))
             .await
             .unwrap();
         assert!(p.devices("u").await.unwrap().is_empty());
         assert_eq!(p.online_user_count().await.unwrap(), 0);
-        p.heartbeat("u", "c1").await.unwrap();
+        assert_eq!(
+            p.refresh(&[("u", "c1"), ("u", "gone"), ("nobody", "c9")])
+                .await
+                .unwrap(),
+            [1, 2],
+            "the unknown ones, by index"
+        );
         assert_eq!(p.devices("u").await.unwrap().len(), 1);
     }
 }

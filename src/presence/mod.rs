@@ -16,7 +16,8 @@ use serde::Serialize;
 pub struct Device {
     pub connection_id: String,
     pub node_id: String,
-    /// Last connect or heartbeat, unix milliseconds.
+    /// When it connected or its node last refreshed it (every third of `presence.ttl_secs`,
+    /// see [`Presence::refresh`]), unix milliseconds.
     pub last_seen_ms: i64,
 }
 
@@ -26,9 +27,6 @@ pub enum PresenceError {
     Unavailable(String),
     #[error(transparent)]
     Redis(#[from] crate::redis_client::RedisError),
-    /// A heartbeat for a device presence does not know (lost or reaped): register it again.
-    #[error("device not registered")]
-    Unknown,
 }
 
 #[async_trait]
@@ -37,8 +35,12 @@ pub trait Presence: Send + Sync {
     async fn connect(&self, user_id: &str, device: Device) -> Result<(), PresenceError>;
     /// Removes one device; the user goes offline with its last device.
     async fn disconnect(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError>;
-    /// Refreshes a device's last-seen time; [`PresenceError::Unknown`] if it is not registered.
-    async fn heartbeat(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError>;
+    /// Refreshes the last-seen time of these (user, connection) devices, all of a node's in one
+    /// go (a node does it every third of `presence.ttl_secs`, not at each device's heartbeat:
+    /// one call for thousands of devices instead of a fsynced write per heartbeat). Returns
+    /// the indexes of the devices presence does not know (lost or reaped): the node registers
+    /// them again.
+    async fn refresh(&self, devices: &[(&str, &str)]) -> Result<Vec<usize>, PresenceError>;
     /// The user's live devices (expired ones are not returned).
     async fn devices(&self, user_id: &str) -> Result<Vec<Device>, PresenceError>;
     /// The live devices of each user, in the order asked; one round trip where the backend

@@ -64,15 +64,24 @@ end
 return 1
 "#;
 
-/// Refreshes a device's last-seen time, keeping its node. Returns 0 when the device is unknown
-/// (Redis lost it, or the janitor reaped it): the caller registers it again.
-const HEARTBEAT: &str = r#"
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-if not v then return 0 end
-local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
-redis.call('HSET', KEYS[1], ARGV[1], node .. '|' .. ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+/// Refreshes devices' last-seen time, keeping their node: KEYS the user's device hashes,
+/// ARGV now, ttl ms, then each device's connection id. Returns the (1-based) places of the
+/// devices it does not know (Redis lost them, or the janitor reaped them): the node registers
+/// them again.
+const REFRESH: &str = r#"
+local unknown = {}
+for k = 1, #KEYS do
+  local conn = ARGV[k + 2]
+  local v = redis.call('HGET', KEYS[k], conn)
+  if v then
+    local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
+    redis.call('HSET', KEYS[k], conn, node .. '|' .. ARGV[1])
+    redis.call('PEXPIRE', KEYS[k], ARGV[2])
+  else
+    unknown[#unknown + 1] = k
+  end
+end
+return unknown
 "#;
 
 /// The user's devices whose node holds a lease, as a flat [conn, value, ...] list.
@@ -142,13 +151,16 @@ redis.call('DEL', KEYS[1])
 return n
 "#;
 
+/// Devices one refresh script call takes: Redis runs nothing else meanwhile.
+const REFRESH_CHUNK: usize = 256;
+
 pub struct RedisPresence {
     redis: RedisClient,
     ttl_ms: i64,
     lease: Duration,
     connect: Script,
     disconnect: Script,
-    heartbeat: Script,
+    refresh: Script,
     devices: Script,
     devices_many: Script,
     clear_node: Script,
@@ -163,7 +175,7 @@ impl RedisPresence {
             lease: Duration::from_secs(lease_secs),
             connect: Script::new(CONNECT),
             disconnect: Script::new(DISCONNECT),
-            heartbeat: Script::new(HEARTBEAT),
+            refresh: Script::new(REFRESH),
             devices: Script::new(DEVICES),
             devices_many: Script::new(DEVICES_MANY),
             clear_node: Script::new(CLEAR_NODE),
@@ -318,24 +330,35 @@ impl Presence for RedisPresence {
         .await
     }
 
-    async fn heartbeat(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError> {
-        let script = &self.heartbeat;
-        let ttl = self.ttl_ms;
-        let found: i64 = self
-            .call("heartbeat", |mut c| async move {
-                script
-                    .key(devices_key(user_id))
-                    .arg(connection_id)
-                    .arg(now_ms())
-                    .arg(ttl)
-                    .invoke_async(&mut c)
-                    .await
+    /// One pipeline of script calls of [`REFRESH_CHUNK`] devices each: one round trip.
+    async fn refresh(&self, devices: &[(&str, &str)]) -> Result<Vec<usize>, PresenceError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for chunk in devices.chunks(REFRESH_CHUNK) {
+            let mut call = self.refresh.prepare_invoke();
+            call.arg(now_ms()).arg(self.ttl_ms);
+            for (user, connection) in chunk {
+                call.key(devices_key(user)).arg(*connection);
+            }
+            pipe.invoke_script(&call);
+        }
+        let (script, pipe) = (&self.refresh, &pipe);
+        let replies: Vec<Vec<usize>> = self
+            .call("refresh devices", |mut c| async move {
+                crate::redis_client::query_script_pipe(&mut c, pipe, script).await
             })
             .await?;
-        if found == 0 {
-            return Err(PresenceError::Unknown);
-        }
-        Ok(())
+        Ok(replies
+            .into_iter()
+            .enumerate()
+            .flat_map(|(chunk, places)| {
+                places
+                    .into_iter()
+                    .map(move |k| chunk * REFRESH_CHUNK + k.saturating_sub(1))
+            })
+            .collect())
     }
 
     async fn devices(&self, user_id: &str) -> Result<Vec<Device>, PresenceError> {

@@ -321,7 +321,6 @@ async fn handle_text(
         }
         Ok(ClientFrame::Sync { since }) => node.handle_sync(handle, since),
         Ok(ClientFrame::Heartbeat) => {
-            node.heartbeat(handle).await;
             node.probe_inbox(handle);
             node.reply(handle, &ServerFrame::HeartbeatAck { content: "pong" })
                 .await;

@@ -277,15 +277,7 @@ impl Store for RedisStore {
         let replies: Result<Vec<Vec<Vec<String>>>, RedisError> = self
             .redis
             .call("save messages", |mut c| async move {
-                match pipe.query_async(&mut c).await {
-                    // Redis restarted empty (scripts are not persisted): load it and run
-                    // again. Nothing ran: every call of a missing script fails.
-                    Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                        script.prepare_invoke().load_async(&mut c).await?;
-                        pipe.query_async(&mut c).await
-                    }
-                    r => r,
-                }
+                crate::redis_client::query_script_pipe(&mut c, pipe, script).await
             })
             .await;
         let replies: Vec<Vec<String>> = match replies {
