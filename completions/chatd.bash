@@ -103,7 +103,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__bench)
-            opts="-h -V --url --spawn --pairs --messages --window --idle --cluster --node --rate --duration --profile --config-dir --services-dir --json --help --version"
+            opts="-h -V --url --spawn --pairs --messages --window --idle --cluster --node --rate --heartbeats --duration --profile --config-dir --services-dir --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

@@ -26,7 +26,7 @@ end
 
 complete -c chatd -n "__fish_chatd_needs_command" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_needs_command" -s V -l version -d 'Print version'
-complete -c chatd -n "__fish_chatd_needs_command" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, chat page on /, dashboard on /dashboard)'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "message-service" -d 'Run the MessageService over gRPC (memory or Redis backend)'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
@@ -112,6 +112,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand bench" -l config-dir -d 'Dir
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l services-dir -d 'With --cluster: where scripts/services.sh keeps its pid files, for the CPU time of Redis, the broker and the MessageService' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l spawn -d 'Start a node of this binary for the run (in-memory backends, no rate limit) and measure its memory too'
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l cluster -d 'Measure the cross-node path instead: start two nodes (profile node1 settings, node ids benchA and benchB) on the services of scripts/services.sh, senders on the first, receivers on the second'
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l heartbeats -d 'With --cluster: measure heartbeats instead of messages: --pairs devices on node A each send HEARTBEAT (--rate in all a second, default 5000) and wait for the answer'
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l json -d 'Machine output'
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -s V -l version -d 'Print version'
@@ -124,7 +125,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand token" -s h -l help -d 'Prin
 complete -c chatd -n "__fish_chatd_using_subcommand token" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, test page on /test.html)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, chat page on /, dashboard on /dashboard)'
 complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "message-service" -d 'Run the MessageService over gRPC (memory or Redis backend)'
 complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
 complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
