@@ -207,6 +207,11 @@ async fn inbox(store_addr: &str, user: &str) -> (u64, Vec<String>) {
                 .map(|e| e.message.message.content.clone()),
         );
     }
+    // What the nodes compare their devices' cursors with at heartbeats says the same.
+    assert_eq!(
+        store.latest_seqs(&[user, "nobody-at-all"]).await.unwrap(),
+        [latest, 0]
+    );
     (latest, contents)
 }
 

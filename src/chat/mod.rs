@@ -62,6 +62,8 @@ pub struct Node {
     shutdown: watch::Sender<bool>,
     /// Chat messages checked by their connection's reader, for the batched path.
     chats: mpsc::UnboundedSender<batch::Pending>,
+    /// Devices that sent a heartbeat, for a look at what they may have missed (`sync`).
+    probes: mpsc::UnboundedSender<SessionHandle>,
 }
 
 impl Node {
@@ -71,8 +73,10 @@ impl Node {
         let node_id = config.server.node_id.clone();
         let mut inbox = backends.bus.subscribe(&node_id).await?;
         let (chats, chats_rx) = mpsc::unbounded_channel();
+        let (probes, probes_rx) = mpsc::unbounded_channel();
         let node = Arc::new_cyclic(|me| Node {
             chats,
+            probes,
             me: me.clone(),
             ids: IdGenerator::new(&node_id),
             node_id,
@@ -85,6 +89,7 @@ impl Node {
             config,
         });
         tokio::spawn(batch::run(Arc::downgrade(&node), chats_rx));
+        tokio::spawn(sync::probe_heartbeats(Arc::downgrade(&node), probes_rx));
         let weak = Arc::downgrade(&node);
         tokio::spawn(async move {
             while let Some(inbound) = inbox.recv().await {

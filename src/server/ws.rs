@@ -321,7 +321,7 @@ async fn handle_text(
         }
         Ok(ClientFrame::Sync { since }) => node.handle_sync(handle, since),
         Ok(ClientFrame::Heartbeat) => {
-            node.probe_inbox(handle);
+            node.heartbeat_probe(handle);
             node.reply(handle, &ServerFrame::HeartbeatAck { content: "pong" })
                 .await;
         }

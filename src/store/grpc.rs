@@ -86,6 +86,8 @@ fn entry_from_pb(e: pb::InboxEntry) -> Option<InboxEntry> {
 
 /// Most messages one `SaveMessages` call may carry.
 pub const MAX_BATCH: usize = 1024;
+/// Most users one `LatestSeqs` call asks about.
+pub const MAX_LATEST: usize = 10_000;
 
 /// How long an endpoint that failed at the connection level is passed over by later calls
 /// (while another answers): one refused connect costs little, but a call per message to a
@@ -365,6 +367,26 @@ impl Store for GrpcStore {
         })
     }
 
+    async fn latest_seqs(&self, user_ids: &[&str]) -> Result<Vec<u64>, StoreError> {
+        let request = pb::LatestSeqsRequest {
+            user_ids: user_ids.iter().map(|u| u.to_string()).collect(),
+        };
+        let reply = self
+            .with_retries("latest seqs", |mut c| {
+                let request = request.clone();
+                async move { c.latest_seqs(Request::new(request)).await }
+            })
+            .await?;
+        if reply.latest_seqs.len() != user_ids.len() {
+            return Err(StoreError::Unavailable(format!(
+                "MessageService answered {} seqs for {} users",
+                reply.latest_seqs.len(),
+                user_ids.len()
+            )));
+        }
+        Ok(reply.latest_seqs)
+    }
+
     /// Up while any of the services answers (each is asked, at once); down with every
     /// service's answer otherwise.
     async fn health(&self) -> Result<(), StoreError> {
@@ -521,6 +543,21 @@ impl MessageService for Service {
             oldest_seq: page.oldest,
             latest_seq: page.latest,
         }))
+    }
+
+    async fn latest_seqs(
+        &self,
+        request: Request<pb::LatestSeqsRequest>,
+    ) -> Result<Response<pb::LatestSeqsResponse>, Status> {
+        let r = request.into_inner();
+        if r.user_ids.len() > MAX_LATEST {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_LATEST} user ids a call"
+            )));
+        }
+        let users: Vec<&str> = r.user_ids.iter().map(String::as_str).collect();
+        let latest_seqs = self.store.latest_seqs(&users).await.map_err(to_status)?;
+        Ok(Response::new(pb::LatestSeqsResponse { latest_seqs }))
     }
 
     async fn health(

@@ -148,6 +148,16 @@ pub trait Store: Send + Sync {
     /// `limit` 0 answers only `oldest` and `latest`.
     async fn fetch(&self, user_id: &str, after: u64, limit: usize)
         -> Result<InboxPage, StoreError>;
+    /// The newest seq of each user's inbox (0 before its first entry), in the order asked;
+    /// one round trip where the store can. A node compares its devices' cursors with these
+    /// (at their heartbeats) and fetches an inbox only for a device that is behind.
+    async fn latest_seqs(&self, user_ids: &[&str]) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::with_capacity(user_ids.len());
+        for u in user_ids {
+            out.push(self.fetch(u, 0, 0).await?.latest);
+        }
+        Ok(out)
+    }
     async fn health(&self) -> Result<(), StoreError>;
     fn name(&self) -> &'static str;
 }

@@ -395,6 +395,22 @@ impl Store for RedisStore {
         Ok(page)
     }
 
+    /// One `MGET` of the users' seq counters (a counter only grows with its inbox entry).
+    async fn latest_seqs(&self, user_ids: &[&str]) -> Result<Vec<u64>, StoreError> {
+        if user_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = user_ids.iter().map(|u| seq_key(u)).collect();
+        let keys = &keys;
+        let seqs: Vec<Option<u64>> = self
+            .redis
+            .call("latest seqs", |mut c| async move {
+                redis::cmd("MGET").arg(keys).query_async(&mut c).await
+            })
+            .await?;
+        Ok(seqs.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         Ok(self.redis.ping().await?)
     }
