@@ -82,10 +82,7 @@ async fn seqs_duplicates_and_receipts() {
     assert_eq!((empty.oldest, empty.latest, empty.entries.len()), (1, 0, 0));
     // Each user's newest seq at once: a's three, b's two (a message from a, one to a).
     let nobody = unique("nobody");
-    assert_eq!(
-        s.latest_seqs(&[&a, &b, &nobody]).await.unwrap(),
-        [3, 2, 0]
-    );
+    assert_eq!(s.latest_seqs(&[&a, &b, &nobody]).await.unwrap(), [3, 2, 0]);
 }
 
 #[tokio::test]

@@ -324,7 +324,10 @@ impl Node {
 /// device missed arrives at its next heartbeat (within [`PROBE_LINGER`] more), as before, for
 /// one store call per batch instead of an inbox fetch per heartbeat (that fetch cost the
 /// MessageService and Redis more than a message did: `chatd bench --cluster --heartbeats`).
-pub(super) async fn probe_heartbeats(node: Weak<Node>, mut rx: mpsc::UnboundedReceiver<SessionHandle>) {
+pub(super) async fn probe_heartbeats(
+    node: Weak<Node>,
+    mut rx: mpsc::UnboundedReceiver<SessionHandle>,
+) {
     let mut batch = Vec::with_capacity(PROBE_BATCH);
     while rx.recv_many(&mut batch, PROBE_BATCH).await > 0 {
         tokio::time::sleep(PROBE_LINGER).await;
