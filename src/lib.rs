@@ -6,7 +6,8 @@
 //! - [`auth`]: who may connect: HS256 tokens
 //! - [`backoff`]: the wait before another attempt (doubling, capped, with jitter)
 //! - [`protocol`]: WebSocket frames: parse, validate, serialize; stable error codes
-//! - [`server`]: the axum app: WebSocket sessions, REST, test page, graceful shutdown
+//! - [`server`]: the axum app: WebSocket sessions, REST, the chat page and the dashboard,
+//!   the cluster report, graceful shutdown
 //! - [`chat`]: the message path: ids, moderation, routing, local sessions, counters
 //! - [`presence`]: who is online where (trait + memory + redis)
 //! - [`bus`]: frames between nodes and offline-push events (trait + in-process + kafka)
