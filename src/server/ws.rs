@@ -224,7 +224,9 @@ where
                 Ok(Some(Ok(Message::Text(text)))) => {
                     let verdict = rate.check();
                     if verdict == Verdict::Allow {
-                        handle_text(&node, &handle, &text, ctx, &in_flight).await;
+                        // Boxed: a frame's handling (a store call awaited) is far larger than
+                        // the idle session; inline, every idle connection's task held room for it.
+                        Box::pin(handle_text(&node, &handle, &text, ctx, &in_flight)).await;
                     } else if verdict == Verdict::Close {
                         handle.request_close(1008, "rate limit exceeded again and again");
                         break "flooding";
