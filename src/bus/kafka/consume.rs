@@ -433,33 +433,20 @@ async fn check(
         tokio::task::spawn_blocking(move || sizer.fetch_watermarks(&t, 0, Duration::from_secs(3)))
             .await;
     let end = match size {
-        Ok(Ok((_, high))) => high,
+        Ok(Ok((_, high))) => Some(high),
         Ok(Err(e)) => {
             tracing::debug!(%topic, "size of this node's topic unknown: {e}");
-            return Checked {
-                topic,
-                end: None,
-                next: None,
-            };
+            None
         }
-        Err(_) => {
-            return Checked {
-                topic,
-                end: None,
-                next: None,
-            }
+        Err(_) => None,
+    };
+    let next = match end {
+        Some(records) if may_rotate && records >= config.rotate_records as i64 => {
+            next_generation(config, node_id, &topic, records).await
         }
+        _ => None,
     };
-    let next = if may_rotate && end >= config.rotate_records as i64 {
-        next_generation(config, node_id, &topic, end).await
-    } else {
-        None
-    };
-    Checked {
-        topic,
-        end: Some(end),
-        next,
-    }
+    Checked { topic, end, next }
 }
 
 /// A new generation after `topic`, which holds `records` records.
