@@ -59,4 +59,4 @@ cargo test --release --locked "$@"
 # real broker; the table shows every check and its latency.
 # The spawned nodes log what the bus does with each frame: on a failure the command prints
 # the tails of both nodes' logs.
-RUST_LOG=info,chatd::bus=debug target/release/chatd crossnode-test --spawn
+RUST_LOG=info,chatd::bus=debug,chatd::chat::route=debug target/release/chatd crossnode-test --spawn

@@ -12,7 +12,7 @@ fn every_scenario_passes_on_two_spawned_nodes() {
         .args(["crossnode-test", "--spawn", "--json"])
         // The spawned nodes inherit it: their log tails (printed on a failure) then say what
         // the bus did with each frame.
-        .env("RUST_LOG", "info,chatd::bus=debug")
+        .env("RUST_LOG", "info,chatd::bus=debug,chatd::chat::route=debug")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
