@@ -47,10 +47,28 @@ fn entry_frame(entry: &InboxEntry, user_id: &str) -> Utf8Bytes {
 }
 
 impl Node {
+    /// The newest seq of a user's inbox, asked before a session without `since` is
+    /// registered: where it starts ([`begin_sync`](Self::begin_sync)). `None` when the store
+    /// does not answer.
+    pub async fn inbox_position(&self, user_id: &str) -> Option<u64> {
+        match self.fetch(user_id, 0, 0).await {
+            Ok(page) => Some(page.latest),
+            Err(e) => {
+                tracing::warn!(user = %user_id, "inbox position unknown ({e}); starting from the first live frame");
+                None
+            }
+        }
+    }
+
     /// Starts a new session's place in the inbox, in the background: with `since`, a replay
-    /// of everything after it (ending with `SYNCED`); without, from the newest seq now. The
-    /// session must already be registered.
-    pub fn begin_sync(&self, handle: &SessionHandle, since: Option<u64>) {
+    /// of everything after it (ending with `SYNCED`); without, from `newest`, the newest seq
+    /// asked before the session was registered ([`inbox_position`](Self::inbox_position)),
+    /// with what was stored between that answer and the registration fetched: asked after
+    /// the registration instead, the answer could already count a message stored meanwhile
+    /// whose live frame had not arrived yet, and that frame was then dropped as one the
+    /// device had (CI saw a first cross-node message never delivered). The session must
+    /// already be registered.
+    pub fn begin_sync(&self, handle: &SessionHandle, since: Option<u64>, newest: Option<u64>) {
         let Some(node) = self.me.upgrade() else {
             return;
         };
@@ -63,15 +81,8 @@ impl Node {
                     true
                 }
                 None => {
-                    let latest = match node.fetch(&handle.user_id, 0, 0).await {
-                        Ok(page) => Some(page.latest),
-                        Err(e) => {
-                            tracing::warn!(user = %handle.user_id, "inbox position unknown ({e}); starting from the first live frame");
-                            None
-                        }
-                    };
-                    handle.order().start_at(latest);
-                    false
+                    handle.order().start_at(newest);
+                    newest.is_some()
                 }
             };
             node.catch_up(&handle, fetch_first).await;

@@ -150,9 +150,15 @@ where
         },
     )
     .await;
+    // Without `since`, the session starts at the newest seq asked now, before it is
+    // registered; what is stored from then on reaches it live or from the store.
+    let newest = match identity.since {
+        Some(_) => None,
+        None => node.inbox_position(&user_id).await,
+    };
     node.sessions.add(handle.clone());
     // Registered first, then the store asked: no live frame falls between the two.
-    node.begin_sync(&handle, identity.since);
+    node.begin_sync(&handle, identity.since, newest);
     node.register(&handle).await;
     tracing::info!(user = %user_id, connection = %connection_id, "connected");
 
