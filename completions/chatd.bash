@@ -46,6 +46,9 @@ _chatd() {
             chatd,stats)
                 cmd="chatd__subcmd__stats"
                 ;;
+            chatd,store)
+                cmd="chatd__subcmd__store"
+                ;;
             chatd,token)
                 cmd="chatd__subcmd__token"
                 ;;
@@ -79,8 +82,26 @@ _chatd() {
             chatd__subcmd__help,stats)
                 cmd="chatd__subcmd__help__subcmd__stats"
                 ;;
+            chatd__subcmd__help,store)
+                cmd="chatd__subcmd__help__subcmd__store"
+                ;;
             chatd__subcmd__help,token)
                 cmd="chatd__subcmd__help__subcmd__token"
+                ;;
+            chatd__subcmd__help__subcmd__store,migrate)
+                cmd="chatd__subcmd__help__subcmd__store__subcmd__migrate"
+                ;;
+            chatd__subcmd__store,help)
+                cmd="chatd__subcmd__store__subcmd__help"
+                ;;
+            chatd__subcmd__store,migrate)
+                cmd="chatd__subcmd__store__subcmd__migrate"
+                ;;
+            chatd__subcmd__store__subcmd__help,help)
+                cmd="chatd__subcmd__store__subcmd__help__subcmd__help"
+                ;;
+            chatd__subcmd__store__subcmd__help,migrate)
+                cmd="chatd__subcmd__store__subcmd__help__subcmd__migrate"
                 ;;
             *)
                 ;;
@@ -89,7 +110,7 @@ _chatd() {
 
     case "${cmd}" in
         chatd)
-            opts="-h -V --help --version serve message-service connect send presence stats crossnode-test bench token completions help"
+            opts="-h -V --help --version serve message-service connect send presence stats store crossnode-test bench token completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -247,7 +268,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__help)
-            opts="serve message-service connect send presence stats crossnode-test bench token completions help"
+            opts="serve message-service connect send presence stats store crossnode-test bench token completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -400,6 +421,34 @@ _chatd() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        chatd__subcmd__help__subcmd__store)
+            opts="migrate"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__help__subcmd__store__subcmd__migrate)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         chatd__subcmd__help__subcmd__token)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -415,7 +464,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__message__subcmd__service)
-            opts="-h -V --listen --backend --redis --profile --config --config-dir --help --version"
+            opts="-h -V --listen --backend --redis --redis-cluster --profile --config --config-dir --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -453,7 +502,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__presence)
-            opts="-h -V --redis --profile --config --config-dir --json --help --version"
+            opts="-h -V --redis --redis-cluster --profile --config --config-dir --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -559,7 +608,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__stats)
-            opts="-h -V --node --redis --profile --config --config-dir --json --help --version"
+            opts="-h -V --node --redis --redis-cluster --profile --config --config-dir --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -569,6 +618,92 @@ _chatd() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --redis)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --config-dir)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__store)
+            opts="-h -V --help --version migrate help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__store__subcmd__help)
+            opts="migrate help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__store__subcmd__help__subcmd__help)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__store__subcmd__help__subcmd__migrate)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 4 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        chatd__subcmd__store__subcmd__migrate)
+            opts="-h -V --redis --redis-cluster --profile --config --config-dir --json --help --version"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
                 --redis)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0

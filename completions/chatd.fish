@@ -32,6 +32,7 @@ complete -c chatd -n "__fish_chatd_needs_command" -f -a "connect" -d 'Chat from 
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
+complete -c chatd -n "__fish_chatd_needs_command" -f -a "store" -d 'The Redis store\'s upkeep: `migrate` moves it to the current key layout'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "bench" -d 'Measure a node: messages per second, latency, memory per connection'
 complete -c chatd -n "__fish_chatd_needs_command" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
@@ -52,6 +53,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l redis -d
 complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l config -d 'A config file read over the profile' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand message-service" -l redis-cluster -d 'The --redis URL (one or more, comma-separated) names seed nodes of a Redis Cluster'
 complete -c chatd -n "__fish_chatd_using_subcommand message-service" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c chatd -n "__fish_chatd_using_subcommand message-service" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -l user -d 'Your user id' -r
@@ -81,6 +83,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand presence" -l redis -d 'Redis
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -l config -d 'A config file read over the profile' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand presence" -l redis-cluster -d 'The --redis URL (one or more, comma-separated) names seed nodes of a Redis Cluster'
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -l json -d 'Machine output'
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand presence" -s V -l version -d 'Print version'
@@ -89,9 +92,24 @@ complete -c chatd -n "__fish_chatd_using_subcommand stats" -l redis -d 'Redis UR
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -l config -d 'A config file read over the profile' -r -F
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand stats" -l redis-cluster -d 'The --redis URL (one or more, comma-separated) names seed nodes of a Redis Cluster'
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -l json -d 'Machine output'
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand stats" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and not __fish_seen_subcommand_from migrate help" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and not __fish_seen_subcommand_from migrate help" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and not __fish_seen_subcommand_from migrate help" -f -a "migrate" -d 'Move a Redis store\'s keys from the layout before Redis Cluster support to the current one (stop every node and MessageService first); safe to run again'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and not __fish_seen_subcommand_from migrate help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from migrate" -l redis -d 'Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from migrate" -l profile -d 'Profile: reads <config-dir>/<PROFILE>.toml over default.toml (node1: 9430, node2: 9431)' -r
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from migrate" -l config -d 'A config file read over the profile' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from migrate" -l config-dir -d 'Directory of default.toml and the profiles' -r -F
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from migrate" -l redis-cluster -d 'The --redis URL (one or more, comma-separated) names seed nodes of a Redis Cluster'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from migrate" -l json -d 'Machine output'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from migrate" -s h -l help -d 'Print help'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from migrate" -s V -l version -d 'Print version'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from help" -f -a "migrate" -d 'Move a Redis store\'s keys from the layout before Redis Cluster support to the current one (stop every node and MessageService first); safe to run again'
+complete -c chatd -n "__fish_chatd_using_subcommand store; and __fish_seen_subcommand_from help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l node -d 'The two nodes (default: the node1 and node2 profiles on this machine)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l profile -d 'Where Redis (to check presence directly) and the token secret (for nodes in auth mode token) are read from: this profile' -r
 complete -c chatd -n "__fish_chatd_using_subcommand crossnode-test" -l config-dir -d 'Directory of the profiles' -r -F
@@ -125,14 +143,16 @@ complete -c chatd -n "__fish_chatd_using_subcommand token" -s h -l help -d 'Prin
 complete -c chatd -n "__fish_chatd_using_subcommand token" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s h -l help -d 'Print help'
 complete -c chatd -n "__fish_chatd_using_subcommand completions" -s V -l version -d 'Print version'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, chat page on /, dashboard on /dashboard)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "message-service" -d 'Run the MessageService over gRPC (memory or Redis backend)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "bench" -d 'Measure a node: messages per second, latency, memory per connection'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "completions" -d 'Print shell completions'
-complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats crossnode-test bench token completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "serve" -d 'Run one chat node (WebSocket on /ws/chat, REST on /api/chat, chat page on /, dashboard on /dashboard)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "message-service" -d 'Run the MessageService over gRPC (memory or Redis backend)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "connect" -d 'Chat from the terminal: interactive for a person, JSON lines for scripts'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "send" -d 'Send one message (or --count N), wait for the server\'s ack, exit non-zero on error'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "presence" -d 'Where users are online: nodes, devices, last heartbeat (reads Redis)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "stats" -d 'The cluster at a glance: nodes, sessions, users, message counters, broker lag'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "store" -d 'The Redis store\'s upkeep: `migrate` moves it to the current key layout'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "crossnode-test" -d 'Run the seed\'s cross-node scenarios against two nodes; non-zero exit on any failure'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "bench" -d 'Measure a node: messages per second, latency, memory per connection'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "token" -d 'Print a token (HS256 JWT) for a user, signed with the configured [auth] secret'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "completions" -d 'Print shell completions'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and not __fish_seen_subcommand_from serve message-service connect send presence stats store crossnode-test bench token completions help" -f -a "help" -d 'Print this message or the help of the given subcommand(s)'
+complete -c chatd -n "__fish_chatd_using_subcommand help; and __fish_seen_subcommand_from store" -f -a "migrate" -d 'Move a Redis store\'s keys from the layout before Redis Cluster support to the current one (stop every node and MessageService first); safe to run again'

@@ -12,6 +12,12 @@
 #   scripts/services.sh down     stop what `up` started (by its pid files, never by name)
 #   scripts/services.sh status   say what runs
 #
+# And a Redis Cluster for `redis.cluster = true` (README, "Redis Cluster"): three masters on
+# 127.0.0.1:$REDIS_CLUSTER_PORTS (7001-7003), same password and persistence as above, all
+# 16,384 slots assigned by `redis-cli --cluster create`:
+#   scripts/services.sh cluster up|down|status
+#   seeds for chatd: redis.cluster = true, redis.url = "redis://127.0.0.1:7001,redis://127.0.0.1:7002"
+#
 # Installing Tansu compiles it (about 16 minutes on 2 cores) into ~/.cargo/bin, once.
 # State (pid files, logs) lives in .services/ of the repository.
 set -euo pipefail
@@ -24,6 +30,7 @@ STORE_PORT=${STORE_PORT:-20882}
 CHATD=target/release/chatd
 TANSU_VERSION=0.6.0
 STATE=.services
+REDIS_CLUSTER_PORTS=${REDIS_CLUSTER_PORTS:-7001 7002 7003}
 TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
 
 mkdir -p "$STATE"
@@ -124,8 +131,8 @@ kafka_ready() {
   pid_alive "$STATE/kafka.pid" && port_open "$KAFKA_PORT"
 }
 
-stop() { # name
-  local pidfile="$STATE/$1.pid"
+stop() { # name [pidfile]
+  local pidfile=${2:-$STATE/$1.pid}
   if pid_alive "$pidfile"; then
     local pid
     pid=$(cat "$pidfile")
@@ -157,7 +164,79 @@ status() {
   return $rc
 }
 
+start_cluster_node() { # port
+  local port=$1 dir="$PWD/$STATE/cluster-$1"
+  if pid_alive "$dir/redis.pid"; then return; fi
+  if port_open "$port"; then
+    echo "error: something else listens on 127.0.0.1:$port; stop it or set REDIS_CLUSTER_PORTS" >&2
+    exit 1
+  fi
+  mkdir -p "$dir"
+  redis-server --bind 127.0.0.1 --port "$port" --requirepass "$REDIS_PASSWORD" \
+    --masterauth "$REDIS_PASSWORD" --cluster-enabled yes --cluster-config-file nodes.conf \
+    --save "" --appendonly yes --appendfsync always --dir "$dir" --daemonize yes \
+    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
+}
+
+cluster_cli() { # port args...
+  local port=$1
+  shift
+  redis-cli -h 127.0.0.1 -p "$port" -a "$REDIS_PASSWORD" --no-auth-warning "$@"
+}
+
+cluster_ok() { # every node answers and says the cluster is ok
+  local port
+  for port in $REDIS_CLUSTER_PORTS; do
+    cluster_cli "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
+  done
+}
+
+cluster() {
+  local port
+  case "${1:-}" in
+    up)
+      install_redis
+      for port in $REDIS_CLUSTER_PORTS; do start_cluster_node "$port"; done
+      for port in $REDIS_CLUSTER_PORTS; do
+        wait_until "redis cluster node on 127.0.0.1:$port" 20 cluster_cli "$port" ping
+      done
+      # Slots are assigned once; a restarted cluster finds them in its nodes.conf.
+      if [ "$(cluster_cli "${REDIS_CLUSTER_PORTS%% *}" cluster info | grep -c '^cluster_slots_assigned:16384')" = 0 ]; then
+        local nodes=()
+        for port in $REDIS_CLUSTER_PORTS; do nodes+=("127.0.0.1:$port"); done
+        cluster_cli "${REDIS_CLUSTER_PORTS%% *}" --cluster create "${nodes[@]}" --cluster-yes >"$STATE/cluster-create.log"
+      fi
+      wait_until "redis cluster (cluster_state:ok)" 30 cluster_ok
+      cluster status
+      ;;
+    down)
+      for port in $REDIS_CLUSTER_PORTS; do
+        stop "redis cluster node $port" "$STATE/cluster-$port/redis.pid"
+      done
+      ;;
+    status)
+      local rc=0
+      for port in $REDIS_CLUSTER_PORTS; do
+        if pid_alive "$STATE/cluster-$port/redis.pid" && cluster_cli "$port" ping >/dev/null 2>&1; then
+          echo "redis cluster node: up on 127.0.0.1:$port ($(cluster_cli "$port" role | head -1))"
+        else
+          echo "redis cluster node: down on 127.0.0.1:$port"; rc=1
+        fi
+      done
+      if [ $rc = 0 ] && cluster_ok; then echo "redis cluster: ok"; else echo "redis cluster: not ok"; rc=1; fi
+      return $rc
+      ;;
+    *)
+      echo "usage: $0 cluster up|down|status" >&2
+      exit 2
+      ;;
+  esac
+}
+
 case "${1:-}" in
+  cluster)
+    cluster "${2:-}"
+    ;;
   up)
     install_redis
     install_tansu
@@ -178,7 +257,7 @@ case "${1:-}" in
     status
     ;;
   *)
-    echo "usage: $0 up|down|status" >&2
+    echo "usage: $0 up|down|status|cluster up|down|status" >&2
     exit 2
     ;;
 esac

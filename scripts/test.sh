@@ -6,7 +6,8 @@
 # the test page in a headless browser, clippy (warnings are errors) and the unit tests once
 # more in a debug build (overflow checks on). Installs what is missing: Chromium and
 # redis-server (apt-get), OpenSSL's headers for the build (scripts/build-deps.sh),
-# playwright-core (npm), Tansu (cargo install, ~16 min once).
+# playwright-core (npm), Tansu (cargo install, ~16 min once). The suites that keep state in
+# Redis run a second time on a Redis Cluster (three masters on 7001-7003).
 # One release build serves the binary and the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,11 +47,25 @@ cargo test --locked --lib
 # Cluster tests need a real Redis, a real Kafka-compatible broker (Tansu) and the
 # MessageService the node profiles store through. Start them unless they already run, and
 # stop what this script started when it ends, tests failing or not.
+# The Redis-backed suites run twice: on the single Redis, then on a Redis Cluster of three
+# masters (scripts/services.sh cluster up), with the same binary and the same broker.
+stop_started=()
+cleanup() {
+  local what
+  for what in "${stop_started[@]}"; do eval "$what"; done
+}
+trap cleanup EXIT
 if scripts/services.sh status >/dev/null 2>&1; then
   echo "using the services already running (scripts/services.sh status)"
 else
-  trap 'scripts/services.sh down' EXIT
+  stop_started+=("scripts/services.sh down")
   scripts/services.sh up
+fi
+if scripts/services.sh cluster status >/dev/null 2>&1; then
+  echo "using the Redis Cluster already running (scripts/services.sh cluster status)"
+else
+  stop_started+=("scripts/services.sh cluster down")
+  scripts/services.sh cluster up
 fi
 
 cargo test --release --locked "$@"
@@ -60,3 +75,13 @@ cargo test --release --locked "$@"
 # The spawned nodes log what the bus does with each frame: on a failure the command prints
 # the tails of both nodes' logs.
 RUST_LOG=info,chatd::bus=debug,chatd::chat::route=debug target/release/chatd crossnode-test --spawn
+
+# Again on the Redis Cluster: the suites that keep state in Redis (store, presence, the crash
+# tests, the MessageService, the operator commands), then the cross-node scenarios with
+# presence and store on the cluster.
+echo "== the Redis-backed suites on the Redis Cluster (scripts/services.sh cluster) =="
+CHATD_TEST_REDIS=cluster cargo test --release --locked \
+  --test store_redis --test presence_redis --test durability --test message_service --test operator
+seeds="redis://:redis123@127.0.0.1:7001,redis://:redis123@127.0.0.1:7002,redis://:redis123@127.0.0.1:7003"
+CHATD_REDIS__CLUSTER=true CHATD_REDIS__URL="$seeds" CHATD_STORE__URL="$seeds" \
+  RUST_LOG=info,chatd::bus=debug,chatd::chat::route=debug target/release/chatd crossnode-test --spawn

@@ -33,6 +33,8 @@ pub enum Command {
     Presence(commands::presence::PresenceArgs),
     /// The cluster at a glance: nodes, sessions, users, message counters, broker lag
     Stats(commands::stats::StatsArgs),
+    /// The Redis store's upkeep: `migrate` moves it to the current key layout
+    Store(commands::store::StoreArgs),
     /// Run the seed's cross-node scenarios against two nodes; non-zero exit on any failure
     #[command(name = "crossnode-test")]
     CrossnodeTest(commands::crossnode::CrossnodeArgs),
@@ -62,6 +64,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send(args) => commands::send::run(args).await,
         Command::Presence(args) => commands::presence::run(args).await,
         Command::Stats(args) => commands::stats::run(args).await,
+        Command::Store(args) => commands::store::run(args).await,
         Command::CrossnodeTest(args) => commands::crossnode::run(args).await,
         Command::Bench(args) => commands::bench::run(args).await,
         Command::Token(args) => commands::token::run(args),

@@ -20,18 +20,21 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// The MessageService on the shared Redis (durable across its restarts).
 fn message_service(listen: &str) -> Proc {
-    Proc::message_service(listen, "redis", "redis://:redis123@127.0.0.1:6379/0")
+    Proc::message_service(listen, "redis", &test_redis_url())
 }
 
 /// `chatd serve --profile node1` (Redis presence, Kafka) on a free port, storing through the
 /// MessageService at `store`, with more `CHATD_*` settings.
 fn node_with(node_id: &str, store: &str, env: &[(&str, &str)]) -> Proc {
     let store = format!("grpc://{store}");
-    let mut all = vec![
+    // Presence on the test Redis (single or cluster); `env` may name another.
+    let redis = test_redis_env(false);
+    let mut all: Vec<(&str, &str)> = redis.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend([
         ("CHATD_STORE__URL", store.as_str()),
         ("CHATD_SERVER__RATE_LIMIT_PER_SEC", "1000000"),
         ("CHATD_SERVER__RATE_LIMIT_BURST", "1000000"),
-    ];
+    ]);
     all.extend_from_slice(env);
     Proc::serve(node_id, &["--profile", "node1"], &all)
 }
@@ -574,6 +577,7 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
     let service = Proc::message_service("127.0.0.1:0", "redis", &url);
     let env = [
         ("CHATD_REDIS__URL", url.as_str()),
+        ("CHATD_REDIS__CLUSTER", "false"),
         ("CHATD_REDIS__PASSWORD", ""),
     ];
     let node = node_with(&unique("dur-r1"), &service.addr, &env);

@@ -8,7 +8,7 @@ use serde_json::json;
 
 /// `chatd message-service` on `backend` (Redis: the shared one), killed when dropped.
 fn message_service(listen: &str, backend: &str) -> Proc {
-    Proc::message_service(listen, backend, "redis://:redis123@127.0.0.1:6379/0")
+    Proc::message_service(listen, backend, &test_redis_url())
 }
 
 async fn node_on(service: &Proc) -> TestNode {

@@ -8,16 +8,23 @@ use chatd::config::PresenceBackend;
 use common::*;
 use serde_json::{json, Value};
 
-const REDIS: &str = "redis://:redis123@127.0.0.1:6379/0";
+/// `--redis` (and `--redis-cluster`) for the operator commands: the test Redis.
+fn redis_args() -> Vec<String> {
+    let mut args = vec!["--redis".to_string(), test_redis_url()];
+    if on_redis_cluster() {
+        args.push("--redis-cluster".into());
+    }
+    args
+}
 
 /// A node with the cluster backends of the node1 profile: Redis presence and store, Kafka.
 async fn cluster_node(node_id: &str) -> TestNode {
     let mut c = config(node_id);
     c.presence.backend = PresenceBackend::Redis;
     c.presence.node_lease_secs = 3;
-    c.redis.password = "redis123".into();
+    c.redis = test_redis();
     c.kafka.brokers = "127.0.0.1:9092".into();
-    c.store.url = "redis://127.0.0.1:6379/0".into();
+    c.store.url = test_redis_url();
     start(c).await
 }
 
@@ -45,15 +52,10 @@ async fn presence_shows_each_node_and_its_devices() {
     let _d3 = n2.client(&user).await;
     let nobody = unique("nobody");
 
-    let report = chatd_json(vec![
-        "presence".into(),
-        "--redis".into(),
-        REDIS.into(),
-        "--json".into(),
-        user.clone(),
-        nobody.clone(),
-    ])
-    .await;
+    let mut args = vec!["presence".to_string()];
+    args.extend(redis_args());
+    args.extend(["--json".into(), user.clone(), nobody.clone()]);
+    let report = chatd_json(args).await;
     let mut nodes: Vec<(String, u64)> = report[0]["nodes"]
         .as_array()
         .unwrap()
@@ -86,7 +88,9 @@ async fn presence_shows_each_node_and_its_devices() {
 
     // The table names the same things.
     let out = chatd()
-        .args(["presence", "--redis", REDIS, &user])
+        .arg("presence")
+        .args(redis_args())
+        .arg(&user)
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
@@ -113,12 +117,13 @@ async fn stats_lists_nodes_from_leases_with_counters_and_lag_and_shows_dead_ones
     // Discovered from Redis leases; lag read from the broker.
     let deadline = std::time::Instant::now() + WAIT;
     let report = loop {
-        let args = vec![
+        let mut args = vec![
             "stats".to_string(),
             "--profile".into(),
             "node1".into(),
             "--json".into(),
         ];
+        args.extend(redis_args());
         let report = chatd_json(args).await;
         let row = |id: &str| {
             report["nodes"]
@@ -146,16 +151,19 @@ async fn stats_lists_nodes_from_leases_with_counters_and_lag_and_shows_dead_ones
     assert_eq!(report["cluster"]["redis"], "UP");
 
     // A node given by URL that does not answer is a DOWN row, not a failed command.
-    let r = chatd_json(vec![
-        "stats".into(),
-        "--redis".into(),
-        REDIS.into(),
-        "--json".into(),
-        "--node".into(),
-        format!("http://{}", n1.addr),
-        "--node".into(),
-        "http://127.0.0.1:1".into(),
-    ])
+    let mut args = vec!["stats".to_string()];
+    args.extend(redis_args());
+    let r = chatd_json(
+        args.into_iter()
+            .chain([
+                "--json".into(),
+                "--node".into(),
+                format!("http://{}", n1.addr),
+                "--node".into(),
+                "http://127.0.0.1:1".into(),
+            ])
+            .collect(),
+    )
     .await;
     assert_eq!(
         (&r["nodes"][0]["up"], &r["nodes"][1]["up"]),

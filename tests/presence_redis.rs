@@ -20,10 +20,7 @@ fn redis_config(node_id: &str) -> Config {
     let mut c = config(node_id);
     c.presence.backend = PresenceBackend::Redis;
     c.presence.node_lease_secs = 3;
-    c.redis.password = std::env::var("REDIS_PASSWORD").unwrap_or_else(|_| "redis123".into());
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        c.redis.url = url;
-    }
+    c.redis = test_redis();
     c
 }
 
@@ -37,7 +34,11 @@ fn redis_presence(c: &Config) -> Arc<RedisPresence> {
 
 async fn require_redis(p: &RedisPresence) {
     if let Err(e) = p.health().await {
-        panic!("these tests need Redis at 127.0.0.1:6379 (run scripts/services.sh up): {e}");
+        panic!(
+            "these tests need the test Redis, {} (run scripts/services.sh up, or `cluster up` \
+             for CHATD_TEST_REDIS=cluster): {e}",
+            test_redis_url()
+        );
     }
 }
 
@@ -108,28 +109,6 @@ async fn devices_on_two_nodes_are_seen_by_both_and_in_the_seed_key() {
     }
 }
 
-/// `redis-cli` against the test Redis, one line of output per item.
-fn redis_cli(args: &[&str]) -> Vec<String> {
-    let out = Command::new("redis-cli")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            "6379",
-            "-a",
-            "redis123",
-            "--no-auth-warning",
-        ])
-        .args(args)
-        .output()
-        .expect("redis-cli (installed by scripts/services.sh)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(String::from)
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
 #[tokio::test]
 async fn concurrent_connects_and_disconnects_of_one_user_leave_a_true_state() {
     let c = redis_config("race");
@@ -159,7 +138,7 @@ async fn concurrent_connects_and_disconnects_of_one_user_leave_a_true_state() {
     }
     // Every device came and went: nothing may be left, and the user is not "online".
     assert_eq!(
-        redis_cli(&["HLEN", &format!("chat:user:devices:{user}")]),
+        redis_cli(&["HLEN", &format!("chat:{{{user}}}:devices")]),
         ["0"]
     );
     assert!(!redis_cli(&["SMEMBERS", "chat:online:users"]).contains(&user));
@@ -209,11 +188,10 @@ async fn a_node_killed_with_sigkill_has_its_users_read_offline() {
     let observer = cluster(1).await.remove(0);
     let victim_id = unique("victim");
     let user = unique("doomed");
-    let mut victim = Proc::serve(
-        &victim_id,
-        &["--profile", "node1"],
-        &[("CHATD_PRESENCE__NODE_LEASE_SECS", "3")],
-    );
+    let env = test_redis_env(false);
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.push(("CHATD_PRESENCE__NODE_LEASE_SECS", "3"));
+    let mut victim = Proc::serve(&victim_id, &["--profile", "node1"], &env);
     let _client = chatd::client::Client::connect(&victim.ws(), &user, WAIT)
         .await
         .unwrap();
@@ -244,6 +222,7 @@ async fn a_stalled_then_restarted_redis_degrades_the_node_and_it_recovers_by_its
     let redis = start_redis();
     let mut c = redis_config("lonely");
     c.redis.url = format!("redis://127.0.0.1:{port}/0");
+    c.redis.cluster = false;
     c.redis.password = String::new();
     c.redis.timeout_ms = 200;
     let probe = redis_presence(&c);

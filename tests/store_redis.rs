@@ -4,18 +4,13 @@
 
 mod common;
 
-use chatd::config::RedisConfig;
 use chatd::redis_client::RedisClient;
 use chatd::store::{EntryKind, NewMessage, RedisStore, SaveOutcome, Store};
 use common::unique;
 
 fn store(retention_secs: u64, inbox_max: usize) -> RedisStore {
-    let config = RedisConfig {
-        password: "redis123".into(),
-        ..RedisConfig::default()
-    };
     RedisStore::new(
-        RedisClient::new(&config).unwrap(),
+        RedisClient::new(&common::test_redis()).unwrap(),
         retention_secs,
         inbox_max,
     )
@@ -163,4 +158,101 @@ async fn a_batch_across_script_calls_keeps_order_and_idempotency() {
         contents,
         (0..600).map(|i| format!("t{i}")).collect::<Vec<_>>()
     );
+}
+
+/// `chatd store migrate` on a Redis of the test's own holding the layout before Redis Cluster
+/// support: a node would refuse it; after the command every message, seq, receipt and
+/// idempotency key is where the current store looks, with its expiry.
+#[tokio::test]
+async fn an_old_layout_is_refused_then_migrated_without_loss() {
+    let port = common::free_port();
+    let _redis = common::redis_server(port, None);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let client = RedisClient::new(&chatd::config::RedisConfig {
+        url: url.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    common::eventually("the test's Redis answers", || async {
+        client.ping().await.is_ok()
+    })
+    .await;
+    // A user id may hold ':'; the idempotency key's sender is found from its message.
+    let (a, b) = ("a:1", "b");
+    let old: Vec<Vec<String>> = vec![
+        "HSET chat:msg:m1 senderId a:1 receiverId b chatId c content hi timestamp 1 \
+         tempMessageId t1 receiverSeq 1 senderSeq 1 readAt 5 receiptSeq 2",
+        "PEXPIRE chat:msg:m1 600000",
+        "SET chat:msg:idem:a:1:t1 m1 PX 600000",
+        "SET chat:seq:b 1",
+        "SET chat:seq:a:1 2",
+        "ZADD chat:inbox:b 1 1:m:m1",
+        "ZADD chat:inbox:a:1 1 1:m:m1 2 2:r:m1",
+        "HSET chat:user:devices:b conn n1|1",
+    ]
+    .into_iter()
+    .map(|c| c.split_whitespace().map(String::from).collect())
+    .collect();
+    for words in old {
+        client
+            .call("old layout", |mut c| async move {
+                redis::cmd(&words[0])
+                    .arg(&words[1..])
+                    .query_async::<redis::Value>(&mut c)
+                    .await
+            })
+            .await
+            .unwrap();
+    }
+    let refused = chatd::store::migrate::check_layout(&client).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("chatd store migrate")),
+        "{refused:?}"
+    );
+
+    let out = common::chatd()
+        .args(["store", "migrate", "--redis", &url, "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["chat:msg:*"], 1, "{report}");
+    chatd::store::migrate::check_layout(&client).await.unwrap();
+
+    let s = RedisStore::new(client.clone(), 600, 100);
+    let inbox = s.fetch(b, 0, 10).await.unwrap();
+    assert_eq!((inbox.oldest, inbox.latest), (1, 1));
+    assert_eq!(inbox.entries[0].message.message.content, "hi");
+    assert_eq!(inbox.entries[0].message.read_at, Some(5));
+    let outbox = s.fetch(a, 0, 10).await.unwrap();
+    let kinds: Vec<_> = outbox.entries.iter().map(|e| (e.seq, e.kind)).collect();
+    assert_eq!(kinds, [(1, EntryKind::Message), (2, EntryKind::Receipt)]);
+    // The retry of the old send is still recognised; seqs go on from where they were.
+    match s.save(message("m9", a, b, Some("t1"))).await.unwrap() {
+        SaveOutcome::Duplicate(m) => assert_eq!(m.message.message_id, "m1"),
+        other => panic!("{other:?}"),
+    }
+    match s.save(message("m2", a, b, Some("t2"))).await.unwrap() {
+        SaveOutcome::Saved(m) => assert_eq!((m.sender_seq, m.receiver_seq), (3, 2)),
+        other => panic!("{other:?}"),
+    }
+    // Reading it again changes nothing: the receipt keeps its place.
+    assert_eq!(s.mark_read(b, "c", "m1").await.unwrap().seq, 2);
+    let ttl: i64 = client
+        .call("ttl", |mut c| async move {
+            redis::cmd("PTTL")
+                .arg(chatd::store::redis::message_key(b, "m1"))
+                .query_async(&mut c)
+                .await
+        })
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 600_000, "{ttl}");
 }

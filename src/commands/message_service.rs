@@ -35,10 +35,11 @@ pub async fn run(args: MessageServiceArgs) -> anyhow::Result<()> {
     let config = args.redis.load()?;
     let store: Arc<dyn Store> = match args.backend {
         Backend::Memory => Arc::new(store::memory_store(&config.store)),
-        Backend::Redis => Arc::new(store::redis_store(
-            &config.store,
-            RedisClient::new(&config.redis)?,
-        )),
+        Backend::Redis => {
+            let redis = RedisClient::new(&config.redis)?;
+            store::migrate::check_at_start(&redis).await?;
+            Arc::new(store::redis_store(&config.store, redis))
+        }
     };
     if let Err(e) = store.health().await {
         tracing::warn!("the {} backend does not answer yet: {e}", store.name());

@@ -12,6 +12,7 @@ pub mod serve;
 mod shared;
 pub mod spawn;
 pub mod stats;
+pub mod store;
 pub mod token;
 
 pub use shared::*;

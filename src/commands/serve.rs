@@ -7,7 +7,8 @@ use tokio::net::TcpListener;
 
 use super::{ConfigArgs, LISTENING};
 use crate::chat::{Backends, Node};
-use crate::config::{AuthMode, Overrides};
+use crate::config::{AuthMode, Overrides, RedisConfig, StoreBackend};
+use crate::redis_client::RedisClient;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -42,6 +43,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The port actually bound (it may have been 0), for the lease and the logs.
     config.server.port = local.port();
     let backends = Backends::from_config(&config)?;
+    if let Ok(StoreBackend::Redis(url)) = config.store.backend() {
+        let redis = RedisClient::new(&RedisConfig {
+            url,
+            ..config.redis.clone()
+        })?;
+        crate::store::migrate::check_at_start(&redis).await?;
+    }
     let node = Node::start(config, backends).await?;
     tracing::info!(
         node = %node.node_id,

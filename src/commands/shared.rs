@@ -66,6 +66,9 @@ pub struct RedisArgs {
     /// Redis URL, e.g. redis://:redis123@127.0.0.1:6379/0 (default: from the config)
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
+    /// The --redis URL (one or more, comma-separated) names seed nodes of a Redis Cluster
+    #[arg(long)]
+    pub redis_cluster: bool,
     #[command(flatten)]
     pub layers: ConfigArgs,
 }
@@ -76,6 +79,11 @@ impl RedisArgs {
         let mut config = self.layers.load(Overrides::default())?;
         if let Some(url) = &self.redis {
             config.redis.url = url.clone();
+        }
+        if self.redis_cluster {
+            config.redis.cluster = true;
+        }
+        if self.redis.is_some() || self.redis_cluster {
             config.validate()?;
         }
         Ok(config)

@@ -161,6 +161,9 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Deadline of every Redis call, connecting included.
     pub timeout_ms: u64,
+    /// `url` (and a `redis://` store URL) names a Redis Cluster: one or more comma-separated
+    /// seed nodes; calls go to the master of their keys' slot.
+    pub cluster: bool,
 }
 
 impl Default for RedisConfig {
@@ -170,6 +173,7 @@ impl Default for RedisConfig {
             password: String::new(),
             pool_size: 2,
             timeout_ms: 1000,
+            cluster: false,
         }
     }
 }

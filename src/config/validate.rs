@@ -2,7 +2,7 @@
 //! parse. Every invalid key is reported, not only the first.
 
 use super::{
-    valid_node_id, AuthMode, BusBackend, Config, ConfigError, PresenceBackend,
+    valid_node_id, AuthMode, BusBackend, Config, ConfigError, PresenceBackend, StoreBackend,
     RESERVED_KAFKA_PROPERTIES,
 };
 
@@ -72,11 +72,26 @@ impl Config {
                 "must be between 2 and 15".into(),
             );
         }
-        if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
-            bad(
-                "redis.url",
-                format!("{:?} must start with redis://", self.redis.url),
-            );
+        let redis_urls = |key: &str, url: &str, bad: &mut dyn FnMut(&str, String)| {
+            let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+            if let Some(one) = urls
+                .iter()
+                .find(|u| !(u.starts_with("redis://") || u.starts_with("rediss://")))
+            {
+                bad(key, format!("{one:?} must start with redis://"));
+            } else if urls.len() > 1 && !self.redis.cluster {
+                bad(
+                    key,
+                    format!(
+                        "{url:?} lists several Redis servers: that is a Redis Cluster's seed \
+                         nodes, set redis.cluster = true (or give one URL)"
+                    ),
+                );
+            }
+        };
+        redis_urls("redis.url", &self.redis.url, &mut bad);
+        if let Ok(StoreBackend::Redis(url)) = self.store.backend() {
+            redis_urls("store.url", &url, &mut bad);
         }
         if self.redis.pool_size == 0 {
             bad("redis.pool_size", "must be at least 1".into());

@@ -1,38 +1,49 @@
-//! Presence in Redis, shared by every node of a cluster. Every update of one user is one Lua
-//! script (atomic); every call has a deadline, so a Redis that stalls or dies costs a session
-//! a timeout error, never a hang.
+//! Presence in Redis, shared by every node of a cluster. A user's devices are one hash,
+//! updated atomically; every call has a deadline, so a Redis that stalls or dies costs a
+//! session a timeout error, never a hang.
 //!
 //! Key layout (documented in the README for `redis-cli`):
 //!
 //! | key | type | holds |
 //! |---|---|---|
+//! | `chat:{userId}:devices` | hash | connectionId -> `{nodeId}\|{lastSeenMs}`; expires `ttl` after the last update |
 //! | `chat:online:users` | set | user ids with at least one device (the seed's key) |
-//! | `chat:user:devices:{userId}` | hash | connectionId -> `{nodeId}\|{lastSeenMs}`; expires `ttl` after the last update |
 //! | `chat:node:devices:{nodeId}` | set | `{userId}\|{connectionId}` of that node, to clear it in one go |
 //! | `chat:node:lease:{nodeId}` | string | the node's REST URL; expires `node_lease_secs` after the last refresh |
 //! | `chat:nodes` | set | node ids ever seen alive and not yet cleaned up |
 //!
+//! The devices hash carries the user's hash tag (its slot on a Redis Cluster is the user's);
+//! the other keys are indexes in slots of their own. An update of a device and of the
+//! indexes is one transaction on a single Redis and one per slot on a cluster, so on a
+//! cluster `chat:online:users` can briefly miss a user whose device a concurrent disconnect
+//! was removing: every node's refresh of its devices (every third of `presence.ttl_secs`)
+//! adds its users back. Routing reads only the devices hash.
+//!
 //! A device counts only while its node's lease exists, so the users of a node killed with
 //! SIGKILL read as offline once its lease lapses; the next janitor pass on any live node then
-//! removes them for good.
+//! removes them for good. Leases found alive are remembered for [`LEASE_VIEW`]: a lookup
+//! costs no lease read, and a node found dead is read again at every lookup.
 
-use std::time::Duration;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::{AsyncCommands, Script};
 
 use super::{Device, Presence, PresenceError};
 use crate::chat::ids::now_ms;
-use crate::redis_client::{RedisClient, RedisError};
+use crate::redis_client::{slot, RedisClient, RedisError};
 
 pub const ONLINE_USERS: &str = "chat:online:users";
 pub const NODES: &str = "chat:nodes";
-const DEVICES_PREFIX: &str = "chat:user:devices:";
 const NODE_DEVICES_PREFIX: &str = "chat:node:devices:";
 const LEASE_PREFIX: &str = "chat:node:lease:";
 
+/// How long a lease found alive is taken as alive without reading it again.
+pub const LEASE_VIEW: Duration = Duration::from_secs(1);
+
 pub fn devices_key(user_id: &str) -> String {
-    format!("{DEVICES_PREFIX}{user_id}")
+    format!("chat:{{{user_id}}}:devices")
 }
 
 pub fn node_devices_key(node_id: &str) -> String {
@@ -43,33 +54,23 @@ pub fn lease_key(node_id: &str) -> String {
     format!("{LEASE_PREFIX}{node_id}")
 }
 
-const CONNECT: &str = r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[3] .. '|' .. ARGV[1])
-return 1
-"#;
-
+/// Removes a device from its user's hash: KEYS[1] the hash, ARGV[1] the connection id.
+/// Returns {node the device was on, or '', devices left}.
 const DISCONNECT: &str = r#"
 local v = redis.call('HGET', KEYS[1], ARGV[1])
+local node = ''
 if v then
-  local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
-  redis.call('SREM', ARGV[3] .. node, ARGV[2] .. '|' .. ARGV[1])
+  node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
-if redis.call('HLEN', KEYS[1]) == 0 then
-  redis.call('SREM', KEYS[2], ARGV[2])
-end
-return 1
+return {node, redis.call('HLEN', KEYS[1])}
 "#;
 
-/// Refreshes devices' last-seen time, keeping their node: KEYS the user's device hashes,
-/// ARGV now, ttl ms, then each device's connection id. Returns the (1-based) places of the
-/// devices it does not know (Redis lost them, or the janitor reaped them): the node registers
-/// them again.
+/// Refreshes devices' last-seen time, keeping their node: ARGV now, ttl ms, then per device
+/// its hash (KEYS) and connection id (ARGV). Answers per device 1, or 0 when the hash does not
+/// know it (Redis lost it, or the janitor reaped it): the node registers it again.
 const REFRESH: &str = r#"
-local unknown = {}
+local out = {}
 for k = 1, #KEYS do
   local conn = ARGV[k + 2]
   local v = redis.call('HGET', KEYS[k], conn)
@@ -77,94 +78,47 @@ for k = 1, #KEYS do
     local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
     redis.call('HSET', KEYS[k], conn, node .. '|' .. ARGV[1])
     redis.call('PEXPIRE', KEYS[k], ARGV[2])
+    out[k] = 1
   else
-    unknown[#unknown + 1] = k
-  end
-end
-return unknown
-"#;
-
-/// The user's devices whose node holds a lease, as a flat [conn, value, ...] list.
-const DEVICES: &str = r#"
-local all = redis.call('HGETALL', KEYS[1])
-local out = {}
-for i = 1, #all, 2 do
-  local v = all[i + 1]
-  local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
-  if redis.call('EXISTS', ARGV[1] .. node) == 1 then
-    out[#out + 1] = all[i]
-    out[#out + 1] = v
+    out[k] = 0
   end
 end
 return out
 "#;
 
-/// The live devices of every user in KEYS (each a device hash), one flat [conn, value, ...]
-/// list per key, in order; each node's lease is looked up once.
-const DEVICES_MANY: &str = r#"
-local leases = {}
+/// The devices of each user in KEYS (each a device hash): per key a flat [conn, value, ...].
+const DEVICES: &str = r#"
+local out = {}
+for k = 1, #KEYS do out[k] = redis.call('HGETALL', KEYS[k]) end
+return out
+"#;
+
+/// Removes a node's devices from their users' hashes: ARGV[1] the node, then per device its
+/// user's hash (KEYS) and connection id (ARGV); a device that moved to another node since
+/// stays. Answers per device 1 when its user has no device left, else 0.
+const CLEAR_DEVICES: &str = r#"
 local out = {}
 for k = 1, #KEYS do
-  local all = redis.call('HGETALL', KEYS[k])
-  local list = {}
-  for i = 1, #all, 2 do
-    local v = all[i + 1]
-    local node = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
-    if leases[node] == nil then leases[node] = redis.call('EXISTS', ARGV[1] .. node) == 1 end
-    if leases[node] then
-      list[#list + 1] = all[i]
-      list[#list + 1] = v
-    end
+  local conn = ARGV[k + 1]
+  local v = redis.call('HGET', KEYS[k], conn)
+  if v and string.sub(v, 1, string.find(v, '|', 1, true) - 1) == ARGV[1] then
+    redis.call('HDEL', KEYS[k], conn)
   end
-  out[k] = list
+  out[k] = redis.call('HLEN', KEYS[k]) == 0 and 1 or 0
 end
 return out
 "#;
-
-/// Every node of KEYS[1] (`chat:nodes`) and its lease's value, "" when it lapsed: a flat
-/// [node, url, ...] list.
-const NODES_WITH_LEASES: &str = r#"
-local out = {}
-for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  out[#out + 1] = node
-  out[#out + 1] = redis.call('GET', ARGV[1] .. node) or ''
-end
-return out
-"#;
-
-/// Removes every device of a node: KEYS[1] its device set, KEYS[2] the online set.
-const CLEAR_NODE: &str = r#"
-local members = redis.call('SMEMBERS', KEYS[1])
-local n = 0
-for _, m in ipairs(members) do
-  local sep = string.find(m, '|', 1, true)
-  local user = string.sub(m, 1, sep - 1)
-  local conn = string.sub(m, sep + 1)
-  local dk = ARGV[1] .. user
-  local v = redis.call('HGET', dk, conn)
-  if v and string.sub(v, 1, string.find(v, '|', 1, true) - 1) == ARGV[2] then
-    n = n + redis.call('HDEL', dk, conn)
-  end
-  if redis.call('HLEN', dk) == 0 then redis.call('SREM', KEYS[2], user) end
-end
-redis.call('DEL', KEYS[1])
-return n
-"#;
-
-/// Devices one refresh script call takes: Redis runs nothing else meanwhile.
-const REFRESH_CHUNK: usize = 256;
 
 pub struct RedisPresence {
     redis: RedisClient,
     ttl_ms: i64,
     lease: Duration,
-    connect: Script,
     disconnect: Script,
     refresh: Script,
     devices: Script,
-    devices_many: Script,
-    clear_node: Script,
-    nodes: Script,
+    clear_devices: Script,
+    /// Nodes whose lease was found alive, and since when (cleared every [`LEASE_VIEW`]).
+    live: tokio::sync::Mutex<(Instant, HashSet<String>)>,
 }
 
 impl RedisPresence {
@@ -173,13 +127,11 @@ impl RedisPresence {
             redis,
             ttl_ms: (ttl_secs as i64).saturating_mul(1000),
             lease: Duration::from_secs(lease_secs),
-            connect: Script::new(CONNECT),
             disconnect: Script::new(DISCONNECT),
             refresh: Script::new(REFRESH),
             devices: Script::new(DEVICES),
-            devices_many: Script::new(DEVICES_MANY),
-            clear_node: Script::new(CLEAR_NODE),
-            nodes: Script::new(NODES_WITH_LEASES),
+            clear_devices: Script::new(CLEAR_DEVICES),
+            live: tokio::sync::Mutex::new((Instant::now(), HashSet::new())),
         }
     }
 
@@ -194,26 +146,85 @@ impl RedisPresence {
 
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, PresenceError>
     where
-        F: FnOnce(redis::aio::MultiplexedConnection) -> Fut,
+        F: FnOnce(crate::redis_client::Connection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         self.redis.call(what, f).await.map_err(PresenceError::from)
     }
 
-    /// Devices from a flat [conn, `{node}|{lastSeenMs}`, ...] list, the expired ones left out.
-    fn live_devices(&self, flat: Vec<String>) -> Vec<Device> {
-        let now = now_ms();
-        flat.chunks_exact(2)
-            .filter_map(|pair| {
-                let (node, seen) = pair[1].split_once('|')?;
-                let last_seen_ms: i64 = seen.parse().ok()?;
-                (now - last_seen_ms < self.ttl_ms).then(|| Device {
-                    connection_id: pair[0].clone(),
-                    node_id: node.to_string(),
-                    last_seen_ms,
+    /// Which of `nodes` hold a lease: those found alive within [`LEASE_VIEW`] without a read,
+    /// the others read now (one `MGET`).
+    async fn live_among(&self, nodes: HashSet<&str>) -> Result<HashSet<String>, PresenceError> {
+        let mut view = self.live.lock().await;
+        if view.0.elapsed() >= LEASE_VIEW {
+            *view = (Instant::now(), HashSet::new());
+        }
+        let unknown: Vec<&str> = nodes
+            .iter()
+            .copied()
+            .filter(|n| !view.1.contains(*n))
+            .collect();
+        if !unknown.is_empty() {
+            let keys: Vec<String> = unknown.iter().map(|n| lease_key(n)).collect();
+            let keys = &keys;
+            let urls: Vec<Option<String>> = self
+                .call("leases", |mut c| async move {
+                    redis::cmd("MGET").arg(keys).query_async(&mut c).await
                 })
+                .await?;
+            for (node, url) in unknown.into_iter().zip(urls) {
+                if url.is_some() {
+                    view.1.insert(node.to_string());
+                }
+            }
+        }
+        Ok(nodes
+            .into_iter()
+            .filter(|n| view.1.contains(*n))
+            .map(String::from)
+            .collect())
+    }
+
+    /// Devices from flat [conn, `{node}|{lastSeenMs}`, ...] lists, one per user: those of a
+    /// node with a lease, the expired ones left out.
+    async fn live_devices(
+        &self,
+        lists: Vec<Vec<String>>,
+    ) -> Result<Vec<Vec<Device>>, PresenceError> {
+        let now = now_ms();
+        let parsed: Vec<Vec<Device>> = lists
+            .into_iter()
+            .map(|flat| {
+                flat.chunks_exact(2)
+                    .filter_map(|pair| {
+                        let (node, seen) = pair[1].split_once('|')?;
+                        let last_seen_ms: i64 = seen.parse().ok()?;
+                        (now - last_seen_ms < self.ttl_ms).then(|| Device {
+                            connection_id: pair[0].clone(),
+                            node_id: node.to_string(),
+                            last_seen_ms,
+                        })
+                    })
+                    .collect()
             })
-            .collect()
+            .collect();
+        let nodes: HashSet<&str> = parsed
+            .iter()
+            .flatten()
+            .map(|d| d.node_id.as_str())
+            .collect();
+        if nodes.is_empty() {
+            return Ok(parsed);
+        }
+        let live = self.live_among(nodes).await?;
+        Ok(parsed
+            .into_iter()
+            .map(|list| {
+                list.into_iter()
+                    .filter(|d| live.contains(&d.node_id))
+                    .collect()
+            })
+            .collect())
     }
 
     /// Refreshes this node's lease (with its REST URL as value) and its place in `chat:nodes`.
@@ -222,43 +233,43 @@ impl RedisPresence {
     pub async fn refresh_lease(&self, node_id: &str, url: &str) -> Result<bool, PresenceError> {
         let lease_ms = self.lease.as_millis() as u64;
         let (key, url) = (lease_key(node_id), url.to_string());
-        let (existed,): (bool,) = self
+        // SET ... GET answers the value it replaced: none when the lease was gone.
+        let before: Option<String> = self
             .call("lease", |mut c| async move {
-                redis::pipe()
-                    .atomic()
-                    .exists(&key)
-                    .cmd("SET")
+                redis::cmd("SET")
                     .arg(&key)
                     .arg(&url)
                     .arg("PX")
                     .arg(lease_ms)
-                    .ignore()
-                    .sadd(NODES, node_id)
-                    .ignore()
+                    .arg("GET")
                     .query_async(&mut c)
                     .await
             })
             .await?;
-        Ok(!existed)
+        self.call("nodes", |mut c| async move {
+            c.sadd::<_, _, ()>(NODES, node_id).await
+        })
+        .await?;
+        Ok(before.is_none())
     }
 
-    /// Every node in `chat:nodes` with its lease's URL (`None` once the lease lapsed), in one
-    /// call: the janitor runs this on every node every third of a lease.
+    /// Every node in `chat:nodes` with its lease's URL (`None` once the lease lapsed): the
+    /// janitor runs this on every node every third of a lease.
     async fn known_nodes(&self) -> Result<Vec<(String, Option<String>)>, PresenceError> {
-        let script = &self.nodes;
-        let flat: Vec<String> = self
-            .call("nodes", |mut c| async move {
-                script
-                    .key(NODES)
-                    .arg(LEASE_PREFIX)
-                    .invoke_async(&mut c)
-                    .await
+        let nodes: Vec<String> = self
+            .call("nodes", |mut c| async move { c.smembers(NODES).await })
+            .await?;
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = nodes.iter().map(|n| lease_key(n)).collect();
+        let keys = &keys;
+        let urls: Vec<Option<String>> = self
+            .call("leases", |mut c| async move {
+                redis::cmd("MGET").arg(keys).query_async(&mut c).await
             })
             .await?;
-        Ok(flat
-            .chunks_exact(2)
-            .map(|p| (p[0].clone(), (!p[1].is_empty()).then(|| p[1].clone())))
-            .collect())
+        Ok(nodes.into_iter().zip(urls).collect())
     }
 
     /// Live nodes and their REST URLs.
@@ -289,6 +300,24 @@ impl RedisPresence {
         }
         Ok(reaped)
     }
+
+    /// [`RedisClient::per_slot`] over users' device hashes.
+    async fn per_user<I, T: redis::FromRedisValue + Send>(
+        &self,
+        what: &str,
+        script: &Script,
+        items: &[I],
+        user_of: impl Fn(&I) -> &str,
+        first: &[String],
+        add: impl Fn(&mut redis::ScriptInvocation<'_>, &I),
+    ) -> Result<Vec<T>, PresenceError> {
+        self.redis
+            .per_slot(what, script, items, |i| slot(user_of(i)), first, add)
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .map_err(PresenceError::Unavailable)
+    }
 }
 
 fn device_value(node_id: &str, last_seen_ms: i64) -> String {
@@ -297,107 +326,123 @@ fn device_value(node_id: &str, last_seen_ms: i64) -> String {
 
 #[async_trait]
 impl Presence for RedisPresence {
+    /// The device in its user's hash, the user in `chat:online:users`, the device in its
+    /// node's set: one transaction on a single Redis, one per slot on a cluster.
     async fn connect(&self, user_id: &str, device: Device) -> Result<(), PresenceError> {
-        let script = &self.connect;
-        let ttl = self.ttl_ms;
-        self.call("connect", |mut c| async move {
-            script
-                .key(devices_key(user_id))
-                .key(ONLINE_USERS)
-                .key(node_devices_key(&device.node_id))
+        let key = devices_key(user_id);
+        let user_part = vec![
+            redis::cmd("HSET")
+                .arg(&key)
                 .arg(&device.connection_id)
                 .arg(device_value(&device.node_id, device.last_seen_ms))
-                .arg(user_id)
-                .arg(ttl)
-                .invoke_async::<()>(&mut c)
-                .await
-        })
-        .await
+                .to_owned(),
+            redis::cmd("PEXPIRE").arg(&key).arg(self.ttl_ms).to_owned(),
+        ];
+        let online = vec![redis::cmd("SADD").arg(ONLINE_USERS).arg(user_id).to_owned()];
+        let node = vec![redis::cmd("SADD")
+            .arg(node_devices_key(&device.node_id))
+            .arg(format!("{user_id}|{}", device.connection_id))
+            .to_owned()];
+        Ok(self
+            .redis
+            .transact("connect", vec![user_part, online, node])
+            .await?)
     }
 
+    /// The device out of its user's hash (one script), then out of the indexes.
     async fn disconnect(&self, user_id: &str, connection_id: &str) -> Result<(), PresenceError> {
         let script = &self.disconnect;
-        self.call("disconnect", |mut c| async move {
-            script
-                .key(devices_key(user_id))
-                .key(ONLINE_USERS)
-                .arg(connection_id)
-                .arg(user_id)
-                .arg(NODE_DEVICES_PREFIX)
-                .invoke_async::<()>(&mut c)
-                .await
-        })
-        .await
-    }
-
-    /// One pipeline of script calls of [`REFRESH_CHUNK`] devices each: one round trip.
-    async fn refresh(&self, devices: &[(&str, &str)]) -> Result<Vec<usize>, PresenceError> {
-        if devices.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for chunk in devices.chunks(REFRESH_CHUNK) {
-            let mut call = self.refresh.prepare_invoke();
-            call.arg(now_ms()).arg(self.ttl_ms);
-            for (user, connection) in chunk {
-                call.key(devices_key(user)).arg(*connection);
-            }
-            pipe.invoke_script(&call);
-        }
-        let (script, pipe) = (&self.refresh, &pipe);
-        let replies: Vec<Vec<usize>> = self
-            .call("refresh devices", |mut c| async move {
-                crate::redis_client::query_script_pipe(&mut c, pipe, script).await
-            })
-            .await?;
-        Ok(replies
-            .into_iter()
-            .enumerate()
-            .flat_map(|(chunk, places)| {
-                places
-                    .into_iter()
-                    .map(move |k| chunk * REFRESH_CHUNK + k.saturating_sub(1))
-            })
-            .collect())
-    }
-
-    async fn devices(&self, user_id: &str) -> Result<Vec<Device>, PresenceError> {
-        let script = &self.devices;
-        let flat: Vec<String> = self
-            .call("devices", |mut c| async move {
+        let (node, left): (String, u64) = self
+            .call("disconnect", |mut c| async move {
                 script
                     .key(devices_key(user_id))
-                    .arg(LEASE_PREFIX)
+                    .arg(connection_id)
                     .invoke_async(&mut c)
                     .await
             })
             .await?;
-        Ok(self.live_devices(flat))
+        let mut parts = Vec::new();
+        if !node.is_empty() {
+            parts.push(vec![redis::cmd("SREM")
+                .arg(node_devices_key(&node))
+                .arg(format!("{user_id}|{connection_id}"))
+                .to_owned()]);
+        }
+        if left == 0 {
+            parts.push(vec![redis::cmd("SREM")
+                .arg(ONLINE_USERS)
+                .arg(user_id)
+                .to_owned()]);
+        }
+        if !parts.is_empty() {
+            self.redis.transact("disconnect", parts).await?;
+        }
+        Ok(())
+    }
+
+    /// One script call per [`SCRIPT_CHUNK`](crate::redis_client::SCRIPT_CHUNK) devices (per slot on a cluster), then the users
+    /// known put back in `chat:online:users` (one `SADD`): what a cluster's split updates
+    /// could have left out comes back within a refresh.
+    async fn refresh(&self, devices: &[(&str, &str)]) -> Result<Vec<usize>, PresenceError> {
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (now, ttl) = (now_ms(), self.ttl_ms);
+        let known: Vec<u8> = self
+            .per_user(
+                "refresh devices",
+                &self.refresh,
+                devices,
+                |d| d.0,
+                &[now.to_string(), ttl.to_string()],
+                |call, (user, connection)| {
+                    call.key(devices_key(user)).arg(*connection);
+                },
+            )
+            .await?;
+        let online: HashSet<&str> = devices
+            .iter()
+            .zip(&known)
+            .filter(|(_, k)| **k == 1)
+            .map(|(d, _)| d.0)
+            .collect();
+        if !online.is_empty() {
+            let online = &online;
+            self.call("online users", |mut c| async move {
+                c.sadd::<_, _, ()>(ONLINE_USERS, online).await
+            })
+            .await?;
+        }
+        Ok(known
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k == 0)
+            .map(|(i, _)| i)
+            .collect())
+    }
+
+    async fn devices(&self, user_id: &str) -> Result<Vec<Device>, PresenceError> {
+        Ok(self
+            .devices_many(&[user_id])
+            .await?
+            .pop()
+            .unwrap_or_default())
     }
 
     async fn devices_many(&self, user_ids: &[&str]) -> Result<Vec<Vec<Device>>, PresenceError> {
-        let mut call = self.devices_many.prepare_invoke();
-        for u in user_ids {
-            call.key(devices_key(u));
-        }
-        call.arg(LEASE_PREFIX);
-        let call = &call;
         let lists: Vec<Vec<String>> = self
-            .call("devices of many", |mut c| async move {
-                call.invoke_async(&mut c).await
-            })
+            .per_user(
+                "devices",
+                &self.devices,
+                user_ids,
+                |u| u,
+                &[],
+                |call, u| {
+                    call.key(devices_key(u));
+                },
+            )
             .await?;
-        if lists.len() != user_ids.len() {
-            return Err(PresenceError::Unavailable(format!(
-                "devices script answered {} lists for {} users",
-                lists.len(),
-                user_ids.len()
-            )));
-        }
-        Ok(lists
-            .into_iter()
-            .map(|flat| self.live_devices(flat))
-            .collect())
+        self.live_devices(lists).await
     }
 
     async fn online_user_count(&self) -> Result<usize, PresenceError> {
@@ -405,18 +450,46 @@ impl Presence for RedisPresence {
             .await
     }
 
+    /// The node's set read, its devices removed from their users' hashes (per slot), users
+    /// left with none out of `chat:online:users`, then the set deleted.
     async fn clear_node(&self, node_id: &str) -> Result<usize, PresenceError> {
-        let script = &self.clear_node;
-        self.call("clear node", |mut c| async move {
-            script
-                .key(node_devices_key(node_id))
-                .key(ONLINE_USERS)
-                .arg(DEVICES_PREFIX)
-                .arg(node_id)
-                .invoke_async(&mut c)
-                .await
-        })
-        .await
+        let set = node_devices_key(node_id);
+        let members: Vec<String> = {
+            let set = &set;
+            self.call("clear node", |mut c| async move { c.smembers(set).await })
+                .await?
+        };
+        let devices: Vec<(&str, &str)> = members.iter().filter_map(|m| m.split_once('|')).collect();
+        let gone: Vec<u8> = if devices.is_empty() {
+            Vec::new()
+        } else {
+            self.per_user(
+                "clear node",
+                &self.clear_devices,
+                &devices,
+                |d| d.0,
+                &[node_id.to_string()],
+                |call, (user, connection)| {
+                    call.key(devices_key(user)).arg(*connection);
+                },
+            )
+            .await?
+        };
+        let offline: HashSet<&str> = devices
+            .iter()
+            .zip(&gone)
+            .filter(|(_, g)| **g == 1)
+            .map(|(d, _)| d.0)
+            .collect();
+        let mut parts = vec![vec![redis::cmd("DEL").arg(&set).to_owned()]];
+        if !offline.is_empty() {
+            parts.push(vec![redis::cmd("SREM")
+                .arg(ONLINE_USERS)
+                .arg(offline.into_iter().collect::<Vec<_>>())
+                .to_owned()]);
+        }
+        self.redis.transact("clear node", parts).await?;
+        Ok(devices.len())
     }
 
     async fn health(&self) -> Result<(), PresenceError> {

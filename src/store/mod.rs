@@ -8,6 +8,7 @@
 
 pub mod grpc;
 mod memory;
+pub mod migrate;
 pub mod redis;
 
 pub use self::grpc::GrpcStore;

@@ -1,53 +1,85 @@
 //! A store in Redis, shared by every node (`store.url = "redis://..."`, or `chatd
 //! message-service --backend redis`): a read receipt sent on one node finds the message stored
-//! by another, and a device finds its inbox whichever node it reconnects to. Saving (a batch of
-//! messages per call) and mark-read are Lua scripts, so a message and its places in the
-//! inboxes are stored together (a seq that exists always has its message). Messages expire after `store.retention_secs`;
-//! an inbox keeps at most `store.inbox_max_entries` entries.
+//! by another, and a device finds its inbox whichever node it reconnects to. Messages expire
+//! after `store.retention_secs`; an inbox keeps at most `store.inbox_max_entries` entries.
+//!
+//! Every key belongs to one user and carries that user's id as its hash tag, so a user's keys
+//! share one slot of a Redis Cluster and each script works inside one slot:
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `chat:msg:{messageId}` | hash | `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `receiverSeq`, `senderSeq`, and once read `readAt`, `receiptSeq` |
-//! | `chat:msg:idem:{senderId}:{tempMessageId}` | string | the `messageId` stored for that send |
-//! | `chat:seq:{userId}` | string | the user's latest inbox seq (never expires: seqs never repeat) |
-//! | `chat:inbox:{userId}` | sorted set | score = seq, member = `{seq}:m:{messageId}` (a message) or `{seq}:r:{messageId}` (a read receipt for a message the user sent) |
+//! | `chat:{userId}:seq` | string | the user's latest inbox seq (never expires: seqs never repeat) |
+//! | `chat:{userId}:inbox` | sorted set | score = seq, member = `{seq}:m:{messageId}` (a message) or `{seq}:r:{messageId}` (a read receipt for a message the user sent) |
+//! | `chat:{userId}:msg:{messageId}` | hash | the user's copy of a message it sent or received: `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `senderSeq`, `receiverSeq` (in the receiver's copy), and once read `readAt` (both copies), `receiptSeq` (the sender's) |
+//! | `chat:{senderId}:idem:{tempMessageId}` | string | the `messageId` stored for that send |
+//!
+//! A message touches two users, so two slots: it is saved in two steps, each one script,
+//! atomic in its slot and idempotent, the sender's first:
+//!
+//! 1. **Sender's slot**: claim the idempotency key, give the message its place in the
+//!    sender's inbox, write the sender's copy. A send already stored (same `tempMessageId`, or
+//!    the same message id) answers the stored copy instead and changes nothing.
+//! 2. **Receiver's slot**: give the message its place in the receiver's inbox and write the
+//!    receiver's copy, unless that copy exists (then its seq is the answer).
+//!
+//! The message is acknowledged only once both steps are done. A node that dies between them
+//! leaves the message in the sender's inbox only, unacknowledged: the sender's retry with the
+//! same `tempMessageId` finds step 1 done and runs step 2, so nothing is stored twice and
+//! the receiver gets it once. (A send without `tempMessageId` cannot be recognised when it
+//! is retried: it is stored again as a new message.) Step 2 first would let a retry store
+//! the message twice: its id comes from the node and only the sender's slot knows the
+//! `tempMessageId`. In each slot, a seq exists only with its message's copy, and each inbox
+//! is gap-free. A read receipt is two steps the same way: the reader's copy (is the reader
+//! the receiver? `readAt`), then the sender's slot (the receipt's place, once).
+//!
+//! On a single Redis the same steps run, each step one call for a whole batch; on a cluster,
+//! one call per slot, the slots' calls at once.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use redis::Script;
+use redis::{FromRedisValue, Script, ScriptInvocation};
 
 use super::{
     EntryKind, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome, Store, StoreError,
     StoredMessage, MAX_PAGE,
 };
 use crate::chat::ids::now_ms;
-use crate::redis_client::{RedisClient, RedisError};
+use crate::redis_client::{slot, RedisClient};
 
-const MSG_PREFIX: &str = "chat:msg:";
-const SEQ_PREFIX: &str = "chat:seq:";
-const INBOX_PREFIX: &str = "chat:inbox:";
-
-pub fn message_key(message_id: &str) -> String {
-    format!("{MSG_PREFIX}{message_id}")
-}
-
-pub fn idempotency_key(sender_id: &str, temp_message_id: &str) -> String {
-    format!("{MSG_PREFIX}idem:{sender_id}:{temp_message_id}")
+/// `chat:{user}:what`: every key of a user carries its hash tag.
+fn user_key(user_id: &str, what: &str) -> String {
+    format!("chat:{{{user_id}}}:{what}")
 }
 
 pub fn seq_key(user_id: &str) -> String {
-    format!("{SEQ_PREFIX}{user_id}")
+    user_key(user_id, "seq")
 }
 
 pub fn inbox_key(user_id: &str) -> String {
-    format!("{INBOX_PREFIX}{user_id}")
+    user_key(user_id, "inbox")
 }
 
-/// Gives a message the next place in one user's inbox: (counter, inbox, kind, messageId,
-/// retention ms, max entries) -> seq.
-const PLACE: &str = r#"
-local function place(counter, inbox, kind, id, retention, max)
+/// The prefix of a user's message copies; the message id follows.
+pub fn message_prefix(user_id: &str) -> String {
+    user_key(user_id, "msg:")
+}
+
+/// `user_id`'s copy of a message.
+pub fn message_key(user_id: &str, message_id: &str) -> String {
+    format!("{}{message_id}", message_prefix(user_id))
+}
+
+pub fn idempotency_key(sender_id: &str, temp_message_id: &str) -> String {
+    user_key(sender_id, &format!("idem:{temp_message_id}"))
+}
+
+/// What every script of a save or a receipt shares: ARGV[1] retention ms, ARGV[2] max inbox
+/// entries; `place` gives an entry the next seq of one inbox; `write_copy` writes a user's
+/// copy of a message from a table of its fields.
+const COMMON: &str = r#"
+local retention, max = ARGV[1], tonumber(ARGV[2])
+local function place(counter, inbox, kind, id)
   local seq = redis.call('INCR', counter)
   redis.call('ZADD', inbox, seq, seq .. ':' .. kind .. ':' .. id)
   local n = redis.call('ZCARD', inbox)
@@ -55,68 +87,105 @@ local function place(counter, inbox, kind, id, retention, max)
   redis.call('PEXPIRE', inbox, retention)
   return seq
 end
+local function write_copy(key, f)
+  redis.call('HSET', key, 'senderId', f.senderId, 'receiverId', f.receiverId,
+    'chatId', f.chatId, 'content', f.content, 'timestamp', f.timestamp,
+    'tempMessageId', f.tempMessageId, 'senderSeq', f.senderSeq)
+  if f.receiverSeq then redis.call('HSET', key, 'receiverSeq', f.receiverSeq) end
+  redis.call('PEXPIRE', key, retention)
+end
 "#;
 
-/// Saves a batch of messages, in order, in one script call: under `appendfsync always` Redis
-/// writes and fsyncs its log once per command it completes, so one call for the batch costs
-/// Redis less per message than one call per message pipelined (`chatd bench --cluster`, the
-/// README's cross-node table). Each message is stored exactly as alone would be.
-///
-/// KEYS, six per message: message, idempotency (ignored when its tempMessageId is empty),
-/// receiver's counter and inbox, sender's counter and inbox. ARGV: retention ms, message key
-/// prefix, max inbox entries, then seven per message: messageId, senderId, receiverId,
-/// chatId, content, timestamp, tempMessageId. Returns, per message, {id of the message
-/// stored before under the same id or idempotency key} or {'', receiverSeq, senderSeq}.
-const SAVE: &str = r#"
-local retention, prefix, max = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local function save(k, a)
-  if redis.call('EXISTS', KEYS[k + 1]) == 1 then return {ARGV[a + 1]} end
-  local temp = ARGV[a + 7]
-  if temp ~= '' then
-    local existing = redis.call('GET', KEYS[k + 2])
-    if existing and redis.call('EXISTS', prefix .. existing) == 1 then return {existing} end
-    redis.call('SET', KEYS[k + 2], ARGV[a + 1], 'PX', retention)
-  end
-  local rseq = place(KEYS[k + 3], KEYS[k + 4], 'm', ARGV[a + 1], retention, max)
-  local sseq = rseq
-  if ARGV[a + 2] ~= ARGV[a + 3] then
-    sseq = place(KEYS[k + 5], KEYS[k + 6], 'm', ARGV[a + 1], retention, max)
-  end
-  redis.call('HSET', KEYS[k + 1], 'senderId', ARGV[a + 2], 'receiverId', ARGV[a + 3],
-    'chatId', ARGV[a + 4], 'content', ARGV[a + 5], 'timestamp', ARGV[a + 6],
-    'tempMessageId', temp, 'receiverSeq', rseq, 'senderSeq', sseq)
-  redis.call('PEXPIRE', KEYS[k + 1], retention)
-  return {'', tostring(rseq), tostring(sseq)}
+/// Step 1, in the sender's slot, for each message of a batch in order. KEYS, four per
+/// message: idempotency (ignored when its tempMessageId is empty), sender's counter, inbox,
+/// copy. ARGV after the common two, seven per message: messageId, senderId, receiverId,
+/// chatId, content, timestamp, tempMessageId. Answers per message {'new', id, senderSeq}, or
+/// {'dup', id, field, value, ...}: the copy stored before under the same id or
+/// tempMessageId, unchanged.
+const SAVE_SENDER: &str = r#"
+local function stored(key, id)
+  local reply = {'dup', id}
+  for _, v in ipairs(redis.call('HGETALL', key)) do reply[#reply + 1] = v end
+  return reply
 end
 local out = {}
-for i = 0, #KEYS / 6 - 1 do
-  out[i + 1] = save(i * 6, 3 + i * 7)
+for i = 0, #KEYS / 4 - 1 do
+  local k, a = i * 4, 3 + i * 7
+  local id, temp = ARGV[a], ARGV[a + 6]
+  local copy = KEYS[k + 4]
+  if redis.call('EXISTS', copy) == 1 then
+    out[i + 1] = stored(copy, id)
+  else
+    local existing = temp ~= '' and redis.call('GET', KEYS[k + 1])
+    local earlier = existing and string.sub(copy, 1, #copy - #id) .. existing
+    if earlier and redis.call('EXISTS', earlier) == 1 then
+      out[i + 1] = stored(earlier, existing)
+    else
+      if temp ~= '' then redis.call('SET', KEYS[k + 1], id, 'PX', retention) end
+      local f = {senderId = ARGV[a + 1], receiverId = ARGV[a + 2], chatId = ARGV[a + 3],
+        content = ARGV[a + 4], timestamp = ARGV[a + 5], tempMessageId = temp}
+      f.senderSeq = place(KEYS[k + 2], KEYS[k + 3], 'm', id)
+      if f.senderId == f.receiverId then f.receiverSeq = f.senderSeq end
+      write_copy(copy, f)
+      out[i + 1] = {'new', id, tostring(f.senderSeq)}
+    end
+  end
 end
 return out
 "#;
 
-/// Most messages one save script call stores: Redis runs nothing else meanwhile (256 take it
-/// about 10 ms). A larger batch is several calls in one pipeline.
-const SAVE_CHUNK: usize = 256;
-
-/// KEYS: message. ARGV: chatId, reader, now, messageId, counter prefix, inbox prefix,
-/// retention ms, max entries. The first mark gives the receipt a place in the sender's inbox
-/// (keys named from the stored sender, so single Redis only). Returns {status, field, value, ...}.
-const MARK_READ: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'chatId', 'receiverId', 'readAt', 'senderId')
-if not m[1] or m[1] ~= ARGV[1] then return {'unknown'} end
-if m[2] ~= ARGV[2] then return {'forbidden'} end
-if not m[3] then
-  local seq = place(ARGV[5] .. m[4], ARGV[6] .. m[4], 'r', ARGV[4], ARGV[7], tonumber(ARGV[8]))
-  redis.call('HSET', KEYS[1], 'readAt', ARGV[3], 'receiptSeq', seq)
+/// Step 2, in the receiver's slot. KEYS, three per message: receiver's counter, inbox, copy.
+/// ARGV after the common two, eight per message: messageId, senderId, receiverId, chatId,
+/// content, timestamp, tempMessageId, senderSeq. Answers the receiverSeq of each: the
+/// existing copy's when the step ran before.
+const SAVE_RECEIVER: &str = r#"
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local k, a = i * 3, 3 + i * 8
+  local have = redis.call('HGET', KEYS[k + 3], 'receiverSeq')
+  if have then
+    out[i + 1] = have
+  else
+    local f = {senderId = ARGV[a + 1], receiverId = ARGV[a + 2], chatId = ARGV[a + 3],
+      content = ARGV[a + 4], timestamp = ARGV[a + 5], tempMessageId = ARGV[a + 6],
+      senderSeq = ARGV[a + 7]}
+    f.receiverSeq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
+    write_copy(KEYS[k + 3], f)
+    out[i + 1] = tostring(f.receiverSeq)
+  end
 end
+return out
+"#;
+
+/// A receipt's step 1, in the reader's slot. KEYS: the reader's copy. ARGV after the common
+/// two: chatId, reader, now. Marks the copy read (once) and answers {'ok', field, value,
+/// ...}, or {'unknown'} (no such message in the reader's messages, or another chat), or
+/// {'forbidden'} (the reader sent it).
+const READ_READER: &str = r#"
+local m = redis.call('HMGET', KEYS[1], 'chatId', 'receiverId', 'readAt')
+if not m[1] or m[1] ~= ARGV[3] then return {'unknown'} end
+if m[2] ~= ARGV[4] then return {'forbidden'} end
+if not m[3] then redis.call('HSET', KEYS[1], 'readAt', ARGV[5]) end
 local all = redis.call('HGETALL', KEYS[1])
 table.insert(all, 1, 'ok')
 return all
 "#;
 
-/// KEYS: counter, inbox. ARGV: after, limit, message prefix. Entries whose message expired
-/// are dropped from the front first, so `oldest` is what can still be given.
+/// A receipt's step 2, in the sender's slot. KEYS: the sender's copy, counter, inbox. ARGV
+/// after the common two: messageId, readAt. Gives the receipt a place in the sender's inbox
+/// the first time; answers its seq, or '' when the sender's copy expired.
+const READ_SENDER: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
+local seq = redis.call('HGET', KEYS[1], 'receiptSeq')
+if seq then return seq end
+seq = place(KEYS[2], KEYS[3], 'r', ARGV[3])
+redis.call('HSET', KEYS[1], 'readAt', ARGV[4], 'receiptSeq', seq)
+return tostring(seq)
+"#;
+
+/// KEYS: counter, inbox. ARGV: after, limit, the user's message prefix (its copies are in
+/// the same slot). Entries whose message expired are dropped from the front first, so
+/// `oldest` is what can still be given.
 /// Returns {{oldest, latest}, {seq, kind, messageId, field, value, ...}, ...}.
 const FETCH: &str = r#"
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -148,39 +217,17 @@ pub struct RedisStore {
     redis: RedisClient,
     retention_ms: u64,
     inbox_max_entries: usize,
-    save: Script,
-    mark_read: Script,
+    save_sender: Script,
+    save_receiver: Script,
+    read_reader: Script,
+    read_sender: Script,
     fetch: Script,
 }
 
-impl RedisStore {
-    pub fn new(redis: RedisClient, retention_secs: u64, inbox_max_entries: usize) -> Self {
-        Self {
-            redis,
-            retention_ms: retention_secs.saturating_mul(1000),
-            inbox_max_entries: inbox_max_entries.max(1),
-            save: Script::new(&format!("{PLACE}{SAVE}")),
-            mark_read: Script::new(&format!("{PLACE}{MARK_READ}")),
-            fetch: Script::new(FETCH),
-        }
-    }
-
-    async fn load(&self, message_id: &str) -> Result<Option<StoredMessage>, StoreError> {
-        let key = message_key(message_id);
-        let fields: HashMap<String, String> = self
-            .redis
-            .call("load message", |mut c| async move {
-                redis::cmd("HGETALL").arg(key).query_async(&mut c).await
-            })
-            .await?;
-        Ok(from_fields(message_id, &fields))
-    }
-}
-
-/// The same failure for each of `n` saves.
-fn failed_all(n: usize, why: &str) -> Vec<Result<SaveOutcome, StoreError>> {
-    (0..n)
-        .map(|_| Err(StoreError::Unavailable(why.to_string())))
+/// A map of a copy's fields from a flat [field, value, ...] list.
+fn field_map(flat: &[String]) -> HashMap<String, String> {
+    flat.chunks_exact(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
         .collect()
 }
 
@@ -203,54 +250,78 @@ fn from_fields(message_id: &str, f: &HashMap<String, String>) -> Option<StoredMe
     })
 }
 
-impl RedisStore {
-    /// The save script's call for `messages`, in order.
-    fn save_invocation<'a>(&'a self, messages: &[NewMessage]) -> redis::ScriptInvocation<'a> {
-        let mut call = self.save.prepare_invoke();
-        call.arg(self.retention_ms)
-            .arg(MSG_PREFIX)
-            .arg(self.inbox_max_entries);
-        for m in messages {
-            let temp = m.temp_message_id.as_deref().unwrap_or_default();
-            call.key(message_key(&m.message_id))
-                .key(idempotency_key(&m.sender_id, temp))
-                .key(seq_key(&m.receiver_id))
-                .key(inbox_key(&m.receiver_id))
-                .key(seq_key(&m.sender_id))
-                .key(inbox_key(&m.sender_id))
-                .arg(&m.message_id)
-                .arg(&m.sender_id)
-                .arg(&m.receiver_id)
-                .arg(&m.chat_id)
-                .arg(&m.content)
-                .arg(m.timestamp)
-                .arg(temp);
+/// A message after the save's first step: stored now (`fresh`) or found stored before.
+struct SenderStep {
+    stored: StoredMessage,
+    fresh: bool,
+}
+
+/// What the first step's `reply` for `message` means.
+fn sender_step(message: NewMessage, reply: &[String]) -> Result<SenderStep, StoreError> {
+    let bad = || StoreError::Unavailable(format!("save script answered {reply:?}"));
+    match reply {
+        [status, _, seq] if status == "new" => {
+            let seq = seq.parse().map_err(|_| bad())?;
+            let note_to_self = message.sender_id == message.receiver_id;
+            Ok(SenderStep {
+                stored: StoredMessage {
+                    sender_seq: seq,
+                    receiver_seq: if note_to_self { seq } else { 0 },
+                    ..StoredMessage::unsequenced(message)
+                },
+                fresh: true,
+            })
         }
+        [status, id, fields @ ..] if status == "dup" => Ok(SenderStep {
+            stored: from_fields(id, &field_map(fields)).ok_or_else(bad)?,
+            fresh: false,
+        }),
+        _ => Err(bad()),
+    }
+}
+
+impl RedisStore {
+    pub fn new(redis: RedisClient, retention_secs: u64, inbox_max_entries: usize) -> Self {
+        Self {
+            redis,
+            retention_ms: retention_secs.saturating_mul(1000),
+            inbox_max_entries: inbox_max_entries.max(1),
+            save_sender: Script::new(&format!("{COMMON}{SAVE_SENDER}")),
+            save_receiver: Script::new(&format!("{COMMON}{SAVE_RECEIVER}")),
+            read_reader: Script::new(&format!("{COMMON}{READ_READER}")),
+            read_sender: Script::new(&format!("{COMMON}{READ_SENDER}")),
+            fetch: Script::new(FETCH),
+        }
+    }
+
+    /// A call of `script` with the arguments every save and receipt script starts with.
+    fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
+        let mut call = script.prepare_invoke();
+        call.arg(self.retention_ms).arg(self.inbox_max_entries);
         call
     }
 
-    /// What the save script's `reply` for `message` means.
-    async fn save_outcome(
+    /// [`RedisClient::per_slot`] with the arguments every save and receipt script starts with.
+    async fn per_slot<I, T: FromRedisValue + Send>(
         &self,
-        message: NewMessage,
-        reply: Vec<String>,
-    ) -> Result<SaveOutcome, StoreError> {
-        let bad_reply = || StoreError::Unavailable(format!("save script answered {reply:?}"));
-        match reply.as_slice() {
-            [empty, rseq, sseq] if empty.is_empty() => Ok(SaveOutcome::Saved(StoredMessage {
-                receiver_seq: rseq.parse().map_err(|_| bad_reply())?,
-                sender_seq: sseq.parse().map_err(|_| bad_reply())?,
-                ..StoredMessage::unsequenced(message)
-            })),
-            [existing] => match self.load(existing).await? {
-                Some(earlier) => Ok(SaveOutcome::Duplicate(earlier)),
-                // The earlier one expired between the two calls; it cannot be re-acked.
-                None => Err(StoreError::Unavailable(format!(
-                    "message {existing} expired while being read; retry"
-                ))),
-            },
-            _ => Err(bad_reply()),
-        }
+        what: &str,
+        script: &Script,
+        items: &[I],
+        slot_of: impl Fn(&I) -> u16,
+        add: impl Fn(&mut ScriptInvocation<'_>, &I),
+    ) -> Vec<Result<T, StoreError>> {
+        let first = [
+            self.retention_ms.to_string(),
+            self.inbox_max_entries.to_string(),
+        ];
+        let replies = self
+            .redis
+            .per_slot(what, script, items, slot_of, &first, add)
+            .await;
+        replies
+            .into_iter()
+            .map(|r| r.map_err(StoreError::Unavailable))
+            .collect()
     }
 }
 
@@ -265,78 +336,153 @@ impl Store for RedisStore {
         })
     }
 
-    /// One pipeline of save script calls ([`SAVE_CHUNK`] messages each), one round trip, in
-    /// order: each message is stored as alone, one after another as they were given.
+    /// The two steps of the module's doc for the whole batch: every message's sender step
+    /// (one call per slot), then the receiver step of those it stored or found (one call per
+    /// slot). Messages of one sender keep their order in both inboxes.
     async fn save_batch(&self, messages: Vec<NewMessage>) -> Vec<Result<SaveOutcome, StoreError>> {
-        let mut pipe = redis::pipe();
-        for chunk in messages.chunks(SAVE_CHUNK) {
-            pipe.invoke_script(&self.save_invocation(chunk));
-        }
-        let script = &self.save;
-        let pipe = &pipe;
-        let replies: Result<Vec<Vec<Vec<String>>>, RedisError> = self
-            .redis
-            .call("save messages", |mut c| async move {
-                crate::redis_client::query_script_pipe(&mut c, pipe, script).await
-            })
+        let replies: Vec<Result<Vec<String>, StoreError>> = self
+            .per_slot(
+                "save messages",
+                &self.save_sender,
+                &messages,
+                // A user's keys are in the slot of its id: their hash tag.
+                |m| slot(&m.sender_id),
+                |call, m| {
+                    let temp = m.temp_message_id.as_deref().unwrap_or_default();
+                    call.key(idempotency_key(&m.sender_id, temp))
+                        .key(seq_key(&m.sender_id))
+                        .key(inbox_key(&m.sender_id))
+                        .key(message_key(&m.sender_id, &m.message_id))
+                        .arg(&m.message_id)
+                        .arg(&m.sender_id)
+                        .arg(&m.receiver_id)
+                        .arg(&m.chat_id)
+                        .arg(&m.content)
+                        .arg(m.timestamp)
+                        .arg(temp);
+                },
+            )
             .await;
-        let replies: Vec<Vec<String>> = match replies {
-            Ok(r) => r.into_iter().flatten().collect(),
-            Err(why) => return failed_all(messages.len(), &why.to_string()),
-        };
-        if replies.len() != messages.len() {
-            let why = format!("{} answers to {} saves", replies.len(), messages.len());
-            return failed_all(messages.len(), &why);
+        let mut steps: Vec<Result<SenderStep, StoreError>> = messages
+            .into_iter()
+            .zip(replies)
+            .map(|(m, reply)| reply.and_then(|r| sender_step(m, &r)))
+            .collect();
+
+        // The receiver's step for each message stored or found, but a note to self.
+        let pending: Vec<usize> = (0..steps.len())
+            .filter(|&i| {
+                steps[i].as_ref().is_ok_and(|s| {
+                    let m = &s.stored.message;
+                    m.sender_id != m.receiver_id
+                })
+            })
+            .collect();
+        let to_place: Vec<&StoredMessage> = pending
+            .iter()
+            .filter_map(|&i| steps[i].as_ref().ok().map(|s| &s.stored))
+            .collect();
+        let seqs: Vec<Result<String, StoreError>> = self
+            .per_slot(
+                "save messages for their receivers",
+                &self.save_receiver,
+                &to_place,
+                |s| slot(&s.message.receiver_id),
+                |call, s| {
+                    let m = &s.message;
+                    call.key(seq_key(&m.receiver_id))
+                        .key(inbox_key(&m.receiver_id))
+                        .key(message_key(&m.receiver_id, &m.message_id))
+                        .arg(&m.message_id)
+                        .arg(&m.sender_id)
+                        .arg(&m.receiver_id)
+                        .arg(&m.chat_id)
+                        .arg(&m.content)
+                        .arg(m.timestamp)
+                        .arg(m.temp_message_id.as_deref().unwrap_or_default())
+                        .arg(s.sender_seq);
+                },
+            )
+            .await;
+        for (i, seq) in pending.into_iter().zip(seqs) {
+            let placed = seq.and_then(|seq| {
+                seq.parse::<u64>()
+                    .map_err(|_| StoreError::Unavailable(format!("receiver step answered {seq:?}")))
+            });
+            match (&mut steps[i], placed) {
+                (Ok(step), Ok(seq)) => step.stored.receiver_seq = seq,
+                // Not acked: the sender's retry with the same tempMessageId completes it.
+                (step, Err(e)) => *step = Err(e),
+                (Err(_), Ok(_)) => {}
+            }
         }
-        let mut out = Vec::with_capacity(messages.len());
-        for (m, reply) in messages.into_iter().zip(replies) {
-            out.push(self.save_outcome(m, reply).await);
-        }
-        out
+        steps
+            .into_iter()
+            .map(|step| {
+                step.map(|s| {
+                    if s.fresh {
+                        SaveOutcome::Saved(s.stored)
+                    } else {
+                        SaveOutcome::Duplicate(s.stored)
+                    }
+                })
+            })
+            .collect()
     }
 
+    /// The reader's step, then the sender's (module doc). Marking again changes nothing.
     async fn mark_read(
         &self,
         reader_id: &str,
         chat_id: &str,
         message_id: &str,
     ) -> Result<Receipt, StoreError> {
-        let script = &self.mark_read;
-        let (retention, max) = (self.retention_ms, self.inbox_max_entries);
+        let unknown = || StoreError::UnknownMessage(message_id.to_string(), chat_id.to_string());
+        let (script, now) = (&self.read_reader, now_ms());
+        let call = {
+            let mut call = self.invocation(script);
+            call.key(message_key(reader_id, message_id))
+                .arg(chat_id)
+                .arg(reader_id)
+                .arg(now);
+            call
+        };
+        let call = &call;
         let reply: Vec<String> = self
             .redis
             .call("mark read", |mut c| async move {
-                script
-                    .key(message_key(message_id))
-                    .arg(chat_id)
-                    .arg(reader_id)
-                    .arg(now_ms())
-                    .arg(message_id)
-                    .arg(SEQ_PREFIX)
-                    .arg(INBOX_PREFIX)
-                    .arg(retention)
-                    .arg(max)
-                    .invoke_async(&mut c)
-                    .await
+                call.invoke_async(&mut c).await
             })
             .await?;
-        let unknown = || StoreError::UnknownMessage(message_id.to_string(), chat_id.to_string());
-        match reply.first().map(String::as_str) {
-            Some("ok") => {
-                let fields: HashMap<String, String> = reply[1..]
-                    .chunks_exact(2)
-                    .map(|p| (p[0].clone(), p[1].clone()))
-                    .collect();
-                let seq = fields.get("receiptSeq").and_then(|s| s.parse().ok());
-                let message = from_fields(message_id, &fields).ok_or_else(unknown)?;
-                Ok(Receipt {
-                    message,
-                    seq: seq.unwrap_or(0),
-                })
+        let message = match reply.split_first() {
+            Some((status, fields)) if status == "ok" => {
+                from_fields(message_id, &field_map(fields)).ok_or_else(unknown)?
             }
-            Some("forbidden") => Err(StoreError::NotReceiver(message_id.to_string())),
-            _ => Err(unknown()),
-        }
+            Some((status, _)) if status == "forbidden" => {
+                return Err(StoreError::NotReceiver(message_id.to_string()))
+            }
+            _ => return Err(unknown()),
+        };
+        let sender = &message.message.sender_id;
+        let call = {
+            let mut call = self.invocation(&self.read_sender);
+            call.key(message_key(sender, message_id))
+                .key(seq_key(sender))
+                .key(inbox_key(sender))
+                .arg(message_id)
+                .arg(message.read_at.unwrap_or(now));
+            call
+        };
+        let call = &call;
+        let seq: String = self
+            .redis
+            .call("mark read for the sender", |mut c| async move {
+                call.invoke_async(&mut c).await
+            })
+            .await?;
+        // '' when the sender's copy expired: nothing left to tell it about.
+        let seq = seq.parse().map_err(|_| unknown())?;
+        Ok(Receipt { message, seq })
     }
 
     async fn fetch(
@@ -354,7 +500,7 @@ impl Store for RedisStore {
                     .key(inbox_key(user_id))
                     .arg(after)
                     .arg(limit.min(MAX_PAGE))
-                    .arg(MSG_PREFIX)
+                    .arg(message_prefix(user_id))
                     .invoke_async(&mut c)
                     .await
             })
@@ -373,11 +519,7 @@ impl Store for RedisStore {
             let [seq, kind, id, fields @ ..] = row.as_slice() else {
                 return Err(bad());
             };
-            let fields: HashMap<String, String> = fields
-                .chunks_exact(2)
-                .map(|p| (p[0].clone(), p[1].clone()))
-                .collect();
-            let Some(message) = from_fields(id, &fields) else {
+            let Some(message) = from_fields(id, &field_map(fields)) else {
                 // Expired after an older entry that has not: the oldest still kept moves on.
                 tracing::warn!(user = user_id, seq = %seq, "inbox entry whose message expired");
                 continue;
@@ -395,7 +537,8 @@ impl Store for RedisStore {
         Ok(page)
     }
 
-    /// One `MGET` of the users' seq counters (a counter only grows with its inbox entry).
+    /// One `MGET` of the users' seq counters (a counter only grows with its inbox entry); on
+    /// a cluster redis-rs splits it per slot and puts the answers back in order.
     async fn latest_seqs(&self, user_ids: &[&str]) -> Result<Vec<u64>, StoreError> {
         if user_ids.is_empty() {
             return Ok(Vec::new());

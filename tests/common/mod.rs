@@ -363,11 +363,15 @@ impl Proc {
     }
 
     /// `chatd message-service` on `backend` (`memory` or `redis`, on the Redis at
-    /// `redis_url`), listening on `listen`.
+    /// `redis_url`), listening on `listen`. Several comma-separated URLs are the seeds of a
+    /// Redis Cluster (the test cluster's, [`test_redis_url`]).
     pub fn message_service(listen: &str, backend: &str, redis_url: &str) -> Proc {
         let mut c = chatd();
         c.args(["message-service", "--listen", listen, "--backend", backend])
             .args(["--redis", redis_url]);
+        if redis_url.contains(',') {
+            c.arg("--redis-cluster");
+        }
         Proc::spawn(c, "message-service")
     }
 
@@ -494,4 +498,70 @@ pub fn redis_server(port: u16, persist_to: Option<&std::path::Path>) -> KillOnDr
             .spawn()
             .expect("redis-server (installed by scripts/services.sh)"),
     )
+}
+
+/// Whether the Redis-backed suites run against the Redis Cluster of `scripts/services.sh
+/// cluster up` (`CHATD_TEST_REDIS=cluster`; scripts/test.sh runs them both ways) rather than
+/// the single Redis of `scripts/services.sh up`.
+pub fn on_redis_cluster() -> bool {
+    std::env::var("CHATD_TEST_REDIS").is_ok_and(|v| v == "cluster")
+}
+
+/// The password of both test Redis setups (scripts/services.sh).
+pub const TEST_REDIS_PASSWORD: &str = "redis123";
+
+/// The test Redis as a URL with its password: the cluster's seeds, comma-separated, or the
+/// single Redis.
+pub fn test_redis_url() -> String {
+    if on_redis_cluster() {
+        ["7001", "7002", "7003"]
+            .map(|p| format!("redis://:{TEST_REDIS_PASSWORD}@127.0.0.1:{p}"))
+            .join(",")
+    } else {
+        format!("redis://:{TEST_REDIS_PASSWORD}@127.0.0.1:6379/0")
+    }
+}
+
+/// The `[redis]` config of the test Redis.
+pub fn test_redis() -> chatd::config::RedisConfig {
+    chatd::config::RedisConfig {
+        url: test_redis_url(),
+        cluster: on_redis_cluster(),
+        ..Default::default()
+    }
+}
+
+/// `CHATD_*` settings that put a `chatd` process on the test Redis (presence, and with
+/// `store` its store too, directly rather than through a MessageService).
+pub fn test_redis_env(store: bool) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("CHATD_REDIS__URL", test_redis_url()),
+        ("CHATD_REDIS__CLUSTER", on_redis_cluster().to_string()),
+        ("CHATD_REDIS__PASSWORD", String::new()),
+    ];
+    if store {
+        env.push(("CHATD_STORE__URL", test_redis_url()));
+    }
+    env
+}
+
+/// `redis-cli` against the test Redis (following a cluster's redirections), one line of
+/// output per item.
+pub fn redis_cli(args: &[&str]) -> Vec<String> {
+    let mut c = std::process::Command::new("redis-cli");
+    let port = if on_redis_cluster() { "7001" } else { "6379" };
+    c.args(["-h", "127.0.0.1", "-p", port, "-a", TEST_REDIS_PASSWORD])
+        .arg("--no-auth-warning");
+    if on_redis_cluster() {
+        c.arg("-c");
+    }
+    let out = c
+        .args(args)
+        .output()
+        .expect("redis-cli (installed by scripts/services.sh)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .filter(|l| !l.is_empty())
+        .collect()
 }
