@@ -5,7 +5,7 @@
 mod common;
 
 use chatd::redis_client::RedisClient;
-use chatd::store::{EntryKind, NewMessage, RedisStore, SaveOutcome, Store};
+use chatd::store::{EntryKind, NewMessage, RedisStore, SaveOutcome, Store, StoreError};
 use common::unique;
 
 fn store(retention_secs: u64, inbox_max: usize) -> RedisStore {
@@ -54,6 +54,17 @@ async fn seqs_duplicates_and_receipts() {
     let receipt = s.mark_read(&b, "c", &m1).await.unwrap();
     assert_eq!(receipt.seq, 3, "after a's two messages");
     assert_eq!(s.mark_read(&b, "c", &m1).await.unwrap().seq, 3, "once");
+    // Its sender may not; to anyone else, or in another chat, it does not exist.
+    assert!(matches!(
+        s.mark_read(&a, "c", &m1).await,
+        Err(StoreError::NotReceiver(_))
+    ));
+    for (reader, chat) in [(unique("eve").as_str(), "c"), (b.as_str(), "other")] {
+        assert!(matches!(
+            s.mark_read(reader, chat, &m1).await,
+            Err(StoreError::UnknownMessage(..))
+        ));
+    }
 
     let page = s.fetch(&a, 0, 10).await.unwrap();
     assert_eq!((page.oldest, page.latest), (1, 3));
@@ -255,4 +266,45 @@ async fn an_old_layout_is_refused_then_migrated_without_loss() {
         .await
         .unwrap();
     assert!(ttl > 0 && ttl <= 600_000, "{ttl}");
+}
+
+/// A save cut between its two steps (the node died after the sender's slot, before the
+/// receiver's): the sender's retry with the same tempMessageId completes it, once.
+#[tokio::test]
+async fn a_save_cut_between_its_steps_is_completed_by_the_retry_once() {
+    let s = store(600, 100);
+    let (a, b) = (unique("a"), unique("b"));
+    let first = unique("m");
+    s.save_first_step_only(message(&first, &a, &b, Some("t1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.fetch(&b, 0, 10).await.unwrap().latest,
+        0,
+        "not placed yet"
+    );
+    assert_eq!(s.fetch(&a, 0, 10).await.unwrap().latest, 1);
+
+    for _ in 0..2 {
+        // The retry comes with a new message id from the node: the first one is kept.
+        match s
+            .save(message(&unique("m"), &a, &b, Some("t1")))
+            .await
+            .unwrap()
+        {
+            SaveOutcome::Duplicate(m) => {
+                assert_eq!(m.message.message_id, first);
+                assert_eq!((m.sender_seq, m.receiver_seq), (1, 1));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let inbox = s.fetch(&b, 0, 10).await.unwrap();
+    let ids: Vec<_> = inbox
+        .entries
+        .iter()
+        .map(|e| (e.seq, e.message.message.message_id.clone()))
+        .collect();
+    assert_eq!(ids, [(1, first.clone())]);
+    assert_eq!(s.fetch(&a, 0, 10).await.unwrap().latest, 1, "stored once");
 }

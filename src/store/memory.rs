@@ -253,10 +253,13 @@ impl Store for MemoryStore {
         let unknown = || StoreError::UnknownMessage(message_id.to_string(), chat_id.to_string());
         let slot = self.slot(message_id).ok_or_else(unknown)?;
         let mut state = lock(&slot.state);
-        if state.stored.message.chat_id != chat_id {
+        let m = &state.stored.message;
+        // As in the Redis store, which keeps a message only with its two users: to anyone
+        // else it does not exist.
+        if m.chat_id != chat_id || (m.sender_id != reader_id && m.receiver_id != reader_id) {
             return Err(unknown());
         }
-        if state.stored.message.receiver_id != reader_id {
+        if m.receiver_id != reader_id {
             return Err(StoreError::NotReceiver(message_id.to_string()));
         }
         if state.stored.read_at.is_none() {
@@ -378,6 +381,10 @@ mod tests {
         assert!(matches!(
             s.mark_read("a", "c", "m1").await,
             Err(StoreError::NotReceiver(_))
+        ));
+        assert!(matches!(
+            s.mark_read("eve", "c", "m1").await,
+            Err(StoreError::UnknownMessage(..))
         ));
         assert!(matches!(
             s.mark_read("b", "c", "nope").await,
