@@ -76,22 +76,33 @@ pub fn idempotency_key(sender_id: &str, temp_message_id: &str) -> String {
 
 /// What every script of a save or a receipt shares: ARGV[1] retention ms, ARGV[2] max inbox
 /// entries; `place` gives an entry the next seq of one inbox; `write_copy` writes a user's
-/// copy of a message from a table of its fields.
+/// copy of the message whose seven fields start at ARGV[a] (no Lua table on this path: the
+/// script runs once per message). An inbox's expiry is pushed to retention + an
+/// hour only when it has fallen below retention, so it always outlives its
+/// newest message and is written once an hour, not at every message (every write is one
+/// more command in Redis's fsynced append-only file).
 const COMMON: &str = r#"
-local retention, max = ARGV[1], tonumber(ARGV[2])
+local retention, max = tonumber(ARGV[1]), tonumber(ARGV[2])
 local function place(counter, inbox, kind, id)
   local seq = redis.call('INCR', counter)
   redis.call('ZADD', inbox, seq, seq .. ':' .. kind .. ':' .. id)
   local n = redis.call('ZCARD', inbox)
   if n > max then redis.call('ZREMRANGEBYRANK', inbox, 0, n - max - 1) end
-  redis.call('PEXPIRE', inbox, retention)
+  if redis.call('PTTL', inbox) < retention then
+    redis.call('PEXPIRE', inbox, retention + 3600000)
+  end
   return seq
 end
-local function write_copy(key, f)
-  redis.call('HSET', key, 'senderId', f.senderId, 'receiverId', f.receiverId,
-    'chatId', f.chatId, 'content', f.content, 'timestamp', f.timestamp,
-    'tempMessageId', f.tempMessageId, 'senderSeq', f.senderSeq)
-  if f.receiverSeq then redis.call('HSET', key, 'receiverSeq', f.receiverSeq) end
+local function write_copy(key, a, sseq, rseq)
+  if rseq then
+    redis.call('HSET', key, 'senderId', ARGV[a + 1], 'receiverId', ARGV[a + 2],
+      'chatId', ARGV[a + 3], 'content', ARGV[a + 4], 'timestamp', ARGV[a + 5],
+      'tempMessageId', ARGV[a + 6], 'senderSeq', sseq, 'receiverSeq', rseq)
+  else
+    redis.call('HSET', key, 'senderId', ARGV[a + 1], 'receiverId', ARGV[a + 2],
+      'chatId', ARGV[a + 3], 'content', ARGV[a + 4], 'timestamp', ARGV[a + 5],
+      'tempMessageId', ARGV[a + 6], 'senderSeq', sseq)
+  end
   redis.call('PEXPIRE', key, retention)
 end
 "#;
@@ -113,22 +124,24 @@ for i = 0, #KEYS / 4 - 1 do
   local k, a = i * 4, 3 + i * 7
   local id, temp = ARGV[a], ARGV[a + 6]
   local copy = KEYS[k + 4]
-  if redis.call('EXISTS', copy) == 1 then
-    out[i + 1] = stored(copy, id)
+  -- The id stored before for this send: by its tempMessageId (claimed in the same command),
+  -- or, without one, this very id (a retried call).
+  local earlier
+  if temp ~= '' then
+    earlier = redis.call('SET', KEYS[k + 1], id, 'PX', retention, 'NX', 'GET')
+  elseif redis.call('EXISTS', copy) == 1 then
+    earlier = id
+  end
+  local earlier_copy = earlier and string.sub(copy, 1, #copy - #id) .. earlier
+  if earlier_copy and redis.call('EXISTS', earlier_copy) == 1 then
+    out[i + 1] = stored(earlier_copy, earlier)
   else
-    local existing = temp ~= '' and redis.call('GET', KEYS[k + 1])
-    local earlier = existing and string.sub(copy, 1, #copy - #id) .. existing
-    if earlier and redis.call('EXISTS', earlier) == 1 then
-      out[i + 1] = stored(earlier, existing)
-    else
-      if temp ~= '' then redis.call('SET', KEYS[k + 1], id, 'PX', retention) end
-      local f = {senderId = ARGV[a + 1], receiverId = ARGV[a + 2], chatId = ARGV[a + 3],
-        content = ARGV[a + 4], timestamp = ARGV[a + 5], tempMessageId = temp}
-      f.senderSeq = place(KEYS[k + 2], KEYS[k + 3], 'm', id)
-      if f.senderId == f.receiverId then f.receiverSeq = f.senderSeq end
-      write_copy(copy, f)
-      out[i + 1] = {'new', id, tostring(f.senderSeq)}
-    end
+    -- Its copy expired before its idempotency key: this send is new after all.
+    if earlier then redis.call('SET', KEYS[k + 1], id, 'PX', retention) end
+    local seq = place(KEYS[k + 2], KEYS[k + 3], 'm', id)
+    -- A note to self: the one copy is the receiver's too.
+    write_copy(copy, a, seq, ARGV[a + 1] == ARGV[a + 2] and seq or nil)
+    out[i + 1] = {'new', id, tostring(seq)}
   end
 end
 return out
@@ -146,12 +159,9 @@ for i = 0, #KEYS / 3 - 1 do
   if have then
     out[i + 1] = have
   else
-    local f = {senderId = ARGV[a + 1], receiverId = ARGV[a + 2], chatId = ARGV[a + 3],
-      content = ARGV[a + 4], timestamp = ARGV[a + 5], tempMessageId = ARGV[a + 6],
-      senderSeq = ARGV[a + 7]}
-    f.receiverSeq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
-    write_copy(KEYS[k + 3], f)
-    out[i + 1] = tostring(f.receiverSeq)
+    local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
+    write_copy(KEYS[k + 3], a, ARGV[a + 7], seq)
+    out[i + 1] = tostring(seq)
   end
 end
 return out
