@@ -34,6 +34,18 @@ pub enum RedisError {
     },
     #[error("redis {what}: no answer within {} ms", .after.as_millis())]
     Timeout { what: String, after: Duration },
+    /// The write is on the master, but fewer replicas than `store.wait_replicas` confirmed it
+    /// in time: it is not acknowledged (a retry is idempotent).
+    #[error(
+        "redis {what}: written on the master, but {acked} of {wanted} replicas confirmed it \
+         within {timeout_ms} ms (store.wait_replicas); retry"
+    )]
+    NotReplicated {
+        what: String,
+        acked: u32,
+        wanted: u32,
+        timeout_ms: u64,
+    },
 }
 
 /// A connection to one Redis or to a Redis Cluster; every call site takes this one type.
@@ -74,7 +86,19 @@ impl ConnectionLike for Connection {
 #[derive(Clone)]
 enum Client {
     Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    /// The seed URLs: the cluster client is made with each connection, so that it takes the
+    /// deadline as it is then (a store waiting for replicas has a longer one).
+    Cluster(Vec<String>),
+}
+
+fn cluster_client(
+    seeds: &[String],
+    timeout: Duration,
+) -> redis::RedisResult<redis::cluster::ClusterClient> {
+    redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .build()
 }
 
 #[derive(Clone)]
@@ -86,6 +110,9 @@ pub struct RedisClient {
     next: Arc<AtomicUsize>,
     /// Deadline of every call, connecting included.
     timeout: Duration,
+    /// Replicas each write of [`per_slot`](Self::per_slot) and [`write_script`](Self::write_script)
+    /// waits for (Redis `WAIT`), and for how long (ms); none when `None`.
+    wait: Option<(u32, u64)>,
 }
 
 /// The URL with the password from config put in (percent-encoded by the `url` crate),
@@ -127,13 +154,9 @@ impl RedisClient {
                 .split(',')
                 .map(|u| url_with_password(u.trim(), &config.password))
                 .collect();
-            Client::Cluster(
-                redis::cluster::ClusterClientBuilder::new(seeds)
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .build()
-                    .map_err(RedisError::Url)?,
-            )
+            // Made now only to check the URLs.
+            cluster_client(&seeds, timeout).map_err(RedisError::Url)?;
+            Client::Cluster(seeds)
         } else {
             Client::Single(
                 redis::Client::open(url_with_password(&config.url, &config.password))
@@ -148,6 +171,70 @@ impl RedisClient {
             slots,
             next: Arc::new(AtomicUsize::new(0)),
             timeout,
+            wait: None,
+        })
+    }
+
+    /// This client with its script writes waiting for `replicas` replicas (at most
+    /// `timeout_ms` each): the store's, for `store.wait_replicas`. The deadline of a call
+    /// grows by the wait.
+    pub fn waiting_for_replicas(mut self, replicas: u32, timeout_ms: u64) -> Self {
+        if replicas > 0 {
+            self.wait = Some((replicas, timeout_ms));
+            self.timeout += Duration::from_millis(timeout_ms);
+        }
+        self
+    }
+
+    /// Appends the `WAIT` of [`waiting_for_replicas`](Self::waiting_for_replicas) to `pipe`.
+    fn add_wait(&self, pipe: &mut redis::Pipeline) {
+        if let Some((replicas, timeout_ms)) = self.wait {
+            pipe.cmd("WAIT").arg(replicas).arg(timeout_ms);
+        }
+    }
+
+    /// Splits the reply of a pipeline that ends with [`add_wait`](Self::add_wait)'s `WAIT`:
+    /// the other replies, or how many replicas fell short.
+    fn check_wait(&self, what: &str, mut replies: Vec<Value>) -> Result<Vec<Value>, RedisError> {
+        let Some((wanted, timeout_ms)) = self.wait else {
+            return Ok(replies);
+        };
+        let acked = match replies.pop() {
+            Some(Value::Int(n)) => u32::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
+        if acked < wanted {
+            return Err(RedisError::NotReplicated {
+                what: what.to_string(),
+                acked,
+                wanted,
+                timeout_ms,
+            });
+        }
+        Ok(replies)
+    }
+
+    /// One call of a script that writes (`invocation` of `script`), waiting for replicas as
+    /// [`waiting_for_replicas`](Self::waiting_for_replicas) says.
+    pub async fn write_script<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        script: &redis::Script,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(invocation);
+        self.add_wait(&mut pipe);
+        let pipe = &pipe;
+        let replies: Vec<Value> = self
+            .call(what, |mut c| async move {
+                query_script_pipe(&mut c, pipe, script).await
+            })
+            .await?;
+        let reply = self.check_wait(what, replies)?.pop().unwrap_or(Value::Nil);
+        redis::from_redis_value(&reply).map_err(|cause| RedisError::Failed {
+            what: what.to_string(),
+            cause,
         })
     }
 
@@ -173,7 +260,11 @@ impl RedisClient {
                         .await?,
                 )
             }
-            Client::Cluster(client) => Connection::Cluster(client.get_async_connection().await?),
+            Client::Cluster(seeds) => Connection::Cluster(
+                cluster_client(seeds, self.timeout)?
+                    .get_async_connection()
+                    .await?,
+            ),
         };
         *held = Some(c.clone());
         Ok(c)
@@ -242,7 +333,8 @@ pub const SCRIPT_CHUNK: usize = 256;
 
 impl RedisClient {
     /// Runs `script` once per item (each item's keys in the slot `slot_of` names; every call
-    /// starts with the arguments `first`, then `add` adds each item's keys and arguments) and answers
+    /// starts with the arguments `first`, then `add` adds each item's keys and arguments; each
+    /// round trip waits for replicas as [`waiting_for_replicas`](Self::waiting_for_replicas) says) and answers
     /// each item's reply, in order, or why its call failed. On a single Redis all items go in
     /// one round trip (calls of [`SCRIPT_CHUNK`] items, pipelined); on a cluster one such round trip per
     /// slot, all slots at once. The items of one slot run in the order given.
@@ -275,13 +367,24 @@ impl RedisClient {
                 }
                 pipe.invoke_script(&call);
             }
+            self.add_wait(&mut pipe);
             async move {
                 let pipe = &pipe;
-                let replies: Result<Vec<Vec<T>>, _> = self
+                let replies = self
                     .call(what, |mut c| async move {
-                        query_script_pipe(&mut c, pipe, script).await
+                        query_script_pipe::<Vec<Value>>(&mut c, pipe, script).await
                     })
-                    .await;
+                    .await
+                    .and_then(|r| self.check_wait(what, r))
+                    .and_then(|r| {
+                        r.iter()
+                            .map(redis::from_redis_value::<Vec<T>>)
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|cause| RedisError::Failed {
+                                what: what.to_string(),
+                                cause,
+                            })
+                    });
                 (indexes, replies)
             }
         });

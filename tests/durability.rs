@@ -374,11 +374,14 @@ enum Seen {
     Refusals,
     /// No refusal at all: another MessageService answered.
     Nothing,
+    /// Either: the outage may be ridden out without a refusal (the cluster client retries
+    /// while a replica takes over).
+    Any,
 }
 
 /// Streams `total` messages from a `chatd connect` sender to a receiver, both on `node`;
-/// once a quarter has arrived runs `outage` (which takes a store away, and may bring it
-/// back); then checks that every send was acknowledged in the end, that the sender saw what
+/// once a quarter has arrived runs `outage` with the sender's and the receiver's ids (it takes
+/// a store away, and may bring it back); then checks that every send was acknowledged in the end, that the sender saw what
 /// `seen` says, and that every message was received once in seq order and stored once
 /// (through the MessageService at `store`).
 async fn outage_under_traffic(
@@ -386,7 +389,7 @@ async fn outage_under_traffic(
     store: &str,
     total: usize,
     seen: Seen,
-    outage: impl FnOnce(),
+    outage: impl FnOnce(&str, &str),
 ) {
     let (a, b) = (unique("alice"), unique("bob"));
     let mut receiver = Client::connect(&node.ws(), &b, WAIT).await.unwrap();
@@ -398,7 +401,7 @@ async fn outage_under_traffic(
     let feeder = sender.feed((1..=total).map(|i| line(&b, i)).collect(), 5);
     let mut got = Vec::new();
     receive(&mut receiver, &mut got, total / 4).await;
-    tokio::task::block_in_place(outage);
+    tokio::task::block_in_place(|| outage(&a, &b));
     receive(&mut receiver, &mut got, total).await;
     feeder.join().unwrap();
     let status = tokio::task::block_in_place(|| sender.wait_exit());
@@ -417,6 +420,7 @@ async fn outage_under_traffic(
             "the outage was under traffic: some sends were refused and retried"
         ),
         Seen::Nothing => assert_eq!(refused, 0, "another MessageService answered every save"),
+        Seen::Any => {}
     }
     assert_gap_free(&got, total);
     let contents: BTreeSet<&str> = got.iter().map(|f| f["content"].as_str().unwrap()).collect();
@@ -430,7 +434,7 @@ async fn restarting_the_message_service_under_traffic_loses_no_acknowledged_mess
     let mut service = message_service("127.0.0.1:0");
     let addr = service.addr.clone();
     let node = node(&unique("dur-c1"), &addr);
-    outage_under_traffic(&node, &addr, 2000, Seen::Refusals, || {
+    outage_under_traffic(&node, &addr, 2000, Seen::Refusals, |_, _| {
         service.kill();
         std::thread::sleep(Duration::from_millis(700));
         service = message_service(&addr);
@@ -445,7 +449,10 @@ async fn killing_one_of_two_message_services_under_traffic_goes_unnoticed() {
     // `Proc::node` puts the first `grpc://` in front.
     let both = format!("{},grpc://{}", first.addr, second.addr);
     let node = node(&unique("dur-ms2"), &both);
-    outage_under_traffic(&node, &second.addr, 2000, Seen::Nothing, || first.kill()).await;
+    outage_under_traffic(&node, &second.addr, 2000, Seen::Nothing, |_, _| {
+        first.kill()
+    })
+    .await;
     // The node reads as healthy while one MessageService answers.
     let (status, body) =
         chatd::http::get(&format!("http://{}", node.addr), "/api/chat/health", WAIT)
@@ -581,7 +588,7 @@ async fn killing_redis_mid_stream_loses_no_acknowledged_message() {
         ("CHATD_REDIS__PASSWORD", ""),
     ];
     let node = node_with(&unique("dur-r1"), &service.addr, &env);
-    outage_under_traffic(&node, &service.addr, 1500, Seen::Refusals, || {
+    outage_under_traffic(&node, &service.addr, 1500, Seen::Refusals, |_, _| {
         redis.kill();
         std::thread::sleep(Duration::from_millis(700));
         redis = redis_server(port, Some(&dir));
@@ -656,4 +663,45 @@ async fn the_topics_of_a_killed_node_are_deleted_by_a_live_one_and_a_live_nodes_
         log.contains("deleted the topics of nodes without a lease"),
         "{log}"
     );
+}
+
+/// A Redis Cluster whose master of the receiver's keys is SIGKILLed mid-stream: a replica
+/// takes over, and with `store.wait_replicas = 1` every acknowledged message was on it, so
+/// none is lost or repeated. The killed node comes back as the new master's replica (with
+/// one replica per master, a master without one refuses writes until then).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_cluster_master_killed_mid_stream_fails_over_and_loses_nothing_acknowledged() {
+    let mut cluster = TestCluster::start();
+    let seeds = cluster.seeds();
+    let mut command = chatd();
+    command
+        .args([
+            "message-service",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "redis",
+        ])
+        .args(["--redis", &seeds, "--redis-cluster"])
+        .env("CHATD_STORE__WAIT_REPLICAS", "1");
+    let service = Proc::spawn(command, "message-service");
+    let node = node(&unique("dur-fo"), &service.addr);
+    outage_under_traffic(&node, &service.addr, 1500, Seen::Any, |_, receiver| {
+        let key = chatd::store::redis::seq_key(receiver);
+        let master = cluster
+            .master_of(&key)
+            .expect("a master serves the receiver's keys");
+        cluster.kill(master);
+        let started = std::time::Instant::now();
+        while cluster.master_of(&key).is_none_or(|m| m == master) {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no replica took over"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster.restart(master);
+    })
+    .await;
+    cluster.wait_until_healthy();
 }

@@ -308,3 +308,58 @@ async fn a_save_cut_between_its_steps_is_completed_by_the_retry_once() {
     assert_eq!(ids, [(1, first.clone())]);
     assert_eq!(s.fetch(&a, 0, 10).await.unwrap().latest, 1, "stored once");
 }
+
+/// With `store.wait_replicas = 1` a save is acknowledged only once a replica has it: with the
+/// receiver's master's replica stopped (SIGSTOP), the save fails naming the replicas; once
+/// it runs again, the retry completes the same message, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_wait_replicas_a_save_no_replica_confirmed_is_refused_and_the_retry_completes_it() {
+    let cluster = common::TestCluster::start();
+    let config = chatd::config::RedisConfig {
+        url: cluster.seeds(),
+        cluster: true,
+        ..Default::default()
+    };
+    let redis = RedisClient::new(&config)
+        .unwrap()
+        .waiting_for_replicas(1, 2000);
+    let s = RedisStore::new(redis, 600, 100);
+    let (a, b) = (unique("a"), unique("b"));
+    let first = unique("m");
+    s.save(message(&unique("m"), &a, &b, Some("t0")))
+        .await
+        .unwrap();
+
+    let master = cluster
+        .master_of(&chatd::store::redis::seq_key(&b))
+        .unwrap();
+    let replica = cluster
+        .replica_of(master)
+        .expect("the master has a replica");
+    let pid = cluster.pid(replica).unwrap().to_string();
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+    signal("-STOP");
+    let refused = s.save(message(&first, &a, &b, Some("t1"))).await;
+    signal("-CONT");
+    let why = refused.expect_err("no replica confirmed it").to_string();
+    assert!(why.contains("0 of 1 replicas"), "{why}");
+
+    match s
+        .save(message(&unique("m"), &a, &b, Some("t1")))
+        .await
+        .unwrap()
+    {
+        SaveOutcome::Duplicate(m) => {
+            assert_eq!(m.message.message_id, first);
+            assert_eq!((m.sender_seq, m.receiver_seq), (2, 2));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.fetch(&b, 0, 10).await.unwrap().latest, 2, "stored once");
+}

@@ -372,6 +372,12 @@ pub struct StoreConfig {
     pub timeout_ms: u64,
     /// gRPC store: further attempts after a transient failure (saves are idempotent).
     pub retries: u32,
+    /// Redis store: a message is acknowledged only once this many replicas of each master it
+    /// was written on confirm it (Redis `WAIT`); 0 trusts the master's own append-only file.
+    pub wait_replicas: u32,
+    /// Redis store: how long a write waits for those replicas; fewer in time is a failed save
+    /// (the sender retries; the retry is idempotent).
+    pub wait_timeout_ms: u64,
 }
 
 /// The store `store.url` names, parsed once.
@@ -424,6 +430,8 @@ impl Default for StoreConfig {
             inbox_max_entries: 10_000,
             timeout_ms: 2000,
             retries: 2,
+            wait_replicas: 0,
+            wait_timeout_ms: 500,
         }
     }
 }

@@ -93,6 +93,10 @@ impl Config {
         if let Ok(StoreBackend::Redis(url)) = self.store.backend() {
             redis_urls("store.url", &url, &mut bad);
         }
+        if self.store.wait_timeout_ms == 0 {
+            // WAIT with a timeout of 0 blocks for ever.
+            bad("store.wait_timeout_ms", "must be at least 1".into());
+        }
         if self.redis.pool_size == 0 {
             bad("redis.pool_size", "must be at least 1".into());
         }

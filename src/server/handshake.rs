@@ -126,14 +126,9 @@ pub fn admit(
             )),
         },
         AuthMode::Token => {
-            let bearer = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
-            let token = param("token").or(bearer).ok_or(auth::TokenError::Missing);
+            let token = token_of(headers, param("token")).ok_or(auth::TokenError::Missing);
             let claims = token
-                .and_then(|t| auth::verify(config.auth.secret.as_bytes(), t, now_secs))
+                .and_then(|t| auth::verify(config.auth.secret.as_bytes(), &t, now_secs))
                 .map_err(|e| {
                     Refusal::new(StatusCode::UNAUTHORIZED, "INVALID_TOKEN", e.to_string())
                 })?;
@@ -153,6 +148,22 @@ pub fn admit(
             })
         }
     }
+}
+
+/// The token a request carries: `?token=` (a browser cannot set headers on a WebSocket), else
+/// `Authorization: Bearer`. The chat socket and the operator's REST data read it the same way.
+pub(crate) fn token_of(
+    headers: &axum::http::HeaderMap,
+    query_token: Option<&str>,
+) -> Option<String> {
+    let bearer = || {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+    };
+    query_token.or_else(bearer).map(String::from)
 }
 
 #[cfg(test)]

@@ -184,17 +184,12 @@ fn operator(
     if auth.mode == crate::config::AuthMode::None {
         return None;
     }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string());
     let from_query = query.and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "token")
             .map(|(_, v)| v.into_owned())
     });
-    let Some(token) = bearer.or(from_query) else {
+    let Some(token) = super::handshake::token_of(headers, from_query.as_deref()) else {
         return Some(json_error(
             StatusCode::UNAUTHORIZED,
             "INVALID_TOKEN",

@@ -26,6 +26,7 @@ pub fn memory_store(config: &StoreConfig) -> MemoryStore {
 
 /// The Redis store `config` describes, on `redis`.
 pub fn redis_store(config: &StoreConfig, redis: crate::redis_client::RedisClient) -> RedisStore {
+    let redis = redis.waiting_for_replicas(config.wait_replicas, config.wait_timeout_ms);
     RedisStore::new(redis, config.retention_secs, config.inbox_max_entries)
 }
 

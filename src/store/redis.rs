@@ -474,13 +474,7 @@ impl Store for RedisStore {
                 .arg(now);
             call
         };
-        let call = &call;
-        let reply: Vec<String> = self
-            .redis
-            .call("mark read", |mut c| async move {
-                call.invoke_async(&mut c).await
-            })
-            .await?;
+        let reply: Vec<String> = self.redis.write_script("mark read", script, &call).await?;
         let message = match reply.split_first() {
             Some((status, fields)) if status == "ok" => {
                 from_fields(message_id, &field_map(fields)).ok_or_else(unknown)?
@@ -500,12 +494,9 @@ impl Store for RedisStore {
                 .arg(message.read_at.unwrap_or(now));
             call
         };
-        let call = &call;
         let seq: String = self
             .redis
-            .call("mark read for the sender", |mut c| async move {
-                call.invoke_async(&mut c).await
-            })
+            .write_script("mark read for the sender", &self.read_sender, &call)
             .await?;
         // '' when the sender's copy expired: nothing left to tell it about.
         let seq = seq.parse().map_err(|_| unknown())?;

@@ -565,3 +565,221 @@ pub fn redis_cli(args: &[&str]) -> Vec<String> {
         .filter(|l| !l.is_empty())
         .collect()
 }
+
+/// A Redis Cluster of a test's own: three masters with a replica each on free ports, a node
+/// taken as failed after 2 s (so a replica takes over within seconds), every write fsynced;
+/// each node killed when dropped. For the failover tests; the shared test cluster
+/// (`scripts/services.sh cluster up`) has no replicas.
+pub struct TestCluster {
+    /// Each node's port and process (`None` while killed).
+    nodes: Vec<(u16, Option<KillOnDrop>)>,
+    dir: std::path::PathBuf,
+}
+
+impl TestCluster {
+    /// A new cluster, healthy; made again on other ports when one was taken meanwhile (ports
+    /// are picked free, but another test may take one before the node binds it).
+    pub fn start() -> TestCluster {
+        let mut why = String::new();
+        for _ in 0..3 {
+            match TestCluster::try_start() {
+                Ok(cluster) => {
+                    cluster.wait_until_healthy();
+                    return cluster;
+                }
+                Err(e) => why = e,
+            }
+        }
+        panic!("no Redis Cluster for the test: {why}");
+    }
+
+    fn try_start() -> Result<TestCluster, String> {
+        let dir = std::env::temp_dir().join(unique("redis-cluster"));
+        let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+        let mut cluster = TestCluster {
+            nodes: ports.iter().map(|p| (*p, None)).collect(),
+            dir,
+        };
+        for p in ports.clone() {
+            cluster.restart(p);
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let started = std::time::Instant::now();
+        loop {
+            let created = std::process::Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(&addresses)
+                .args(["--cluster-replicas", "1", "--cluster-yes"])
+                .output()
+                .expect("redis-cli (installed by scripts/services.sh)");
+            if created.status.success() {
+                return Ok(cluster);
+            }
+            let out = String::from_utf8_lossy(&created.stdout).into_owned();
+            if out.contains("not configured as a cluster node")
+                || started.elapsed() > Duration::from_secs(20)
+            {
+                return Err(format!("redis-cli --cluster create failed: {out}"));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts (again) the node of `port`, on its own directory: a node that comes back reads
+    /// its `nodes.conf` and rejoins, as a replica once another took its place.
+    // The child is waited for by `KillOnDrop`.
+    #[allow(clippy::zombie_processes)]
+    pub fn restart(&mut self, port: u16) {
+        let dir = self.dir.join(port.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by scripts/services.sh)");
+        for node in &mut self.nodes {
+            if node.0 == port {
+                node.1 = Some(KillOnDrop(child));
+                return;
+            }
+        }
+    }
+
+    /// SIGKILL, no shutdown.
+    pub fn kill(&mut self, port: u16) {
+        for node in &mut self.nodes {
+            if node.0 == port {
+                node.1 = None;
+            }
+        }
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every live node says the cluster is ok, and every master has a replica in sync.
+    pub fn wait_until_healthy(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let live: Vec<u16> = self
+                .nodes
+                .iter()
+                .filter(|n| n.1.is_some())
+                .map(|n| n.0)
+                .collect();
+            let ok = live.iter().all(|p| {
+                self.cli(*p, &["cluster", "info"])
+                    .contains("cluster_state:ok")
+            });
+            let synced = live.iter().all(|p| {
+                let info = self.cli(*p, &["info", "replication"]);
+                info.contains("role:master") && info.contains("connected_slaves:1")
+                    || info.contains("master_link_status:up")
+            });
+            if ok && synced {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the test's Redis Cluster is not healthy after 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The seed URLs of the cluster, for `redis.url` with `redis.cluster = true`.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|(p, _)| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The process id of the node of `port` (while it runs).
+    pub fn pid(&self, port: u16) -> Option<u32> {
+        self.nodes
+            .iter()
+            .find(|n| n.0 == port)
+            .and_then(|n| n.1.as_ref())
+            .map(|k| k.0.id())
+    }
+
+    /// The port of a replica of the master of `port`.
+    pub fn replica_of(&self, port: u16) -> Option<u16> {
+        let nodes = self.cli(port, &["cluster", "nodes"]);
+        let lines: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let port_of = |f: &[&str]| -> Option<u16> {
+            f.get(1)?
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        };
+        let master_id = lines
+            .iter()
+            .find(|f| port_of(f) == Some(port))?
+            .first()?
+            .to_string();
+        lines
+            .iter()
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == master_id)
+            .and_then(|f| port_of(f))
+    }
+
+    /// The port of the master serving `key`'s slot now (none while its master is failing and
+    /// no replica has taken over yet).
+    pub fn master_of(&self, key: &str) -> Option<u16> {
+        let live = self.nodes.iter().find(|n| n.1.is_some()).unwrap().0;
+        let slot: u16 = self
+            .cli(live, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap();
+        for line in self.cli(live, &["cluster", "nodes"]).lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+            });
+            if serves {
+                let address = fields[1].split('@').next().unwrap();
+                return address.rsplit(':').next().unwrap().parse().ok();
+            }
+        }
+        None
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
