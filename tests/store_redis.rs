@@ -268,22 +268,23 @@ async fn an_old_layout_is_refused_then_migrated_without_loss() {
     assert!(ttl > 0 && ttl <= 600_000, "{ttl}");
 }
 
-/// A save cut between its two steps (the node died after the sender's slot, before the
-/// receiver's): the sender's retry with the same tempMessageId completes it, once.
+/// A save cut before its last step (the node died after the receiver's slot, before the
+/// sender's): the message is in the receiver's inbox only, and the sender's retry with the
+/// same tempMessageId completes it, once, under the first message id.
 #[tokio::test]
 async fn a_save_cut_between_its_steps_is_completed_by_the_retry_once() {
     let s = store(600, 100);
     let (a, b) = (unique("a"), unique("b"));
     let first = unique("m");
-    s.save_first_step_only(message(&first, &a, &b, Some("t1")))
+    s.save_without_sender_step(message(&first, &a, &b, Some("t1")))
         .await
         .unwrap();
+    assert_eq!(s.fetch(&b, 0, 10).await.unwrap().latest, 1);
     assert_eq!(
-        s.fetch(&b, 0, 10).await.unwrap().latest,
+        s.fetch(&a, 0, 10).await.unwrap().latest,
         0,
-        "not placed yet"
+        "the sender's inbox gets it last"
     );
-    assert_eq!(s.fetch(&a, 0, 10).await.unwrap().latest, 1);
 
     for _ in 0..2 {
         // The retry comes with a new message id from the node: the first one is kept.
@@ -299,14 +300,15 @@ async fn a_save_cut_between_its_steps_is_completed_by_the_retry_once() {
             other => panic!("{other:?}"),
         }
     }
-    let inbox = s.fetch(&b, 0, 10).await.unwrap();
-    let ids: Vec<_> = inbox
-        .entries
-        .iter()
-        .map(|e| (e.seq, e.message.message.message_id.clone()))
-        .collect();
-    assert_eq!(ids, [(1, first.clone())]);
-    assert_eq!(s.fetch(&a, 0, 10).await.unwrap().latest, 1, "stored once");
+    for user in [&a, &b] {
+        let inbox = s.fetch(user, 0, 10).await.unwrap();
+        let ids: Vec<_> = inbox
+            .entries
+            .iter()
+            .map(|e| (e.seq, e.message.message.message_id.clone()))
+            .collect();
+        assert_eq!(ids, [(1, first.clone())], "{user}: stored once");
+    }
 }
 
 /// With `store.wait_replicas = 1` a save is acknowledged only once a replica has it: with the

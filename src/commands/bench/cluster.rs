@@ -133,6 +133,66 @@ fn mark(v: &mut Vec<bool>, n: usize) {
     v[n] = true;
 }
 
+/// What the measured processes and Redis did over a window of a run: each process's CPU
+/// ticks and Redis's counters, read at [`start`](Meter::start) and at [`stop`](Meter::stop).
+/// The message bench and the heartbeat bench measure the same way.
+struct Meter<'a> {
+    processes: &'a [Process],
+    cpu: Vec<Option<u64>>,
+    redis: RedisWork,
+}
+
+/// A [`Meter`]'s window: CPU seconds per process (`None` without a pid), the calls of each
+/// Redis command that ran (most first), and Redis's forks.
+struct Usage {
+    cpu_secs: Vec<(&'static str, Option<f64>)>,
+    calls: Vec<(String, u64)>,
+    forks: u64,
+}
+
+impl<'a> Meter<'a> {
+    async fn start(processes: &'a [Process], redis: &RedisClient) -> anyhow::Result<Meter<'a>> {
+        Ok(Meter {
+            processes,
+            cpu: processes
+                .iter()
+                .map(|p| p.pid.and_then(cpu_ticks))
+                .collect(),
+            redis: redis_work(redis).await?,
+        })
+    }
+
+    async fn stop(self, redis: &RedisClient) -> anyhow::Result<Usage> {
+        let after = redis_work(redis).await?;
+        let cpu_secs = self
+            .processes
+            .iter()
+            .zip(&self.cpu)
+            .map(|(p, before)| {
+                let ticks = before
+                    .zip(p.pid.and_then(cpu_ticks))
+                    .map(|(b, a)| a.saturating_sub(b));
+                (p.name, ticks.map(|t| t as f64 / TICKS_PER_SEC))
+            })
+            .collect();
+        let mut calls: Vec<(String, u64)> = after
+            .calls
+            .iter()
+            .map(|(k, n)| {
+                let before = self.redis.calls.get(k).copied().unwrap_or(0);
+                (k.clone(), n.saturating_sub(before))
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        calls.sort_by_key(|c| std::cmp::Reverse(c.1));
+        Ok(Usage {
+            cpu_secs,
+            calls,
+            forks: after.forks.saturating_sub(self.redis.forks),
+        })
+    }
+}
+
 pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.pairs == 0 || args.window == 0 || args.duration == 0 || args.rate == Some(0) {
         bail!("--pairs, --window, --duration and --rate must be at least 1");
@@ -229,11 +289,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         w.context("the warm-up message did not cross from node A to node B")?;
     }
 
-    let cpu_before: Vec<Option<u64>> = processes
-        .iter()
-        .map(|p| p.pid.and_then(cpu_ticks))
-        .collect();
-    let redis_before = redis_work(&redis).await?;
+    let meter = Meter::start(&processes, &redis).await?;
     let started = Instant::now();
     let end = started + Duration::from_secs(args.duration);
     let delivered = Arc::new(AtomicU64::new(0));
@@ -298,39 +354,13 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .max()
         .unwrap_or(end)
         .saturating_duration_since(started);
-    let cpu_after: Vec<Option<u64>> = processes
-        .iter()
-        .map(|p| p.pid.and_then(cpu_ticks))
-        .collect();
-    let redis_after = redis_work(&redis).await?;
+    let usage = meter.stop(&redis).await?;
     spawned.stop().await;
     let drift = drift(&sampler.await?, &processes);
 
     let results: Vec<PairResult> = results.into_iter().map(|(r, _)| r).collect();
     let report = Report::new(&results, elapsed);
-    let cpu: Vec<(&str, Option<f64>)> = processes
-        .iter()
-        .zip(cpu_before.iter().zip(&cpu_after))
-        .map(|(p, (b, a))| {
-            let secs = match (b, a) {
-                (Some(b), Some(a)) => Some(a.saturating_sub(*b) as f64 / TICKS_PER_SEC),
-                _ => None,
-            };
-            (p.name, secs)
-        })
-        .collect();
-    let mut calls: Vec<(String, u64)> = redis_after
-        .calls
-        .iter()
-        .map(|(k, after)| {
-            let before = redis_before.calls.get(k).copied().unwrap_or(0);
-            (k.clone(), after.saturating_sub(before))
-        })
-        .filter(|(_, n)| *n > 0)
-        .collect();
-    calls.sort_by_key(|c| std::cmp::Reverse(c.1));
-    let forks = redis_after.forks.saturating_sub(redis_before.forks);
-    report.print(args, &cpu, &calls, forks, &drift)
+    report.print(args, &usage.cpu_secs, &usage.calls, usage.forks, &drift)
 }
 
 /// `--heartbeats`: what a device's `HEARTBEAT` costs each process (a node records it in
@@ -349,11 +379,7 @@ async fn heartbeats(
     for i in 0..args.pairs {
         devices.push(Client::connect(url, &format!("bench{run_id}-h{i}"), CONNECT_WAIT).await?);
     }
-    let cpu_before: Vec<Option<u64>> = processes
-        .iter()
-        .map(|p| p.pid.and_then(cpu_ticks))
-        .collect();
-    let redis_before = redis_work(redis).await?;
+    let meter = Meter::start(processes, redis).await?;
     let started = Instant::now();
     let end = started + Duration::from_secs(args.duration);
     let every = Duration::from_secs_f64(args.pairs as f64 / rate as f64);
@@ -386,28 +412,14 @@ async fn heartbeats(
         task.await?.context("a device failed")?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu_after: Vec<Option<u64>> = processes
-        .iter()
-        .map(|p| p.pid.and_then(cpu_ticks))
-        .collect();
-    let redis_after = redis_work(redis).await?;
+    let usage = meter.stop(redis).await?;
     spawned.stop().await;
     let n = answered.load(Ordering::Relaxed).max(1) as f64;
-    let commands: u64 = redis_after
-        .calls
+    let commands: u64 = usage.calls.iter().map(|(_, n)| n).sum();
+    let cpu: Vec<(&str, Option<f64>)> = usage
+        .cpu_secs
         .iter()
-        .map(|(k, after)| after.saturating_sub(redis_before.calls.get(k).copied().unwrap_or(0)))
-        .sum();
-    let cpu: Vec<(&str, Option<f64>)> = processes
-        .iter()
-        .zip(cpu_before.iter().zip(&cpu_after))
-        .map(|(p, (b, a))| {
-            let us = match (b, a) {
-                (Some(b), Some(a)) => Some(a.saturating_sub(*b) as f64 / TICKS_PER_SEC * 1e6 / n),
-                _ => None,
-            };
-            (p.name, us)
-        })
+        .map(|(name, secs)| (*name, secs.map(|s| s * 1e6 / n)))
         .collect();
     if args.json {
         println!(
