@@ -28,6 +28,22 @@ fn message(id: &str, from: &str, to: &str, temp: Option<&str>) -> NewMessage {
     }
 }
 
+/// Sends again from `from` to `to` under `temp` with a new message id (a retry, as the node
+/// makes it): it must be the earlier message `first`, at its (sender, receiver) seqs.
+async fn retry_is(s: &RedisStore, from: &str, to: &str, temp: &str, first: &str, seqs: (u64, u64)) {
+    match s
+        .save(message(&unique("m"), from, to, Some(temp)))
+        .await
+        .unwrap()
+    {
+        SaveOutcome::Duplicate(m) => {
+            assert_eq!(m.message.message_id, first);
+            assert_eq!((m.sender_seq, m.receiver_seq), seqs);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn seqs_duplicates_and_receipts() {
     let s = store(600, 100);
@@ -40,17 +56,7 @@ async fn seqs_duplicates_and_receipts() {
     assert_eq!((saved.receiver_seq, saved.sender_seq), (1, 1));
     s.save(message(&unique("m"), &b, &a, None)).await.unwrap();
     // A retry under another id but the same tempMessageId: the first, with its places.
-    match s
-        .save(message(&unique("m"), &a, &b, Some("t1")))
-        .await
-        .unwrap()
-    {
-        SaveOutcome::Duplicate(m) => {
-            assert_eq!(m.message.message_id, m1);
-            assert_eq!((m.receiver_seq, m.sender_seq), (1, 1));
-        }
-        other => panic!("{other:?}"),
-    }
+    retry_is(&s, &a, &b, "t1", &m1, (1, 1)).await;
     let receipt = s.mark_read(&b, "c", &m1).await.unwrap();
     assert_eq!(receipt.seq, 3, "after a's two messages");
     assert_eq!(s.mark_read(&b, "c", &m1).await.unwrap().seq, 3, "once");
@@ -246,10 +252,7 @@ async fn an_old_layout_is_refused_then_migrated_without_loss() {
     let kinds: Vec<_> = outbox.entries.iter().map(|e| (e.seq, e.kind)).collect();
     assert_eq!(kinds, [(1, EntryKind::Message), (2, EntryKind::Receipt)]);
     // The retry of the old send is still recognised; seqs go on from where they were.
-    match s.save(message("m9", a, b, Some("t1"))).await.unwrap() {
-        SaveOutcome::Duplicate(m) => assert_eq!(m.message.message_id, "m1"),
-        other => panic!("{other:?}"),
-    }
+    retry_is(&s, a, b, "t1", "m1", (1, 1)).await;
     match s.save(message("m2", a, b, Some("t2"))).await.unwrap() {
         SaveOutcome::Saved(m) => assert_eq!((m.sender_seq, m.receiver_seq), (3, 2)),
         other => panic!("{other:?}"),
@@ -288,17 +291,7 @@ async fn a_save_cut_between_its_steps_is_completed_by_the_retry_once() {
 
     for _ in 0..2 {
         // The retry comes with a new message id from the node: the first one is kept.
-        match s
-            .save(message(&unique("m"), &a, &b, Some("t1")))
-            .await
-            .unwrap()
-        {
-            SaveOutcome::Duplicate(m) => {
-                assert_eq!(m.message.message_id, first);
-                assert_eq!((m.sender_seq, m.receiver_seq), (1, 1));
-            }
-            other => panic!("{other:?}"),
-        }
+        retry_is(&s, &a, &b, "t1", &first, (1, 1)).await;
     }
     for user in [&a, &b] {
         let inbox = s.fetch(user, 0, 10).await.unwrap();
@@ -352,16 +345,6 @@ async fn with_wait_replicas_a_save_no_replica_confirmed_is_refused_and_the_retry
     let why = refused.expect_err("no replica confirmed it").to_string();
     assert!(why.contains("0 of 1 replicas"), "{why}");
 
-    match s
-        .save(message(&unique("m"), &a, &b, Some("t1")))
-        .await
-        .unwrap()
-    {
-        SaveOutcome::Duplicate(m) => {
-            assert_eq!(m.message.message_id, first);
-            assert_eq!((m.sender_seq, m.receiver_seq), (2, 2));
-        }
-        other => panic!("{other:?}"),
-    }
+    retry_is(&s, &a, &b, "t1", &first, (2, 2)).await;
     assert_eq!(s.fetch(&b, 0, 10).await.unwrap().latest, 2, "stored once");
 }

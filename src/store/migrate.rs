@@ -45,8 +45,9 @@ redis.call('DEL', KEYS[1])
 return 1
 "#;
 
-/// KEYS[1] `chat:msg:{id}`: a copy for the sender (without `receiverSeq`, but for a note to
-/// self) and one for the receiver (without `receiptSeq`), with the old key's expiry.
+/// KEYS[1] `chat:msg:{id}`: a copy for the sender (every field, as the save's last step writes
+/// it) and one for the receiver (without the sender's `senderSeq` and `receiptSeq`, but for a
+/// note to self), with the old key's expiry.
 const MESSAGE: &str = r#"
 if string.sub(KEYS[1], 1, 14) == 'chat:msg:idem:' then return 0 end
 local all = redis.call('HGETALL', KEYS[1])
@@ -58,15 +59,13 @@ local ttl = redis.call('PTTL', KEYS[1])
 local function copy(user, skip)
   local key = 'chat:{' .. user .. '}:msg:' .. id
   for i = 1, #all, 2 do
-    if all[i] ~= skip then redis.call('HSET', key, all[i], all[i + 1]) end
+    if not skip[all[i]] then redis.call('HSET', key, all[i], all[i + 1]) end
   end
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
 end
-if f.senderId == f.receiverId then
-  copy(f.senderId, '')
-else
-  copy(f.senderId, 'receiverSeq')
-  copy(f.receiverId, 'receiptSeq')
+copy(f.senderId, {})
+if f.senderId ~= f.receiverId then
+  copy(f.receiverId, {senderSeq = true, receiptSeq = true})
 end
 redis.call('DEL', KEYS[1])
 return 1

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `chat:{userId}:seq` | string | the user's latest inbox seq (never expires: seqs never repeat) |
 //! | `chat:{userId}:inbox` | sorted set | score = seq, member = `{seq}:m:{messageId}` (a message) or `{seq}:r:{messageId}` (a read receipt for a message the user sent) |
-//! | `chat:{userId}:msg:{messageId}` | hash | the user's copy of a message it sent or received: `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `senderSeq`, `receiverSeq` (in the receiver's copy), and once read `readAt` (both copies), `receiptSeq` (the sender's) |
+//! | `chat:{userId}:msg:{messageId}` | hash | the user's copy of a message it sent or received: `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `receiverSeq`, `senderSeq` (in the sender's copy; the receiver's has only its own seq, but for a note to self), and once read `readAt` (both copies), `receiptSeq` (the sender's) |
 //! | `chat:{senderId}:idem:{tempMessageId}` | string | the `messageId` stored for that send |
 //!
 //! A message touches two users, so two slots: it is saved in three steps, each one script,
