@@ -118,7 +118,7 @@ pub struct RedisPresence {
     devices: Script,
     clear_devices: Script,
     /// Nodes whose lease was found alive, and since when (cleared every [`LEASE_VIEW`]).
-    live: tokio::sync::Mutex<(Instant, HashSet<String>)>,
+    live: std::sync::Mutex<(Instant, HashSet<String>)>,
 }
 
 impl RedisPresence {
@@ -131,7 +131,7 @@ impl RedisPresence {
             refresh: Script::new(REFRESH),
             devices: Script::new(DEVICES),
             clear_devices: Script::new(CLEAR_DEVICES),
-            live: tokio::sync::Mutex::new((Instant::now(), HashSet::new())),
+            live: std::sync::Mutex::new((Instant::now(), HashSet::new())),
         }
     }
 
@@ -155,15 +155,17 @@ impl RedisPresence {
     /// Which of `nodes` hold a lease: those found alive within [`LEASE_VIEW`] without a read,
     /// the others read now (one `MGET`).
     async fn live_among(&self, nodes: HashSet<&str>) -> Result<HashSet<String>, PresenceError> {
-        let mut view = self.live.lock().await;
-        if view.0.elapsed() >= LEASE_VIEW {
-            *view = (Instant::now(), HashSet::new());
-        }
-        let unknown: Vec<&str> = nodes
-            .iter()
-            .copied()
-            .filter(|n| !view.1.contains(*n))
-            .collect();
+        // The lock is never held across the read: lookups do not queue behind one another's
+        // round trip to Redis.
+        let (mut live, unknown): (HashSet<String>, Vec<&str>) = {
+            let mut view = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            if view.0.elapsed() >= LEASE_VIEW {
+                *view = (Instant::now(), HashSet::new());
+            }
+            let (known, unknown): (Vec<&str>, Vec<&str>) =
+                nodes.iter().copied().partition(|n| view.1.contains(*n));
+            (known.into_iter().map(String::from).collect(), unknown)
+        };
         if !unknown.is_empty() {
             let keys: Vec<String> = unknown.iter().map(|n| lease_key(n)).collect();
             let keys = &keys;
@@ -172,17 +174,17 @@ impl RedisPresence {
                     redis::cmd("MGET").arg(keys).query_async(&mut c).await
                 })
                 .await?;
-            for (node, url) in unknown.into_iter().zip(urls) {
-                if url.is_some() {
-                    view.1.insert(node.to_string());
-                }
-            }
+            let alive: Vec<String> = unknown
+                .into_iter()
+                .zip(urls)
+                .filter(|(_, url)| url.is_some())
+                .map(|(node, _)| node.to_string())
+                .collect();
+            let mut view = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            view.1.extend(alive.iter().cloned());
+            live.extend(alive);
         }
-        Ok(nodes
-            .into_iter()
-            .filter(|n| view.1.contains(*n))
-            .map(String::from)
-            .collect())
+        Ok(live)
     }
 
     /// Devices from flat [conn, `{node}|{lastSeenMs}`, ...] lists, one per user: those of a
