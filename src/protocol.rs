@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 pub const MAX_ID_CHARS: usize = 128;
 /// Longest user id; ids are `[A-Za-z0-9_.:@-]{1,64}`.
 pub const MAX_USER_ID_CHARS: usize = 64;
+/// Messages in a page of history when `limit` is not given; at most
+/// [`crate::store::MAX_HISTORY_PAGE`].
+pub const HISTORY_PAGE: usize = 50;
 
 /// Stable codes of `ERROR` frames. Clients match on these, so they never change meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -40,8 +43,9 @@ pub enum ErrorCode {
     /// The connection sends faster than `server.rate_limit_per_sec`; the frame was dropped.
     RateLimited,
     /// The cursor of `?since=` or `SYNC` is older than the inbox keeps: the entries between
-    /// it and the oldest kept are gone. The client re-fetches its history by other means;
-    /// the replay goes on from the oldest kept entry.
+    /// it and the oldest kept are gone (`missedFrom`..`missedTo`). The client pages back
+    /// through its chats' history (`HISTORY`) for them; the replay goes on from the oldest
+    /// kept entry.
     SyncTooOld,
     /// The cursor of `?since=` or `SYNC` is beyond the newest seq of the inbox (the store was
     /// reset, or the cursor comes from another cluster); delivery goes on from the newest.
@@ -55,6 +59,9 @@ pub struct FrameError {
     pub message: String,
     /// Echoed so the client knows which of its sends failed.
     pub temp_message_id: Option<String>,
+    /// `SYNC_TOO_OLD`: the first and last seq of the inbox the device missed for good (as
+    /// `missedFrom`, `missedTo`), so it can page back through its chats' history for them.
+    pub missed: Option<(u64, u64)>,
 }
 
 impl FrameError {
@@ -63,6 +70,7 @@ impl FrameError {
             code,
             message: message.into(),
             temp_message_id: None,
+            missed: None,
         }
     }
 }
@@ -86,6 +94,12 @@ pub enum ClientFrame {
     /// Replay the inbox after `since`, then go on live.
     Sync {
         since: u64,
+    },
+    /// A page of a chat's history, newest first: older than message `before`, or the newest.
+    History {
+        chat_id: String,
+        before: Option<String>,
+        limit: usize,
     },
 }
 
@@ -125,9 +139,13 @@ struct Wire<'a> {
     message_id: Option<Cow<'a, str>>,
     #[serde(default)]
     since: Option<u64>,
+    #[serde(borrow, default)]
+    before: Option<Cow<'a, str>>,
+    #[serde(default)]
+    limit: Option<u64>,
 }
 
-const STRING_FIELDS: [&str; 7] = [
+const STRING_FIELDS: [&str; 8] = [
     "type",
     "receiverId",
     "senderId",
@@ -135,6 +153,7 @@ const STRING_FIELDS: [&str; 7] = [
     "content",
     "tempMessageId",
     "messageId",
+    "before",
 ];
 
 pub fn is_valid_user_id(id: &str) -> bool {
@@ -218,6 +237,19 @@ pub fn parse_client_frame(text: &str, ctx: ParseContext<'_>) -> Result<ClientFra
                 receiver_id,
             })
         }
+        "HISTORY" => {
+            let chat_id = id_field(&wire.chat_id, "chatId")?;
+            let before = match &wire.before {
+                Some(_) => Some(id_field(&wire.before, "before")?),
+                None => None,
+            };
+            let limit = history_limit(wire.limit)?;
+            Ok(ClientFrame::History {
+                chat_id,
+                before,
+                limit,
+            })
+        }
         "SYNC" => {
             let since = wire.since.ok_or_else(|| {
                 FrameError::new(
@@ -255,10 +287,25 @@ pub fn parse_client_frame(text: &str, ctx: ParseContext<'_>) -> Result<ClientFra
         other => Err(with_temp(FrameError::new(
             ErrorCode::UnknownType,
             format!(
-                "unknown type {:?}; expected CHAT_MESSAGE, HEARTBEAT, READ_RECEIPT, TYPING or SYNC",
+                "unknown type {:?}; expected CHAT_MESSAGE, HEARTBEAT, READ_RECEIPT, TYPING, SYNC \
+                 or HISTORY",
                 truncate(other, 64)
             ),
         ))),
+    }
+}
+
+/// A history page's size: [`HISTORY_PAGE`] when not given, else 1 to
+/// [`crate::store::MAX_HISTORY_PAGE`]. Shared by the `HISTORY` frame and the REST endpoint.
+pub fn history_limit(limit: Option<u64>) -> Result<usize, FrameError> {
+    let max = crate::store::MAX_HISTORY_PAGE;
+    match limit {
+        None => Ok(HISTORY_PAGE),
+        Some(n) if (1..=max as u64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(FrameError::new(
+            ErrorCode::InvalidField,
+            format!("`limit` {n} is out of range: a page holds 1 to {max} messages"),
+        )),
     }
 }
 
@@ -297,6 +344,15 @@ fn diagnose(text: &str, err: serde_json::Error) -> FrameError {
         return FrameError::new(
             ErrorCode::InvalidField,
             "field `since` must be a whole number >= 0 (a seq)",
+        );
+    }
+    if object
+        .get("limit")
+        .is_some_and(|v| !v.is_u64() && !v.is_null())
+    {
+        return FrameError::new(
+            ErrorCode::InvalidField,
+            "field `limit` must be a whole number (messages in a page)",
         );
     }
     FrameError::new(ErrorCode::InvalidFrame, format!("cannot read frame: {err}"))
@@ -443,6 +499,14 @@ pub enum ServerFrame<'a> {
         chat_id: &'a str,
         content: &'a str,
     },
+    /// A page of a chat's history (`HISTORY`, or `GET /api/chat/history/{chatId}`).
+    History {
+        chat_id: &'a str,
+        /// Newest first.
+        messages: Vec<HistoryItem<'a>>,
+        /// Older messages are kept: ask again with `before` = the last message's id.
+        more: bool,
+    },
     /// The replay asked for (`?since=` or `SYNC`) is done: everything up to `seq` was sent;
     /// what follows is live.
     Synced {
@@ -454,7 +518,27 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         temp_message_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "is_zero")]
+        missed_from: u64,
+        #[serde(skip_serializing_if = "is_zero")]
+        missed_to: u64,
     },
+}
+
+/// One message of a history page.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryItem<'a> {
+    pub message_id: &'a str,
+    pub sender_id: &'a str,
+    pub receiver_id: &'a str,
+    pub content: &'a str,
+    pub timestamp: i64,
+    /// Its place in the inbox of the user who asked.
+    pub seq: u64,
+    /// When the receiver read it (unix ms); omitted while unread.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_at: Option<i64>,
 }
 
 fn is_zero<N: Default + PartialEq>(n: &N) -> bool {
@@ -477,6 +561,8 @@ impl<'a> From<&'a FrameError> for ServerFrame<'a> {
             code: e.code,
             message: &e.message,
             temp_message_id: e.temp_message_id.as_deref(),
+            missed_from: e.missed.map_or(0, |m| m.0),
+            missed_to: e.missed.map_or(0, |m| m.1),
         }
     }
 }
@@ -651,6 +737,40 @@ mod tests {
             parse_client_frame(big_int, CTX).unwrap(),
             ClientFrame::Heartbeat
         );
+    }
+
+    #[test]
+    fn history_has_a_chat_an_optional_cursor_and_a_bounded_limit() {
+        assert_eq!(
+            parse_client_frame(r#"{"type":"HISTORY","chatId":"c1"}"#, CTX).unwrap(),
+            ClientFrame::History {
+                chat_id: "c1".into(),
+                before: None,
+                limit: HISTORY_PAGE
+            }
+        );
+        assert_eq!(
+            parse_client_frame(
+                r#"{"type":"HISTORY","chatId":"c1","before":"m9","limit":100}"#,
+                CTX
+            )
+            .unwrap(),
+            ClientFrame::History {
+                chat_id: "c1".into(),
+                before: Some("m9".into()),
+                limit: 100
+            }
+        );
+        assert_eq!(err(r#"{"type":"HISTORY"}"#).code, ErrorCode::MissingField);
+        for bad in [
+            r#"{"type":"HISTORY","chatId":"c1","limit":0}"#,
+            r#"{"type":"HISTORY","chatId":"c1","limit":101}"#,
+            r#"{"type":"HISTORY","chatId":"c1","limit":"5"}"#,
+            r#"{"type":"HISTORY","chatId":"c1","before":7}"#,
+            r#"{"type":"HISTORY","chatId":"c1","before":""}"#,
+        ] {
+            assert_eq!(err(bad).code, ErrorCode::InvalidField, "{bad}");
+        }
     }
 
     #[test]

@@ -65,6 +65,21 @@ async fn messages_and_receipts_go_through_the_message_service() {
     node.stop().await;
 }
 
+/// The history contract on the in-process store, and through a MessageService on memory and
+/// on Redis: the gRPC `FetchChat` carries every answer, refusals included.
+#[tokio::test]
+async fn history_is_the_same_in_every_store_and_over_grpc() {
+    use chatd::store::{GrpcStore, MemoryStore};
+    use common::history::history_contract;
+    history_contract(&MemoryStore::new(1000, 1000)).await;
+    for backend in ["memory", "redis"] {
+        let service = message_service("127.0.0.1:0", backend);
+        let url = format!("grpc://{}", service.addr);
+        let store = GrpcStore::new(&[url], std::time::Duration::from_secs(5), 2).unwrap();
+        history_contract(&store).await;
+    }
+}
+
 #[tokio::test]
 async fn a_dead_message_service_is_an_error_to_the_sender_and_degraded_health_until_it_returns() {
     let mut service = message_service("127.0.0.1:0", "memory");

@@ -292,3 +292,84 @@ async fn offline_pushes_are_one_per_chat_per_window_and_cancelled_when_the_user_
     assert_eq!(node.node.metrics.offline_pushes.get(), 2);
     node.stop().await;
 }
+
+/// `HISTORY` over the socket and `GET /api/chat/history/{chatId}` page back through a chat,
+/// newest first, for its members; a stranger, a bad cursor and a bad limit are told why.
+#[tokio::test]
+async fn history_pages_back_through_a_chat_over_the_socket_and_rest() {
+    let node = start(config("n1")).await;
+    let mut alice = node.client("alice").await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        alice
+            .send_json(&chat("bob", &format!("m{n}"), &format!("t{n}")))
+            .await
+            .unwrap();
+        ids.push(expect(&mut alice, "MESSAGE_ACK").await["messageId"].clone());
+    }
+    alice
+        .send_json(&json!({"type": "HISTORY", "chatId": "c1", "limit": 2}))
+        .await
+        .unwrap();
+    let page = expect(&mut alice, "HISTORY").await;
+    assert_eq!(page["chatId"], "c1");
+    assert_eq!(page["messages"][0]["messageId"], ids[2]);
+    assert_eq!(page["messages"][1]["content"], "m1");
+    assert_eq!(page["messages"][1]["seq"], 2);
+    assert_eq!(page["more"], true);
+    alice
+        .send_json(&json!({"type": "HISTORY", "chatId": "c1", "before": ids[1]}))
+        .await
+        .unwrap();
+    let page = expect(&mut alice, "HISTORY").await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        (&page["messages"][0]["messageId"], &page["more"]),
+        (&ids[0], &json!(false))
+    );
+
+    let (status, body) = node.get("/api/chat/history/c1?userId=bob&limit=1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["messages"][0]["messageId"], &body["more"]),
+        (&ids[2], &json!(true))
+    );
+    let (status, body) = node.get("/api/chat/history/c1?userId=eve").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (403, &json!("FORBIDDEN")),
+        "{body}"
+    );
+    let (status, body) = node
+        .get("/api/chat/history/c1?userId=bob&before=nope")
+        .await;
+    assert_eq!(
+        (status, &body["error"]),
+        (404, &json!("UNKNOWN_MESSAGE")),
+        "{body}"
+    );
+    let (status, body) = node.get("/api/chat/history/c1?userId=bob&limit=101").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (400, &json!("INVALID_FIELD")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("1 to 100"),
+        "{body}"
+    );
+
+    // Over the socket the same refusals, and the connection stays open.
+    let mut eve = node.client("eve").await;
+    eve.send_json(&json!({"type": "HISTORY", "chatId": "c1"}))
+        .await
+        .unwrap();
+    assert_eq!(expect(&mut eve, "ERROR").await["code"], "FORBIDDEN");
+    eve.send_json(&json!({"type": "HISTORY", "chatId": "c1", "limit": 0}))
+        .await
+        .unwrap();
+    assert_eq!(expect(&mut eve, "ERROR").await["code"], "INVALID_FIELD");
+    eve.send_json(&json!({"type": "HEARTBEAT"})).await.unwrap();
+    expect(&mut eve, "HEARTBEAT_ACK").await;
+    node.stop().await;
+}

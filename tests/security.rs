@@ -132,6 +132,45 @@ async fn token_mode_refuses_missing_forged_foreign_and_expired_tokens() {
     node.stop().await;
 }
 
+/// In token mode a chat's history is the token's user's: a member reads it, anyone else is
+/// refused (403), a token for one user cannot name another (`?userId=`), and no token is 401.
+#[tokio::test]
+async fn history_in_token_mode_is_only_for_the_tokens_user_if_a_member() {
+    let node = start(token_config()).await;
+    let url = format!("{}/ws/chat?token={}", node.ws(), token("alice", 60));
+    let mut a = Client::connect_url(&url, WAIT).await.unwrap();
+    a.send_json(&chat("bob", "for bob only", "t1"))
+        .await
+        .unwrap();
+    let ack = expect(&mut a, "MESSAGE_ACK").await;
+    let page =
+        |user: &str, extra: &str| format!("/api/chat/history/c1?token={}{extra}", token(user, 60));
+    for user in ["alice", "bob"] {
+        let (status, body) = node.get(&page(user, "")).await;
+        assert_eq!(status, 200, "{user}: {body}");
+        assert_eq!(body["messages"][0]["messageId"], ack["messageId"]);
+    }
+    let (status, body) = node.get(&page("eve", "")).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (403, &json!("FORBIDDEN")),
+        "{body}"
+    );
+    let (status, body) = node.get(&page("eve", "&userId=alice")).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (403, &json!("USER_MISMATCH")),
+        "{body}"
+    );
+    let (status, body) = node.get("/api/chat/history/c1?userId=alice").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (401, &json!("INVALID_TOKEN")),
+        "{body}"
+    );
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn a_session_ends_when_its_token_expires() {
     let node = start(token_config()).await;

@@ -131,6 +131,42 @@ async fn a_trimmed_or_expired_inbox_says_what_it_no_longer_keeps() {
     }
 }
 
+#[tokio::test]
+async fn history_pages_back_through_a_chat_only_for_its_members() {
+    common::history::history_contract(&store(600, 100)).await;
+}
+
+/// A history is capped like an inbox, and forgets what expired: a page ends at the first
+/// message whose copy is gone, and once none is left the user is no member any more.
+#[tokio::test]
+async fn a_history_is_capped_and_forgets_expired_messages() {
+    let s = store(600, 3);
+    let (a, b) = (unique("a"), unique("b"));
+    for _ in 0..5 {
+        s.save(message(&unique("m"), &a, &b, None)).await.unwrap();
+    }
+    let page = s.fetch_chat(&b, "c", None, 10).await.unwrap();
+    assert_eq!(
+        page.messages.iter().map(|h| h.seq).collect::<Vec<_>>(),
+        [5, 4, 3]
+    );
+    assert!(!page.more);
+
+    let short = store(1, 100);
+    let c = unique("c");
+    short
+        .save(message(&unique("m"), &a, &c, None))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let page = short.fetch_chat(&c, "c", None, 10).await.unwrap();
+    assert_eq!(page.messages.len(), 0, "{page:?}");
+    assert!(matches!(
+        short.fetch_chat(&c, "c", None, 10).await,
+        Err(StoreError::NotMember(_))
+    ));
+}
+
 /// A batch larger than one script call (256 messages) is stored in order across its calls;
 /// a tempMessageId repeated inside the batch stores once; the whole batch sent again stores
 /// nothing and answers with the first places.
@@ -347,4 +383,85 @@ async fn with_wait_replicas_a_save_no_replica_confirmed_is_refused_and_the_retry
 
     retry_is(&s, &a, &b, "t1", &first, (2, 2)).await;
     assert_eq!(s.fetch(&b, 0, 10).await.unwrap().latest, 2, "stored once");
+}
+
+/// A device whose inbox lost what it missed (`SYNC_TOO_OLD`, inbox capped at 3) gets it from
+/// its chats' history: `chatd connect` pages back through each chat of the replay and prints
+/// the gap's messages, each at its seq.
+#[tokio::test(flavor = "multi_thread")]
+async fn chatd_connect_fills_a_sync_too_old_gap_from_the_chats_history() {
+    use std::sync::Arc;
+    let backends = chatd::chat::Backends {
+        presence: Arc::new(chatd::presence::MemoryPresence::new(300)),
+        bus: Arc::new(chatd::bus::LocalBus::new()),
+        store: Arc::new(store(600, 3)),
+    };
+    let node = common::start_with(common::config("gap"), backends).await;
+    let (a, b) = (unique("alice"), unique("bob"));
+    let (x, y) = (unique("x"), unique("y"));
+    let mut alice = node.client(&a).await;
+    let mut ids = Vec::new();
+    for (n, chat) in [&x, &y, &x, &y, &x].into_iter().enumerate() {
+        let frame = serde_json::json!({"type": "CHAT_MESSAGE", "receiverId": b, "chatId": chat,
+            "content": format!("m{}", n + 1), "tempMessageId": format!("t{n}")});
+        alice.send_json(&frame).await.unwrap();
+        ids.push(common::expect(&mut alice, "MESSAGE_ACK").await["messageId"].clone());
+    }
+    let out = tokio::task::spawn_blocking({
+        let (url, b) = (node.ws(), b.clone());
+        move || {
+            common::chatd()
+                .args([
+                    "connect", "--user", &b, "--url", &url, "--since", "0", "--json",
+                ])
+                .args(["--no-reconnect", "--linger", "1"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let frames: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let told = frames
+        .iter()
+        .find(|f| f["code"] == "SYNC_TOO_OLD")
+        .unwrap_or_else(|| panic!("no SYNC_TOO_OLD in {stdout}"));
+    assert_eq!(
+        (&told["missedFrom"], &told["missedTo"]),
+        (&serde_json::json!(1), &serde_json::json!(2))
+    );
+    // m1 (chat x, seq 1) and m2 (chat y, seq 2) come back from history.
+    let mut recovered: Vec<(u64, String)> = frames
+        .iter()
+        .filter(|f| f["type"] == "HISTORY")
+        .flat_map(|f| f["messages"].as_array().cloned().unwrap_or_default())
+        .filter(|m| m["seq"].as_u64().is_some_and(|s| s <= 2))
+        .map(|m| {
+            (
+                m["seq"].as_u64().unwrap(),
+                m["messageId"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    recovered.sort();
+    recovered.dedup();
+    assert_eq!(
+        recovered,
+        [
+            (1, ids[0].as_str().unwrap().to_string()),
+            (2, ids[1].as_str().unwrap().to_string())
+        ],
+        "{stdout}"
+    );
+    node.stop().await;
 }

@@ -192,7 +192,11 @@ async fn a_cursor_older_than_the_inbox_keeps_is_told_never_skipped() {
     let error = expect(&mut b1, "ERROR").await;
     assert_eq!(error["code"], "SYNC_TOO_OLD", "{error}");
     let text = error["message"].as_str().unwrap();
-    assert!(text.contains("2..2") && text.contains("re-fetch"), "{text}");
+    assert!(text.contains("2..2") && text.contains("HISTORY"), "{text}");
+    assert_eq!(
+        (&error["missedFrom"], &error["missedTo"]),
+        (&json!(2), &json!(2))
+    );
     assert_eq!(seqs(&seq_frames(&mut b1, 3).await), [3, 4, 5]);
     assert_eq!(expect(&mut b1, "SYNCED").await["seq"], 5);
     // Up to date is not too old.

@@ -210,6 +210,7 @@ impl Node {
                 "message not sent, the store failed ({why}); retry with the same tempMessageId"
             ),
             temp_message_id,
+            missed: None,
         };
         self.reply_later(from, Some(permit), e);
     }

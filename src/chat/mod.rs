@@ -10,10 +10,12 @@
 //! - [`metrics`]: the node's counters
 //! - [`order`]: in-order, exactly-once delivery to one device; `sync`: catching a device up
 //!   from its user's inbox
+//! - [`history`]: a chat's history, paged back from the store
 //! - `offline`: offline-push windows; `upkeep`: this node's devices and lease in presence
 
 mod backends;
 mod batch;
+pub mod history;
 pub mod ids;
 pub mod metrics;
 pub mod moderation;
@@ -187,6 +189,7 @@ impl Node {
                     code: ErrorCode::ContentRejected,
                     message: "content refused by moderation; the message was not sent".into(),
                     temp_message_id,
+                    missed: None,
                 };
                 return self.reply_error(from, &e).await;
             }
@@ -212,6 +215,7 @@ impl Node {
                 code: ErrorCode::StoreUnavailable,
                 message: "this node is stopping; send again after reconnecting".into(),
                 temp_message_id: p.message.temp_message_id,
+                missed: None,
             };
             self.reply_error(from, &e).await;
         }
@@ -228,14 +232,7 @@ impl Node {
         {
             Ok(r) => r,
             Err(e) => {
-                let code = match e {
-                    StoreError::UnknownMessage(..) => ErrorCode::UnknownMessage,
-                    StoreError::NotReceiver(_) => ErrorCode::Forbidden,
-                    StoreError::Unavailable(_) | StoreError::Redis(_) => {
-                        self.metrics.store_failures.inc();
-                        ErrorCode::StoreUnavailable
-                    }
-                };
+                let code = self.refusal(&e);
                 return self
                     .reply_error(from, &FrameError::new(code, e.to_string()))
                     .await;
@@ -251,6 +248,18 @@ impl Node {
             )],
         )
         .await;
+    }
+
+    /// The error code a client gets for a store's refusal; a store that failed is counted.
+    fn refusal(&self, e: &StoreError) -> ErrorCode {
+        match e {
+            StoreError::UnknownMessage(..) => ErrorCode::UnknownMessage,
+            StoreError::NotReceiver(_) | StoreError::NotMember(_) => ErrorCode::Forbidden,
+            StoreError::Unavailable(_) | StoreError::Redis(_) => {
+                self.metrics.store_failures.inc();
+                ErrorCode::StoreUnavailable
+            }
+        }
     }
 
     /// `TYPING`: to every device of the receiver, on any node; never stored.

@@ -217,10 +217,10 @@ impl Node {
                 if page.oldest > after + 1 {
                     h.order().skip_to(page.oldest - 1);
                     self.metrics.sync_too_old.inc();
-                    let e = FrameError::new(
+                    let mut e = FrameError::new(
                         ErrorCode::SyncTooOld,
                         format!(
-                            "seq {}..{} of your inbox are no longer kept (it keeps {}..{}); re-fetch older history elsewhere: the replay goes on from {}",
+                            "seq {}..{} of your inbox are no longer kept (it keeps {}..{}); page back through each chat with HISTORY for them: the replay goes on from {}",
                             after + 1,
                             page.oldest - 1,
                             page.oldest,
@@ -228,6 +228,7 @@ impl Node {
                             page.oldest
                         ),
                     );
+                    e.missed = Some((after + 1, page.oldest - 1));
                     self.reply_error(h, &e).await;
                 }
                 let full = page.entries.len() >= PAGE;
@@ -278,14 +279,15 @@ impl Node {
                         cursor
                     };
                     self.metrics.sync_too_old.inc();
-                    let e = FrameError::new(
+                    let mut e = FrameError::new(
                         ErrorCode::SyncTooOld,
                         format!(
-                            "seq {}..{} of your inbox are not in the store; re-fetch that history elsewhere",
+                            "seq {}..{} of your inbox are not in the store; page back through each chat with HISTORY for them",
                             cursor + 1,
                             first_held - 1
                         ),
                     );
+                    e.missed = Some((cursor + 1, first_held - 1));
                     self.reply_error(h, &e).await;
                     stalls = 0;
                 } else {

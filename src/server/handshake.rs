@@ -46,7 +46,8 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// Decides whether a WebSocket request may be upgraded, and as whom.
+/// Decides whether a WebSocket request may be upgraded, and as whom; the REST endpoints that
+/// act as a user (history) ask it the same.
 pub fn admit(
     config: &Config,
     query: Option<&str>,
@@ -122,7 +123,7 @@ pub fn admit(
             None => Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
                 "INVALID_USER_ID",
-                "missing userId: connect to /ws/chat?userId=<id>",
+                "missing userId: add ?userId=<id> (/ws/chat?userId=<id>)",
             )),
         },
         AuthMode::Token => {

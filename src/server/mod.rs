@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router {
             get(rest::online_status),
         )
         .route("/api/chat/online/stats", get(rest::online_stats))
+        .route("/api/chat/history/{chat_id}", get(rest::history))
         .route("/metrics", get(rest::metrics))
         .route("/api/cluster", get(rest::cluster))
         .route("/", get(rest::chat_page))

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use super::AppState;
 use crate::chat::ids::now_ms;
-use crate::protocol::is_valid_user_id;
+use crate::protocol::{is_valid_user_id, FrameError};
 
 const CHAT_PAGE: &str = include_str!("chat.html");
 const DASHBOARD_PAGE: &str = include_str!("dashboard.html");
@@ -216,6 +216,85 @@ fn operator(
     }
 }
 
+/// `GET /api/chat/history/{chatId}?before=ID&limit=N`: a page of the chat's history, newest
+/// first, as the `HISTORY` frame carries it. The user is who a WebSocket would be (`?userId=`
+/// in auth mode none, the token's user in mode token); 403 for a user with no message in
+/// the chat.
+pub async fn history(
+    State(state): State<AppState>,
+    Path(chat_id): Path<String>,
+    headers: axum::http::HeaderMap,
+    query: axum::extract::RawQuery,
+) -> Response {
+    let node = &state.node;
+    let identity = match super::handshake::admit(
+        &node.config,
+        query.0.as_deref(),
+        &headers,
+        now_ms() / 1000,
+    ) {
+        Ok(identity) => identity,
+        Err(refused) => return refused.into_response(),
+    };
+    let params: Vec<(String, String)> = query
+        .0
+        .as_deref()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let limit = match param("limit").map(str::parse::<u64>).transpose() {
+        Ok(limit) => crate::protocol::history_limit(limit),
+        Err(_) => Err(FrameError::new(
+            crate::protocol::ErrorCode::InvalidField,
+            "`limit` must be a whole number (messages in a page)",
+        )),
+    };
+    let limit = match limit {
+        Ok(limit) => limit,
+        Err(e) => return refusal(&e),
+    };
+    if chat_id.is_empty() || chat_id.chars().count() > crate::protocol::MAX_ID_CHARS {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_FIELD",
+            "chatId must be 1-128 characters",
+        );
+    }
+    match node
+        .history(&identity.user_id, &chat_id, param("before"), limit)
+        .await
+    {
+        Ok(page) => ([(header::CONTENT_TYPE, "application/json")], page).into_response(),
+        Err(e) => refusal(&e),
+    }
+}
+
+/// A frame error as an HTTP answer: the same code, with the status it means.
+fn refusal(e: &FrameError) -> Response {
+    use crate::protocol::ErrorCode;
+    let status = match e.code {
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::UnknownMessage => StatusCode::NOT_FOUND,
+        ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    let code = serde_json::to_value(e.code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    json_error(status, &code, &e.message)
+}
+
 /// Browsers ask for it on every page; no icon, and no 404 in their console.
 pub async fn favicon() -> StatusCode {
     StatusCode::NO_CONTENT
@@ -226,6 +305,7 @@ pub async fn not_found() -> Response {
         StatusCode::NOT_FOUND,
         "NOT_FOUND",
         "no such path; try /ws/chat?userId=U, /api/chat/health, /api/chat/online/status/U, \
-         /api/chat/online/stats, /api/cluster, / (the chat page) or /dashboard",
+         /api/chat/online/stats, /api/chat/history/CHAT?userId=U, /api/cluster, / (the chat \
+         page) or /dashboard",
     )
 }

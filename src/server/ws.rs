@@ -248,6 +248,7 @@ where
                                 server.rate_limit_per_sec
                             ),
                             temp_message_id: temp,
+                            missed: None,
                         };
                         node.reply_error(&handle, &e).await;
                     }
@@ -328,6 +329,14 @@ async fn handle_text(
             node.submit_chat(handle, send, permit).await
         }
         Ok(ClientFrame::Sync { since }) => node.handle_sync(handle, since),
+        Ok(ClientFrame::History {
+            chat_id,
+            before,
+            limit,
+        }) => {
+            node.handle_history(handle, &chat_id, before.as_deref(), limit)
+                .await
+        }
         Ok(ClientFrame::Heartbeat) => {
             node.heartbeat_probe(handle);
             node.reply(handle, &ServerFrame::HeartbeatAck { content: "pong" })

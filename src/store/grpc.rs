@@ -15,8 +15,8 @@ use tonic::{Code, Request, Response, Status};
 use crate::backoff::Backoff;
 
 use super::{
-    EntryKind, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome, Store, StoreError,
-    StoredMessage, MAX_PAGE,
+    ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome,
+    Store, StoreError, StoredMessage, MAX_HISTORY_PAGE, MAX_PAGE,
 };
 
 /// Generated from `message_service.proto`.
@@ -367,6 +367,48 @@ impl Store for GrpcStore {
         })
     }
 
+    async fn fetch_chat(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<ChatPage, StoreError> {
+        let request = pb::FetchChatRequest {
+            user_id: user_id.to_string(),
+            chat_id: chat_id.to_string(),
+            before: before.unwrap_or_default().to_string(),
+            limit: limit.min(MAX_HISTORY_PAGE) as u32,
+        };
+        let reply = self
+            .with_retries("fetch chat history", |mut c| {
+                let request = request.clone();
+                async move { c.fetch_chat(Request::new(request)).await }
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::UnknownMessage(..) => StoreError::UnknownMessage(
+                    before.unwrap_or_default().to_string(),
+                    chat_id.to_string(),
+                ),
+                StoreError::NotReceiver(_) => StoreError::not_member(user_id, chat_id),
+                e => e,
+            })?;
+        Ok(ChatPage {
+            messages: reply
+                .entries
+                .into_iter()
+                .filter_map(|e| {
+                    Some(HistoryMessage {
+                        message: from_pb(e.message?),
+                        seq: e.seq,
+                    })
+                })
+                .collect(),
+            more: reply.more,
+        })
+    }
+
     async fn latest_seqs(&self, user_ids: &[&str]) -> Result<Vec<u64>, StoreError> {
         let request = pb::LatestSeqsRequest {
             user_ids: user_ids.iter().map(|u| u.to_string()).collect(),
@@ -428,7 +470,9 @@ impl Service {
 fn to_status(e: StoreError) -> Status {
     match e {
         StoreError::UnknownMessage(..) => Status::not_found(e.to_string()),
-        StoreError::NotReceiver(_) => Status::permission_denied(e.to_string()),
+        StoreError::NotReceiver(_) | StoreError::NotMember(_) => {
+            Status::permission_denied(e.to_string())
+        }
         StoreError::Unavailable(_) | StoreError::Redis(_) => Status::unavailable(e.to_string()),
     }
 }
@@ -542,6 +586,33 @@ impl MessageService for Service {
             entries: page.entries.iter().map(entry_to_pb).collect(),
             oldest_seq: page.oldest,
             latest_seq: page.latest,
+        }))
+    }
+
+    async fn fetch_chat(
+        &self,
+        request: Request<pb::FetchChatRequest>,
+    ) -> Result<Response<pb::FetchChatResponse>, Status> {
+        let r = request.into_inner();
+        if r.user_id.is_empty() || r.chat_id.is_empty() {
+            return Err(Status::invalid_argument("user_id and chat_id are required"));
+        }
+        let before = Some(r.before.as_str()).filter(|b| !b.is_empty());
+        let page = self
+            .store
+            .fetch_chat(&r.user_id, &r.chat_id, before, r.limit as usize)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::FetchChatResponse {
+            entries: page
+                .messages
+                .iter()
+                .map(|h| pb::HistoryEntry {
+                    seq: h.seq,
+                    message: Some(to_pb(&h.message)),
+                })
+                .collect(),
+            more: page.more,
         }))
     }
 

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 
 use super::{
-    EntryKind, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome, Store, StoreError,
-    StoredMessage, MAX_PAGE,
+    ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome,
+    Store, StoreError, StoredMessage, MAX_HISTORY_PAGE, MAX_PAGE,
 };
 use crate::chat::ids::now_ms;
 
@@ -313,6 +313,66 @@ impl Store for MemoryStore {
             oldest,
             latest,
         })
+    }
+
+    /// Read from the user's inbox, newest first, keeping the chat's messages: the in-process
+    /// store keeps no index per chat, so its history is what the inbox still holds (at most
+    /// `store.inbox_max_entries` places), and a page costs a walk of the inbox.
+    async fn fetch_chat(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<ChatPage, StoreError> {
+        // The messages' places, copied out: a slot is never locked while an inbox is.
+        let places: Vec<(u64, Arc<Slot>)> = match self.inboxes.get(user_id) {
+            None => Vec::new(),
+            Some(inbox) => {
+                let oldest = inbox.oldest();
+                (oldest..)
+                    .zip(inbox.entries.iter())
+                    .filter(|(_, (kind, _))| *kind == EntryKind::Message)
+                    .map(|(seq, (_, slot))| (seq, slot.clone()))
+                    .collect()
+            }
+        };
+        let limit = limit.min(MAX_HISTORY_PAGE);
+        let (mut member, mut past_cursor) = (false, before.is_none());
+        let mut page = ChatPage::default();
+        for (seq, slot) in places.into_iter().rev() {
+            if slot.evicted.load(Ordering::Relaxed) {
+                continue;
+            }
+            let stored = {
+                let state = lock(&slot.state);
+                if state.stored.message.chat_id != chat_id {
+                    continue;
+                }
+                state.stored.clone()
+            };
+            member = true;
+            if !past_cursor {
+                past_cursor = before == Some(stored.message.message_id.as_str());
+                continue;
+            }
+            if page.messages.len() == limit {
+                page.more = true;
+                break;
+            }
+            page.messages.push(HistoryMessage {
+                message: stored,
+                seq,
+            });
+        }
+        if !member {
+            return Err(StoreError::not_member(user_id, chat_id));
+        }
+        if !past_cursor {
+            let before = before.unwrap_or_default();
+            return Err(StoreError::UnknownMessage(before.into(), chat_id.into()));
+        }
+        Ok(page)
     }
 
     async fn health(&self) -> Result<(), StoreError> {

@@ -105,6 +105,28 @@ pub struct InboxPage {
 /// Longest page [`Store::fetch`] returns, whatever the caller asks for.
 pub const MAX_PAGE: usize = 1000;
 
+/// Longest page of a chat's history [`Store::fetch_chat`] returns, whatever the caller asks
+/// for: each message is whole in the answer (an inbox page is read to catch up, a history
+/// page to show).
+pub const MAX_HISTORY_PAGE: usize = 100;
+
+/// One page of a chat's history as one of its users sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChatPage {
+    /// Newest first, each older than the cursor; `seq` is each message's place in the inbox
+    /// of the user who asked.
+    pub messages: Vec<HistoryMessage>,
+    /// Older messages of the chat are kept: page on with the last message's id.
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryMessage {
+    pub message: StoredMessage,
+    /// Its place in the inbox of the user who asked.
+    pub seq: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SaveOutcome {
     /// Stored now.
@@ -119,10 +141,23 @@ pub enum StoreError {
     UnknownMessage(String, String),
     #[error("only the receiver of message {0:?} can mark it read")]
     NotReceiver(String),
+    /// The user has no message of the chat (it never took part, or the store no longer keeps
+    /// any of it): its history is not the user's to read.
+    #[error("{0}")]
+    NotMember(String),
     #[error("message store unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
     Redis(#[from] crate::redis_client::RedisError),
+}
+
+impl StoreError {
+    pub fn not_member(user_id: &str, chat_id: &str) -> Self {
+        StoreError::NotMember(format!(
+            "user {user_id:?} has no message in chat {chat_id:?} (never took part in it, or the \
+             store keeps none of it any more): its history is only for its members"
+        ))
+    }
 }
 
 #[async_trait]
@@ -160,6 +195,18 @@ pub trait Store: Send + Sync {
         }
         Ok(out)
     }
+    /// Up to `limit` (at most [`MAX_HISTORY_PAGE`]) of the messages `user_id` sent or
+    /// received in chat `chat_id`, newest first: the newest when `before` is `None`, else
+    /// those older than message `before` of that chat. [`StoreError::NotMember`] when the user
+    /// has no message of the chat; [`StoreError::UnknownMessage`] when `before` is none of
+    /// the user's messages in it.
+    async fn fetch_chat(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<ChatPage, StoreError>;
     async fn health(&self) -> Result<(), StoreError>;
     fn name(&self) -> &'static str;
 }

@@ -11,6 +11,7 @@
 //! | `chat:{userId}:seq` | string | the user's latest inbox seq (never expires: seqs never repeat) |
 //! | `chat:{userId}:inbox` | sorted set | score = seq, member = `{seq}:m:{messageId}` (a message) or `{seq}:r:{messageId}` (a read receipt for a message the user sent) |
 //! | `chat:{userId}:msg:{messageId}` | hash | the user's copy of a message it sent or received: `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `receiverSeq`, `senderSeq` (in the sender's copy; the receiver's has only its own seq, but for a note to self), and once read `readAt` (both copies), `receiptSeq` (the sender's) |
+//! | `chat:{userId}:history:{chatId}` | sorted set | the user's history of a chat: score = the message's seq in the user's inbox, member = `messageId`; capped at `store.inbox_max_entries`, expiring an hour after the retention of its newest message |
 //! | `chat:{senderId}:idem:{tempMessageId}` | string | the `messageId` stored for that send |
 //!
 //! A message touches two users, so two slots: it is saved in three steps, each one script,
@@ -19,10 +20,10 @@
 //! 1. **Sender's slot, the claim**: the `tempMessageId` is claimed for this message id (`SET
 //!    NX`), unless an earlier send holds it: then that send's id is the one saved. If the
 //!    sender's copy of that id exists, the send was stored whole before: done (a duplicate).
-//! 2. **Receiver's slot**: the message's place in the receiver's inbox and the receiver's copy,
-//!    unless that copy exists (then it is the message, and its seq the answer).
-//! 3. **Sender's slot**: the place in the sender's inbox and the sender's copy, unless it
-//!    exists.
+//! 2. **Receiver's slot**: the message's place in the receiver's inbox, in its history of the
+//!    chat, and the receiver's copy, unless that copy exists (then it is the message, and its
+//!    seq the answer).
+//! 3. **Sender's slot**: the same for the sender, unless its copy exists.
 //!
 //! The message is acknowledged only once all three are done. A node that dies between them
 //! leaves a claim, or the message in the receiver's inbox only, never acknowledged: the
@@ -44,8 +45,8 @@ use async_trait::async_trait;
 use redis::{FromRedisValue, Script, ScriptInvocation};
 
 use super::{
-    EntryKind, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome, Store, StoreError,
-    StoredMessage, MAX_PAGE,
+    ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome,
+    Store, StoreError, StoredMessage, MAX_HISTORY_PAGE, MAX_PAGE,
 };
 use crate::chat::ids::now_ms;
 use crate::redis_client::{slot, RedisClient};
@@ -73,12 +74,18 @@ pub fn message_key(user_id: &str, message_id: &str) -> String {
     format!("{}{message_id}", message_prefix(user_id))
 }
 
+/// A user's history of one chat: its messages in that chat by their seqs in its inbox.
+pub fn history_key(user_id: &str, chat_id: &str) -> String {
+    user_key(user_id, &format!("history:{chat_id}"))
+}
+
 pub fn idempotency_key(sender_id: &str, temp_message_id: &str) -> String {
     user_key(sender_id, &format!("idem:{temp_message_id}"))
 }
 
 /// What every script of a save or a receipt shares: ARGV[1] retention ms, ARGV[2] max inbox
-/// entries; `place` gives an entry the next seq of one inbox; `write_copy` writes a user's
+/// entries; `place` gives an entry the next seq of one inbox; `remember` puts a message in
+/// the user's history of its chat at that seq (capped like an inbox); `write_copy` writes a user's
 /// copy of the message whose seven fields start at ARGV[a] (no Lua table on this path: the
 /// script runs once per message). An inbox's expiry is pushed to retention + an
 /// hour only when it has fallen below retention, so it always outlives its
@@ -86,15 +93,22 @@ pub fn idempotency_key(sender_id: &str, temp_message_id: &str) -> String {
 /// more command in Redis's fsynced append-only file).
 const COMMON: &str = r#"
 local retention, max = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function keep(set)
+  local n = redis.call('ZCARD', set)
+  if n > max then redis.call('ZREMRANGEBYRANK', set, 0, n - max - 1) end
+  if redis.call('PTTL', set) < retention then
+    redis.call('PEXPIRE', set, retention + 3600000)
+  end
+end
 local function place(counter, inbox, kind, id)
   local seq = redis.call('INCR', counter)
   redis.call('ZADD', inbox, seq, seq .. ':' .. kind .. ':' .. id)
-  local n = redis.call('ZCARD', inbox)
-  if n > max then redis.call('ZREMRANGEBYRANK', inbox, 0, n - max - 1) end
-  if redis.call('PTTL', inbox) < retention then
-    redis.call('PEXPIRE', inbox, retention + 3600000)
-  end
+  keep(inbox)
   return seq
+end
+local function remember(history, seq, id)
+  redis.call('ZADD', history, seq, id)
+  keep(history)
 end
 local function write_copy(key, a, sseq, rseq)
   local s = ARGV
@@ -143,7 +157,8 @@ end
 return out
 "#;
 
-/// Step 2, in the receiver's slot. KEYS, three per message: receiver's counter, inbox, copy.
+/// Step 2, in the receiver's slot. KEYS, four per message: receiver's counter, inbox, copy,
+/// history of the chat.
 /// ARGV after the common two, seven per message: messageId, senderId, receiverId, chatId,
 /// content, timestamp, tempMessageId. Answers per message {receiverSeq} when it placed the
 /// message now, or {receiverSeq, field, value, ...} with the copy it found (the step ran
@@ -151,8 +166,8 @@ return out
 /// its one copy holding both seqs.
 const SAVE_RECEIVER: &str = r#"
 local out = {}
-for i = 0, #KEYS / 3 - 1 do
-  local k, a = i * 3, 3 + i * 7
+for i = 0, #KEYS / 4 - 1 do
+  local k, a = i * 4, 3 + i * 7
   local have = redis.call('HGET', KEYS[k + 3], 'receiverSeq')
   if have then
     local reply = {have}
@@ -162,26 +177,29 @@ for i = 0, #KEYS / 3 - 1 do
     local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
     -- The sender's seq is given by the next step, but to a note to self: this one copy.
     write_copy(KEYS[k + 3], a, ARGV[a + 1] == ARGV[a + 2] and seq or nil, seq)
+    remember(KEYS[k + 4], seq, ARGV[a])
     out[i + 1] = {tostring(seq)}
   end
 end
 return out
 "#;
 
-/// Step 3, in the sender's slot. KEYS, three per message: sender's counter, inbox, copy.
+/// Step 3, in the sender's slot. KEYS, four per message: sender's counter, inbox, copy,
+/// history of the chat.
 /// ARGV after the common two, eight per message: messageId, senderId, receiverId, chatId,
 /// content, timestamp, tempMessageId, receiverSeq. Answers the senderSeq of each: the existing
 /// copy's when the step ran before.
 const SAVE_SENDER: &str = r#"
 local out = {}
-for i = 0, #KEYS / 3 - 1 do
-  local k, a = i * 3, 3 + i * 8
+for i = 0, #KEYS / 4 - 1 do
+  local k, a = i * 4, 3 + i * 8
   local have = redis.call('HGET', KEYS[k + 3], 'senderSeq')
   if have then
     out[i + 1] = have
   else
     local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
     write_copy(KEYS[k + 3], a, seq, ARGV[a + 7])
+    remember(KEYS[k + 4], seq, ARGV[a])
     out[i + 1] = tostring(seq)
   end
 end
@@ -244,6 +262,41 @@ end
 return out
 "#;
 
+/// KEYS: the user's history of a chat. ARGV: before (a message id, '' for the newest),
+/// limit, the user's message prefix (its copies are in the same slot). Answers {{'none'}}
+/// when the user has no history of the chat, {{'unknown'}} when `before` is not in it, else
+/// {{'ok' or 'more'}, {messageId, seq, field, value, ...}, ...}, newest first ('more': older
+/// messages are kept). A message whose copy expired ends the page, and it and every older one
+/// leave the history (copies of one user expire in the order of their seqs).
+const FETCH_CHAT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {{'none'}} end
+local top = '+inf'
+if ARGV[1] ~= '' then
+  local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if not seq then return {{'unknown'}} end
+  top = '(' .. seq
+end
+local limit = tonumber(ARGV[2])
+local found = redis.call('ZREVRANGEBYSCORE', KEYS[1], top, '-inf', 'WITHSCORES', 'LIMIT', 0, limit + 1)
+local out = {{'ok'}}
+for i = 1, #found, 2 do
+  local id, seq = found[i], found[i + 1]
+  local fields = redis.call('HGETALL', ARGV[3] .. id)
+  if #fields == 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', seq)
+    break
+  end
+  if #out > limit then
+    out[1] = {'more'}
+    break
+  end
+  local row = {id, seq}
+  for _, v in ipairs(fields) do row[#row + 1] = v end
+  out[#out + 1] = row
+end
+return out
+"#;
+
 pub struct RedisStore {
     redis: RedisClient,
     retention_ms: u64,
@@ -254,6 +307,7 @@ pub struct RedisStore {
     read_reader: Script,
     read_sender: Script,
     fetch: Script,
+    fetch_chat: Script,
 }
 
 /// A map of a copy's fields from a flat [field, value, ...] list.
@@ -337,6 +391,7 @@ impl RedisStore {
             read_reader: Script::new(&format!("{COMMON}{READ_READER}")),
             read_sender: Script::new(&format!("{COMMON}{READ_SENDER}")),
             fetch: Script::new(FETCH),
+            fetch_chat: Script::new(FETCH_CHAT),
         }
     }
 
@@ -413,7 +468,8 @@ impl RedisStore {
                 |call, m| {
                     call.key(seq_key(&m.receiver_id))
                         .key(inbox_key(&m.receiver_id))
-                        .key(message_key(&m.receiver_id, &m.message_id));
+                        .key(message_key(&m.receiver_id, &m.message_id))
+                        .key(history_key(&m.receiver_id, &m.chat_id));
                     add_message(call, m);
                 },
             )
@@ -477,7 +533,8 @@ impl RedisStore {
                     let m = &s.message;
                     call.key(seq_key(&m.sender_id))
                         .key(inbox_key(&m.sender_id))
-                        .key(message_key(&m.sender_id, &m.message_id));
+                        .key(message_key(&m.sender_id, &m.message_id))
+                        .key(history_key(&m.sender_id, &m.chat_id));
                     add_message(call, m);
                     call.arg(s.receiver_seq);
                 },
@@ -638,6 +695,55 @@ impl Store for RedisStore {
                     EntryKind::Message
                 },
                 message,
+            });
+        }
+        Ok(page)
+    }
+
+    async fn fetch_chat(
+        &self,
+        user_id: &str,
+        chat_id: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<ChatPage, StoreError> {
+        let script = &self.fetch_chat;
+        let reply: Vec<Vec<String>> = self
+            .redis
+            .call("fetch chat history", |mut c| async move {
+                script
+                    .key(history_key(user_id, chat_id))
+                    .arg(before.unwrap_or_default())
+                    .arg(limit.min(MAX_HISTORY_PAGE))
+                    .arg(message_prefix(user_id))
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        let bad = || StoreError::Unavailable("history script answered an unreadable reply".into());
+        let (head, rows) = reply.split_first().ok_or_else(bad)?;
+        let more = match head.first().map(String::as_str) {
+            Some("none") => return Err(StoreError::not_member(user_id, chat_id)),
+            Some("unknown") => {
+                let before = before.unwrap_or_default();
+                return Err(StoreError::UnknownMessage(before.into(), chat_id.into()));
+            }
+            Some("ok") => false,
+            Some("more") => true,
+            _ => return Err(bad()),
+        };
+        let mut page = ChatPage {
+            messages: Vec::with_capacity(rows.len()),
+            more,
+        };
+        for row in rows {
+            let [id, seq, fields @ ..] = row.as_slice() else {
+                return Err(bad());
+            };
+            let message = from_fields(id, &field_map(fields)).ok_or_else(bad)?;
+            page.messages.push(HistoryMessage {
+                message,
+                seq: seq.parse().map_err(|_| bad())?,
             });
         }
         Ok(page)

@@ -2,6 +2,8 @@
 //! connect real WebSocket clients, and speak plain HTTP to the REST API.
 #![allow(dead_code)]
 
+pub mod history;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

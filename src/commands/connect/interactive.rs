@@ -65,6 +65,13 @@ pub(super) async fn handle_command(
                 eprintln!("no message {id} received in this session; /read takes an id shown above")
             }
         },
+        (Some("/history"), Some(chat_id), before) => {
+            let mut frame = json!({"type": "HISTORY", "chatId": chat_id});
+            if let Some(before) = before {
+                frame["before"] = json!(before);
+            }
+            writer.send_json(&frame).await?
+        }
         (Some("/typing"), Some(to), stop) => {
             let chat_id = args
                 .chat
@@ -89,6 +96,7 @@ fn print_help() {
         "  @USER TEXT        send TEXT to USER\n  \
          /read MESSAGE_ID  tell the sender you read it\n  \
          /typing USER      show USER that you are typing (/typing USER stop to stop)\n  \
+         /history CHAT [BEFORE_ID]  the chat's messages, newest page (older than BEFORE_ID)\n  \
          /quit             leave"
     );
 }
@@ -139,6 +147,32 @@ pub(super) fn print_frame(f: &Value, me: &str, seen: &mut HashMap<String, Seen>)
                     "  caught up: {n} missed while away (up to seq {})",
                     f["seq"]
                 );
+            }
+        }
+        "HISTORY" => {
+            let messages = f["messages"].as_array().cloned().unwrap_or_default();
+            // Oldest first, as a chat reads.
+            for m in messages.iter().rev() {
+                let m_s = |k: &str| m[k].as_str().unwrap_or("").to_string();
+                println!(
+                    "[{}] (history {}) {} -> {}: {}   ({}, seq {})",
+                    clock(m["timestamp"].as_i64().unwrap_or(0)),
+                    s("chatId"),
+                    m_s("senderId"),
+                    m_s("receiverId"),
+                    m_s("content"),
+                    m_s("messageId"),
+                    m["seq"]
+                );
+            }
+            if f["more"] == true {
+                if let Some(last) = messages.last() {
+                    println!(
+                        "  older messages: /history {} {}",
+                        s("chatId"),
+                        last["messageId"].as_str().unwrap_or("")
+                    );
+                }
             }
         }
         "HEARTBEAT_ACK" => {}

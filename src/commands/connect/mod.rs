@@ -7,8 +7,10 @@
 //! state file and given as `?since=` on every connect, so the node replays what was missed;
 //! when a node goes away it reconnects by itself (to the next `--url`, with backoff and
 //! jitter); and sends not yet acknowledged are sent again, with the same `tempMessageId`, so
-//! the store keeps each once.
+//! the store keeps each once. When the inbox no longer holds what it missed (`SYNC_TOO_OLD`),
+//! it pages back through the history of the chats it learns of for those messages.
 
+mod backfill;
 mod cursor;
 mod interactive;
 mod session;
@@ -98,6 +100,8 @@ struct Chat {
     ack_deadline: Option<Instant>,
     /// After stdin ended and every send was acknowledged: when to close.
     linger_until: Option<Instant>,
+    /// After `SYNC_TOO_OLD`: the chats being paged back for what the inbox lost.
+    backfill: Option<backfill::Backfill>,
 }
 
 pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
@@ -125,6 +129,7 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<()> {
         stdin_open: true,
         ack_deadline: None,
         linger_until: None,
+        backfill: None,
         args,
     };
     let wait = Duration::from_secs(10);

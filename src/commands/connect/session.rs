@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::cursor::Cursor;
 use super::interactive::{handle_command, print_frame};
-use super::{close_is_transient, lost, Chat, End};
+use super::{backfill, close_is_transient, lost, Chat, End};
 use crate::chat::ids::now_ms;
 use crate::client::{Client, ClientError, ClientWriter, Incoming};
 
@@ -59,7 +59,13 @@ impl Chat {
                 .unwrap_or(far);
             tokio::select! {
                 incoming = client.reader.next(wake.saturating_duration_since(Instant::now())) => match incoming {
-                    Ok(Incoming::Frame(frame)) => self.received(&frame),
+                    Ok(Incoming::Frame(frame)) => {
+                        for ask in self.received(&frame) {
+                            if let Err(e) = client.writer.send_json(&ask).await {
+                                return Ok(lost(e));
+                            }
+                        }
+                    }
                     Ok(Incoming::Closed { code: 1000, reason }) => {
                         eprintln!("connection closed by the server: 1000 {reason}");
                         return Ok(End::Quit);
@@ -109,11 +115,35 @@ impl Chat {
         }
     }
 
-    /// A frame from the server: printed, and its seq and ack recorded.
-    fn received(&mut self, frame: &Value) {
+    /// A frame from the server: printed, and its seq and ack recorded. Returns the frames
+    /// to send in answer (history pages to ask for after `SYNC_TOO_OLD`).
+    fn received(&mut self, frame: &Value) -> Vec<Value> {
         let user = &self.args.user;
         let kind = frame["type"].as_str().unwrap_or("");
         let temp = frame["tempMessageId"].as_str();
+        let mut asks = Vec::new();
+        let mut shown = None;
+        match (kind, frame["code"].as_str(), &mut self.backfill) {
+            ("ERROR", Some("SYNC_TOO_OLD"), _) => {
+                let (from, to) = (frame["missedFrom"].as_u64(), frame["missedTo"].as_u64());
+                if let (Some(from), Some(to)) = (from, to) {
+                    self.backfill =
+                        Some(backfill::Backfill::new(from, to, self.args.chat.as_deref()));
+                }
+            }
+            ("CHAT_MESSAGE", _, Some(b)) => b.replayed(
+                frame["chatId"].as_str().unwrap_or_default(),
+                frame["messageId"].as_str().unwrap_or_default(),
+            ),
+            ("SYNCED", _, Some(b)) => asks = b.start(),
+            ("HISTORY", _, Some(b)) => {
+                if let Some((gap, next)) = b.page(frame) {
+                    asks.extend(next);
+                    shown = Some(gap);
+                }
+            }
+            _ => {}
+        }
         match kind {
             "MESSAGE_ACK" => {
                 if let Some(t) = temp {
@@ -144,10 +174,12 @@ impl Chat {
             _ => {}
         }
         if self.json_mode {
+            // Every frame as it came, the history pages too (a script filters by seq).
             println!("{frame}");
         } else {
-            print_frame(frame, user, &mut self.seen);
+            print_frame(shown.as_ref().unwrap_or(frame), user, &mut self.seen);
         }
+        asks
     }
 
     /// One stdin line. Returns true for `/quit`.
