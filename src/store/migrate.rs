@@ -47,8 +47,7 @@ return 1
 
 /// KEYS[1] `chat:msg:{id}`: a copy for the sender (every field, as the save's last step writes
 /// it) and one for the receiver (without the sender's `senderSeq` and `receiptSeq`, but for a
-/// note to self), with the old key's expiry, and the message in each one's history of its
-/// chat at its seq there.
+/// note to self), with the old key's expiry.
 const MESSAGE: &str = r#"
 if string.sub(KEYS[1], 1, 14) == 'chat:msg:idem:' then return 0 end
 local all = redis.call('HGETALL', KEYS[1])
@@ -57,23 +56,16 @@ local f = {}
 for i = 1, #all, 2 do f[all[i]] = all[i + 1] end
 local id = string.sub(KEYS[1], 10)
 local ttl = redis.call('PTTL', KEYS[1])
-local function copy(user, skip, seq)
+local function copy(user, skip)
   local key = 'chat:{' .. user .. '}:msg:' .. id
   for i = 1, #all, 2 do
     if not skip[all[i]] then redis.call('HSET', key, all[i], all[i + 1]) end
   end
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
-  if seq and f.chatId then
-    local history = 'chat:{' .. user .. '}:history:' .. f.chatId
-    redis.call('ZADD', history, seq, id)
-    if ttl > 0 and redis.call('PTTL', history) < ttl + 3600000 then
-      redis.call('PEXPIRE', history, ttl + 3600000)
-    end
-  end
 end
-copy(f.senderId, {}, f.senderSeq)
+copy(f.senderId, {})
 if f.senderId ~= f.receiverId then
-  copy(f.receiverId, {senderSeq = true, receiptSeq = true}, f.receiverSeq)
+  copy(f.receiverId, {senderSeq = true, receiptSeq = true})
 end
 redis.call('DEL', KEYS[1])
 return 1

@@ -9,9 +9,9 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `chat:{userId}:seq` | string | the user's latest inbox seq (never expires: seqs never repeat) |
-//! | `chat:{userId}:inbox` | sorted set | score = seq, member = `{seq}:m:{messageId}` (a message) or `{seq}:r:{messageId}` (a read receipt for a message the user sent) |
+//! | `chat:{userId}:inbox` | sorted set | score = seq, member = `{seq}:m:{messageId}` (a message) or `{seq}:r:{messageId}` (a read receipt for a message the user sent); cut to `store.inbox_max_entries` hourly and when read |
 //! | `chat:{userId}:msg:{messageId}` | hash | the user's copy of a message it sent or received: `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `receiverSeq`, `senderSeq` (in the sender's copy; the receiver's has only its own seq, but for a note to self), and once read `readAt` (both copies), `receiptSeq` (the sender's) |
-//! | `chat:{userId}:history:{chatId}` | sorted set | the user's history of a chat: score = the message's seq in the user's inbox, member = `messageId`; capped at `store.inbox_max_entries`, expiring an hour after the retention of its newest message |
+//! | `chat:{userId}:history:{chatId}` | list | the user's history of a chat: the `messageId`s of its messages in that chat, oldest first (in the order of their seqs in the user's inbox); cut to `store.inbox_max_entries` hourly and when read, expiring an hour after the retention of its newest message |
 //! | `chat:{senderId}:idem:{tempMessageId}` | string | the `messageId` stored for that send |
 //!
 //! A message touches two users, so two slots: it is saved in three steps, each one script,
@@ -85,19 +85,26 @@ pub fn idempotency_key(sender_id: &str, temp_message_id: &str) -> String {
 
 /// What every script of a save or a receipt shares: ARGV[1] retention ms, ARGV[2] max inbox
 /// entries; `place` gives an entry the next seq of one inbox; `remember` puts a message in
-/// the user's history of its chat at that seq (capped like an inbox); `write_copy` writes a user's
-/// copy of the message whose seven fields start at ARGV[a] (no Lua table on this path: the
-/// script runs once per message). An inbox's expiry is pushed to retention + an
-/// hour only when it has fallen below retention, so it always outlives its
-/// newest message and is written once an hour, not at every message (every write is one
-/// more command in Redis's fsynced append-only file).
+/// the user's history of its chat (a list, appended in seq order: cheaper to write than a
+/// sorted set, and a history is read far less often than written); `write_copy` writes a user's copy of the
+/// message whose seven fields start at ARGV[a] (no Lua table on this path: the script runs
+/// once per message). `keep` looks after an inbox or a history once an hour, not at every
+/// message: when its expiry has fallen below retention it is pushed to retention + an hour
+/// (so the set always outlives its newest message), and the set is cut to its newest `max`
+/// entries. Every reader cuts it first too (FETCH, FETCH_CHAT), so what a reader sees is
+/// exact; between two cuts a set holds at most an hour of entries more. Per message that is
+/// four commands less than looking at every write (each one more in Redis's fsynced
+/// append-only file when it writes).
 const COMMON: &str = r#"
 local retention, max = tonumber(ARGV[1]), tonumber(ARGV[2])
-local function keep(set)
-  local n = redis.call('ZCARD', set)
-  if n > max then redis.call('ZREMRANGEBYRANK', set, 0, n - max - 1) end
+local function keep(set, list)
   if redis.call('PTTL', set) < retention then
     redis.call('PEXPIRE', set, retention + 3600000)
+    if list then
+      redis.call('LTRIM', set, -max, -1)
+    else
+      redis.call('ZREMRANGEBYRANK', set, 0, -max - 1)
+    end
   end
 end
 local function place(counter, inbox, kind, id)
@@ -106,9 +113,9 @@ local function place(counter, inbox, kind, id)
   keep(inbox)
   return seq
 end
-local function remember(history, seq, id)
-  redis.call('ZADD', history, seq, id)
-  keep(history)
+local function remember(history, id)
+  redis.call('RPUSH', history, id)
+  keep(history, true)
 end
 local function write_copy(key, a, sseq, rseq)
   local s = ARGV
@@ -177,7 +184,7 @@ for i = 0, #KEYS / 4 - 1 do
     local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
     -- The sender's seq is given by the next step, but to a note to self: this one copy.
     write_copy(KEYS[k + 3], a, ARGV[a + 1] == ARGV[a + 2] and seq or nil, seq)
-    remember(KEYS[k + 4], seq, ARGV[a])
+    remember(KEYS[k + 4], ARGV[a])
     out[i + 1] = {tostring(seq)}
   end
 end
@@ -199,7 +206,7 @@ for i = 0, #KEYS / 4 - 1 do
   else
     local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
     write_copy(KEYS[k + 3], a, seq, ARGV[a + 7])
-    remember(KEYS[k + 4], seq, ARGV[a])
+    remember(KEYS[k + 4], ARGV[a])
     out[i + 1] = tostring(seq)
   end
 end
@@ -233,12 +240,14 @@ return tostring(seq)
 "#;
 
 /// KEYS: counter, inbox. ARGV: after, limit, the user's message prefix (its copies are in
-/// the same slot). Entries whose message expired are dropped from the front first, so
-/// `oldest` is what can still be given.
+/// the same slot), max entries. The inbox is cut to its newest `max` entries (see `keep`) and
+/// entries whose message expired are dropped from the front first, so `oldest` is what can
+/// still be given.
 /// Returns {{oldest, latest}, {seq, kind, messageId, field, value, ...}, ...}.
 const FETCH: &str = r#"
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 local oldest = latest + 1
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[4]) - 1)
 while true do
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   if #first == 0 then break end
@@ -263,34 +272,40 @@ return out
 "#;
 
 /// KEYS: the user's history of a chat. ARGV: before (a message id, '' for the newest),
-/// limit, the user's message prefix (its copies are in the same slot). Answers {{'none'}}
-/// when the user has no history of the chat, {{'unknown'}} when `before` is not in it, else
-/// {{'ok' or 'more'}, {messageId, seq, field, value, ...}, ...}, newest first ('more': older
-/// messages are kept). A message whose copy expired ends the page, and it and every older one
-/// leave the history (copies of one user expire in the order of their seqs).
+/// limit, the user's message prefix (its copies are in the same slot), max entries (the
+/// history is cut to them first, see `keep`). Answers {{'none'}} when the user has no history
+/// of the chat, {{'unknown'}} when `before` is not in it, else {{'ok' or 'more'}, {messageId,
+/// field, value, ...}, ...}, newest first ('more': older messages are kept). A message whose
+/// copy expired ends the page, and it and every older one leave the history (copies of one
+/// user expire in the order they were written, which is the list's). `LPOS` looks for the
+/// cursor from the newest end: a page deep in a long history costs a walk to it.
 const FETCH_CHAT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {{'none'}} end
-local top = '+inf'
-if ARGV[1] ~= '' then
-  local seq = redis.call('ZSCORE', KEYS[1], ARGV[1])
-  if not seq then return {{'unknown'}} end
-  top = '(' .. seq
-end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[4]), -1)
 local limit = tonumber(ARGV[2])
-local found = redis.call('ZREVRANGEBYSCORE', KEYS[1], top, '-inf', 'WITHSCORES', 'LIMIT', 0, limit + 1)
+local top
+if ARGV[1] ~= '' then
+  local at = redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1)
+  if not at then return {{'unknown'}} end
+  top = at - 1
+else
+  top = redis.call('LLEN', KEYS[1]) - 1
+end
 local out = {{'ok'}}
-for i = 1, #found, 2 do
-  local id, seq = found[i], found[i + 1]
-  local fields = redis.call('HGETALL', ARGV[3] .. id)
+if top < 0 then return out end
+local from = math.max(0, top - limit)
+local ids = redis.call('LRANGE', KEYS[1], from, top)
+for i = #ids, 1, -1 do
+  local fields = redis.call('HGETALL', ARGV[3] .. ids[i])
   if #fields == 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', seq)
+    redis.call('LTRIM', KEYS[1], from + i, -1)
     break
   end
   if #out > limit then
     out[1] = {'more'}
     break
   end
-  local row = {id, seq}
+  local row = {ids[i]}
   for _, v in ipairs(fields) do row[#row + 1] = v end
   out[#out + 1] = row
 end
@@ -664,6 +679,7 @@ impl Store for RedisStore {
                     .arg(after)
                     .arg(limit.min(MAX_PAGE))
                     .arg(message_prefix(user_id))
+                    .arg(self.inbox_max_entries)
                     .invoke_async(&mut c)
                     .await
             })
@@ -716,6 +732,7 @@ impl Store for RedisStore {
                     .arg(before.unwrap_or_default())
                     .arg(limit.min(MAX_HISTORY_PAGE))
                     .arg(message_prefix(user_id))
+                    .arg(self.inbox_max_entries)
                     .invoke_async(&mut c)
                     .await
             })
@@ -737,14 +754,17 @@ impl Store for RedisStore {
             more,
         };
         for row in rows {
-            let [id, seq, fields @ ..] = row.as_slice() else {
+            let [id, fields @ ..] = row.as_slice() else {
                 return Err(bad());
             };
             let message = from_fields(id, &field_map(fields)).ok_or_else(bad)?;
-            page.messages.push(HistoryMessage {
-                message,
-                seq: seq.parse().map_err(|_| bad())?,
-            });
+            // The user's copy holds its own place: the receiver's, or the sender's.
+            let seq = if message.message.receiver_id == user_id {
+                message.receiver_seq
+            } else {
+                message.sender_seq
+            };
+            page.messages.push(HistoryMessage { message, seq });
         }
         Ok(page)
     }
