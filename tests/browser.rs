@@ -99,7 +99,9 @@ fn the_chat_page_and_the_dashboard_work_in_a_headless_browser() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        said.contains("ok: presence, typing, read ticks") && said.contains("token mode"),
+        said.contains("ok: presence, typing, read ticks")
+            && said.contains("history")
+            && said.contains("token mode"),
         "{said}"
     );
     for page in ["chat.png", "dashboard.png"] {

@@ -8,7 +8,8 @@
 //     order, after what she had;
 //   - node 1 stops (alice sees the reconnecting banner), bob sends two more, node 1 starts
 //     again on its port: alice's page reconnects by itself and shows them once, in order;
-//     a reload then shows the same, nothing twice;
+//     a reload then shows the same, nothing twice; the start of the conversation, forgotten
+//     by the page, comes back with "Older messages" (the node's history);
 //   - the dashboard on node 2 shows both nodes up, and its message counter rises when bob
 //     sends;
 //   - on node 3, in auth mode token: the page signs carol in with her token, and the
@@ -162,6 +163,12 @@ try {
   await connected(a, "alice after a reload");
   await a.waitForTimeout(500);
   await bubblesBecome(a, "alice after a reload", ["hello bob", "one", "two", "three", "four"]);
+  // A device that lost the start of a conversation pages it back from the node's history.
+  await a.evaluate((peer) => { convos[peer].messages.splice(0, 2); delete convos[peer].more; render(); }, bob);
+  await bubblesBecome(a, "alice after forgetting two", ["two", "three", "four"]);
+  await a.click("#older");
+  await bubblesBecome(a, "alice after Older messages", ["hello bob", "one", "two", "three", "four"]);
+  await see(a, `#messages .msg.mine[data-status="read"]:has-text("hello bob")`, "alice", "the read ticks of a message from history");
 
   // The dashboard: both nodes up, and a counter that rises when messages flow.
   const d = await page("dashboard", `${n2}/dashboard`);
@@ -194,7 +201,7 @@ try {
   await a.screenshot({ path: `${shots}/chat.png` });
   await d.screenshot({ path: `${shots}/dashboard.png`, fullPage: true });
   console.log(`screenshots: ${shots}/chat.png ${shots}/dashboard.png`);
-  console.log("ok: presence, typing, read ticks, second device, come back, node restart, reload, dashboard, token mode");
+  console.log("ok: presence, typing, read ticks, second device, come back, node restart, reload, history, dashboard, token mode");
 } catch (e) {
   problems.push(e.message);
 } finally {
