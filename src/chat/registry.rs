@@ -231,7 +231,7 @@ pub struct Delivered {
 /// Local sessions by user. Sharded, so delivery to different users does not contend.
 #[derive(Default)]
 pub struct Registry {
-    by_user: DashMap<Arc<str>, Vec<SessionHandle>>,
+    by_user: DashMap<Arc<str>, Vec<SessionHandle>, foldhash::fast::RandomState>,
     sessions: AtomicUsize,
     /// Devices let in per user, from the handshake on (before the session exists).
     pub admissions: Admissions,

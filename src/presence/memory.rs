@@ -8,7 +8,7 @@ use super::{Device, Presence, PresenceError};
 use crate::chat::ids::now_ms;
 
 pub struct MemoryPresence {
-    users: DashMap<String, Vec<Device>>,
+    users: DashMap<String, Vec<Device>, foldhash::fast::RandomState>,
     /// A device not refreshed for this long reads as offline.
     ttl_ms: i64,
 }
@@ -16,7 +16,7 @@ pub struct MemoryPresence {
 impl MemoryPresence {
     pub fn new(ttl_secs: u64) -> Self {
         Self {
-            users: DashMap::new(),
+            users: DashMap::default(),
             ttl_ms: (ttl_secs as i64).saturating_mul(1000),
         }
     }
