@@ -149,7 +149,7 @@ fn table(checks: &[Check]) -> Table {
     table
 }
 
-const STEPS: usize = 9;
+const STEPS: usize = 10;
 
 /// Records one check: `f` returns the detail on success or the reason on failure.
 async fn check<F, Fut>(checks: &mut Vec<Check>, bar: &ProgressBar, name: &'static str, f: F)
@@ -463,6 +463,65 @@ async fn scenarios(
                 bob_seen + 1,
                 bob_seen + missed
             ))
+        },
+    )
+    .await;
+
+    check(
+        &mut checks,
+        bar,
+        "history of the chat, paged back on node 2; refused to a stranger on node 1",
+        || async {
+            let mut back = connect(&nodes[1], &bob, secret).await?;
+            let page = |before: Option<&str>, limit: u64| {
+                let mut ask = json!({"type": "HISTORY", "chatId": "crossnode", "limit": limit});
+                if let Some(before) = before {
+                    ask["before"] = json!(before);
+                }
+                ask
+            };
+            back.send_json(&page(None, 2))
+                .await
+                .map_err(|e| e.to_string())?;
+            let first = frame(&mut back, "HISTORY").await?;
+            let contents = |p: &Value| -> Vec<String> {
+                p["messages"]
+                    .as_array()
+                    .map(|ms| {
+                        ms.iter()
+                            .map(|m| m["content"].as_str().unwrap_or("").to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            if contents(&first) != ["while away 3", "while away 2"] || first["more"] != true {
+                return Err(format!("the newest page is {first}"));
+            }
+            let last = first["messages"][1]["messageId"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            back.send_json(&page(Some(&last), 10))
+                .await
+                .map_err(|e| e.to_string())?;
+            let rest = frame(&mut back, "HISTORY").await?;
+            if contents(&rest) != ["while away 1", "copy me", "hello across nodes"]
+                || rest["more"] != false
+            {
+                return Err(format!("the page before {last} is {rest}"));
+            }
+            back.close().await;
+            let stranger = format!("{prefix}-eve");
+            let mut eve = connect(&nodes[0], &stranger, secret).await?;
+            eve.send_json(&page(None, 10))
+                .await
+                .map_err(|e| e.to_string())?;
+            let refused = frame(&mut eve, "ERROR").await?;
+            eve.close().await;
+            if refused["code"] != "FORBIDDEN" {
+                return Err(format!("a stranger asking for the history got {refused}"));
+            }
+            Ok("5 messages newest first in two pages, FORBIDDEN to a stranger".into())
         },
     )
     .await;
