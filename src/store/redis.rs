@@ -410,10 +410,20 @@ impl RedisStore {
         }
     }
 
+    /// The arguments every save and receipt script starts with (`COMMON`'s ARGV[1], ARGV[2]).
+    fn common_args(&self) -> [String; 2] {
+        [
+            self.retention_ms.to_string(),
+            self.inbox_max_entries.to_string(),
+        ]
+    }
+
     /// A call of `script` with the arguments every save and receipt script starts with.
     fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
         let mut call = script.prepare_invoke();
-        call.arg(self.retention_ms).arg(self.inbox_max_entries);
+        for a in self.common_args() {
+            call.arg(a);
+        }
         call
     }
 
@@ -426,13 +436,9 @@ impl RedisStore {
         slot_of: impl Fn(&I) -> u16,
         add: impl Fn(&mut ScriptInvocation<'_>, &I),
     ) -> Vec<Result<T, StoreError>> {
-        let first = [
-            self.retention_ms.to_string(),
-            self.inbox_max_entries.to_string(),
-        ];
         let replies = self
             .redis
-            .per_slot(what, script, items, slot_of, &first, add)
+            .per_slot(what, script, items, slot_of, &self.common_args(), add)
             .await;
         replies
             .into_iter()
