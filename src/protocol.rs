@@ -384,7 +384,9 @@ fn id_field(value: &Option<Cow<'_, str>>, name: &str) -> Result<String, FrameErr
     Ok(v.to_owned())
 }
 
-fn check_id(v: &str, name: &str) -> Result<(), FrameError> {
+/// Checks an id field (`chatId`, `messageId`, `tempMessageId`, ...) as every frame does;
+/// the REST endpoints that take ids check them the same way.
+pub fn check_id(v: &str, name: &str) -> Result<(), FrameError> {
     let len = v.chars().count();
     if len == 0 || len > MAX_ID_CHARS || v.chars().any(char::is_control) {
         return Err(FrameError::new(

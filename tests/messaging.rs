@@ -358,6 +358,20 @@ async fn history_pages_back_through_a_chat_over_the_socket_and_rest() {
         body["message"].as_str().unwrap().contains("1 to 100"),
         "{body}"
     );
+    // Ids as a frame's: no control characters, at most 128 characters.
+    let long = "x".repeat(129);
+    for bad in [
+        "/api/chat/history/c%0A1?userId=bob".to_string(),
+        format!("/api/chat/history/{long}?userId=bob"),
+        format!("/api/chat/history/c1?userId=bob&before={long}"),
+    ] {
+        let (status, body) = node.get(&bad).await;
+        assert_eq!(
+            (status, &body["error"]),
+            (400, &json!("INVALID_FIELD")),
+            "{bad}: {body}"
+        );
+    }
 
     // Over the socket the same refusals, and the connection stays open.
     let mut eve = node.client("eve").await;

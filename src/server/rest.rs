@@ -263,12 +263,12 @@ pub async fn history(
         Ok(limit) => limit,
         Err(e) => return refusal(&e),
     };
-    if chat_id.is_empty() || chat_id.chars().count() > crate::protocol::MAX_ID_CHARS {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            "INVALID_FIELD",
-            "chatId must be 1-128 characters",
-        );
+    let ids = crate::protocol::check_id(&chat_id, "chatId").and_then(|()| match param("before") {
+        Some(before) => crate::protocol::check_id(before, "before"),
+        None => Ok(()),
+    });
+    if let Err(e) = ids {
+        return refusal(&e);
     }
     match node
         .history(&identity.user_id, &chat_id, param("before"), limit)
