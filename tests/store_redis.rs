@@ -163,7 +163,7 @@ async fn a_history_is_capped_and_forgets_expired_messages() {
     assert_eq!(page.messages.len(), 0, "{page:?}");
     assert!(matches!(
         short.fetch_chat(&c, "c", None, 10).await,
-        Err(StoreError::NotMember(_))
+        Err(StoreError::NotMember(..))
     ));
 }
 

@@ -100,11 +100,8 @@ impl Node {
         // Every receiver and sender of the batch, once, for one presence call.
         let mut users: Vec<String> = Vec::with_capacity(batch.len() * 2);
         // Where each user is in `users`, for the dedup here and the lookups below.
-        let mut index: std::collections::HashMap<String, usize, foldhash::fast::RandomState> =
-            std::collections::HashMap::with_capacity_and_hasher(
-                batch.len() * 2,
-                Default::default(),
-            );
+        let mut index: foldhash::HashMap<String, usize> =
+            foldhash::HashMapExt::with_capacity(batch.len() * 2);
         for p in batch {
             for u in [&p.message.receiver_id, &p.message.sender_id] {
                 if !index.contains_key(u) {
@@ -131,7 +128,7 @@ impl Node {
             }
         };
         // Per target, not a scan of the batch's users (a batch has up to 512).
-        let index: std::collections::HashMap<&str, usize, foldhash::fast::RandomState> = users
+        let index: foldhash::HashMap<&str, usize> = users
             .iter()
             .enumerate()
             .map(|(i, u)| (u.as_str(), i))

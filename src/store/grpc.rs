@@ -391,7 +391,7 @@ impl Store for GrpcStore {
                     before.unwrap_or_default().to_string(),
                     chat_id.to_string(),
                 ),
-                StoreError::NotReceiver(_) => StoreError::not_member(user_id, chat_id),
+                StoreError::NotReceiver(_) => StoreError::NotMember(user_id.into(), chat_id.into()),
                 e => e,
             })?;
         Ok(ChatPage {
@@ -470,7 +470,7 @@ impl Service {
 fn to_status(e: StoreError) -> Status {
     match e {
         StoreError::UnknownMessage(..) => Status::not_found(e.to_string()),
-        StoreError::NotReceiver(_) | StoreError::NotMember(_) => {
+        StoreError::NotReceiver(_) | StoreError::NotMember(..) => {
             Status::permission_denied(e.to_string())
         }
         StoreError::Unavailable(_) | StoreError::Redis(_) => Status::unavailable(e.to_string()),

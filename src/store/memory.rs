@@ -13,15 +13,15 @@
 //! Nothing takes an earlier one while holding a later one (a retry racing the eviction of
 //! its own message once deadlocked two workers that way).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::BuildHasher;
-
-use foldhash::fast::RandomState;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
+use foldhash::fast::RandomState;
+use foldhash::HashMap;
 
 use super::{
     ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome,
@@ -50,7 +50,7 @@ struct SlotState {
 
 #[derive(Default)]
 struct Shard {
-    messages: HashMap<String, Arc<Slot>, RandomState>,
+    messages: HashMap<String, Arc<Slot>>,
     /// Insertion order, oldest first, for eviction.
     order: VecDeque<String>,
 }
@@ -377,7 +377,7 @@ impl Store for MemoryStore {
             });
         }
         if !member {
-            return Err(StoreError::not_member(user_id, chat_id));
+            return Err(StoreError::NotMember(user_id.into(), chat_id.into()));
         }
         if !past_cursor {
             let before = before.unwrap_or_default();

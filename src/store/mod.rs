@@ -143,21 +143,15 @@ pub enum StoreError {
     NotReceiver(String),
     /// The user has no message of the chat (it never took part, or the store no longer keeps
     /// any of it): its history is not the user's to read.
-    #[error("{0}")]
-    NotMember(String),
+    #[error(
+        "user {0:?} has no message in chat {1:?} (never took part in it, or the store keeps \
+         none of it any more): its history is only for its members"
+    )]
+    NotMember(String, String),
     #[error("message store unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
     Redis(#[from] crate::redis_client::RedisError),
-}
-
-impl StoreError {
-    pub fn not_member(user_id: &str, chat_id: &str) -> Self {
-        StoreError::NotMember(format!(
-            "user {user_id:?} has no message in chat {chat_id:?} (never took part in it, or the \
-             store keeps none of it any more): its history is only for its members"
-        ))
-    }
 }
 
 #[async_trait]

@@ -118,20 +118,13 @@ local function remember(history, id)
   keep(history, true)
 end
 local function write_copy(key, a, sseq, rseq)
+  -- One HSET whichever seqs the copy holds: a field named twice is written once.
+  local f1, v1, f2, v2 = 'senderSeq', sseq, 'receiverSeq', rseq
+  if not sseq then f1, v1 = f2, v2 end
+  if not rseq then f2, v2 = f1, v1 end
   local s = ARGV
-  if sseq and rseq then
-    redis.call('HSET', key, 'senderId', s[a + 1], 'receiverId', s[a + 2], 'chatId', s[a + 3],
-      'content', s[a + 4], 'timestamp', s[a + 5], 'tempMessageId', s[a + 6],
-      'senderSeq', sseq, 'receiverSeq', rseq)
-  elseif rseq then
-    redis.call('HSET', key, 'senderId', s[a + 1], 'receiverId', s[a + 2], 'chatId', s[a + 3],
-      'content', s[a + 4], 'timestamp', s[a + 5], 'tempMessageId', s[a + 6],
-      'receiverSeq', rseq)
-  else
-    redis.call('HSET', key, 'senderId', s[a + 1], 'receiverId', s[a + 2], 'chatId', s[a + 3],
-      'content', s[a + 4], 'timestamp', s[a + 5], 'tempMessageId', s[a + 6],
-      'senderSeq', sseq)
-  end
+  redis.call('HSET', key, 'senderId', s[a + 1], 'receiverId', s[a + 2], 'chatId', s[a + 3],
+    'content', s[a + 4], 'timestamp', s[a + 5], 'tempMessageId', s[a + 6], f1, v1, f2, v2)
   redis.call('PEXPIRE', key, retention)
 end
 "#;
@@ -314,8 +307,10 @@ return out
 
 pub struct RedisStore {
     redis: RedisClient,
-    retention_ms: u64,
     inbox_max_entries: usize,
+    /// ARGV[1] and ARGV[2] of every save and receipt script (`COMMON`): retention in ms and
+    /// the most entries an inbox keeps, made once.
+    common_args: [String; 2],
     save_claim: Script,
     save_receiver: Script,
     save_sender: Script,
@@ -383,6 +378,13 @@ fn claimed(message: NewMessage, reply: &[String]) -> Result<Saving, StoreError> 
     }
 }
 
+/// Where in `savings` the messages are whose save has steps left.
+fn not_done(savings: &[Result<Saving, StoreError>]) -> Vec<usize> {
+    (0..savings.len())
+        .filter(|&i| savings[i].as_ref().is_ok_and(|s| !s.done))
+        .collect()
+}
+
 /// A message's seven fields, in the order every save script reads them.
 fn add_message(call: &mut ScriptInvocation<'_>, m: &NewMessage) {
     call.arg(&m.message_id)
@@ -398,8 +400,11 @@ impl RedisStore {
     pub fn new(redis: RedisClient, retention_secs: u64, inbox_max_entries: usize) -> Self {
         Self {
             redis,
-            retention_ms: retention_secs.saturating_mul(1000),
             inbox_max_entries: inbox_max_entries.max(1),
+            common_args: [
+                retention_secs.saturating_mul(1000).to_string(),
+                inbox_max_entries.max(1).to_string(),
+            ],
             save_claim: Script::new(&format!("{COMMON}{SAVE_CLAIM}")),
             save_receiver: Script::new(&format!("{COMMON}{SAVE_RECEIVER}")),
             save_sender: Script::new(&format!("{COMMON}{SAVE_SENDER}")),
@@ -410,18 +415,10 @@ impl RedisStore {
         }
     }
 
-    /// The arguments every save and receipt script starts with (`COMMON`'s ARGV[1], ARGV[2]).
-    fn common_args(&self) -> [String; 2] {
-        [
-            self.retention_ms.to_string(),
-            self.inbox_max_entries.to_string(),
-        ]
-    }
-
     /// A call of `script` with the arguments every save and receipt script starts with.
     fn invocation<'a>(&self, script: &'a Script) -> ScriptInvocation<'a> {
         let mut call = script.prepare_invoke();
-        for a in self.common_args() {
+        for a in &self.common_args {
             call.arg(a);
         }
         call
@@ -438,7 +435,7 @@ impl RedisStore {
     ) -> Vec<Result<T, StoreError>> {
         let replies = self
             .redis
-            .per_slot(what, script, items, slot_of, &self.common_args(), add)
+            .per_slot(what, script, items, slot_of, &self.common_args, add)
             .await;
         replies
             .into_iter()
@@ -473,9 +470,7 @@ impl RedisStore {
 
     /// Step 2 for every message not done (one call per slot of the receivers).
     async fn receiver_steps(&self, savings: &mut [Result<Saving, StoreError>]) {
-        let pending: Vec<usize> = (0..savings.len())
-            .filter(|&i| savings[i].as_ref().is_ok_and(|s| !s.done))
-            .collect();
+        let pending = not_done(savings);
         let messages: Vec<NewMessage> = pending
             .iter()
             .filter_map(|&i| savings[i].as_ref().ok().map(|s| s.stored.message.clone()))
@@ -501,19 +496,15 @@ impl RedisStore {
             };
             let bad =
                 |r: &[String]| StoreError::Unavailable(format!("receiver step answered {r:?}"));
-            let step = reply.and_then(|r| match r.as_slice() {
-                [seq] => seq
-                    .parse::<u64>()
-                    .map(|seq| (seq, None))
-                    .map_err(|_| bad(&r)),
-                [seq, fields @ ..] => {
-                    let id = &saving.stored.message.message_id;
-                    let found = from_fields(id, &field_map(fields)).ok_or_else(|| bad(&r))?;
-                    seq.parse::<u64>()
-                        .map(|seq| (seq, Some(found)))
-                        .map_err(|_| bad(&r))
+            let step = reply.and_then(|r| {
+                let (seq, fields) = r.split_first().ok_or_else(|| bad(&r))?;
+                let seq = seq.parse::<u64>().map_err(|_| bad(&r))?;
+                if fields.is_empty() {
+                    return Ok((seq, None));
                 }
-                [] => Err(bad(&r)),
+                let id = &saving.stored.message.message_id;
+                let found = from_fields(id, &field_map(fields)).ok_or_else(|| bad(&r))?;
+                Ok((seq, Some(found)))
             });
             match step {
                 Ok((seq, found)) => {
@@ -537,9 +528,7 @@ impl RedisStore {
 
     /// Step 3 for every message not done (one call per slot of the senders).
     async fn sender_steps(&self, savings: &mut [Result<Saving, StoreError>]) {
-        let pending: Vec<usize> = (0..savings.len())
-            .filter(|&i| savings[i].as_ref().is_ok_and(|s| !s.done))
-            .collect();
+        let pending = not_done(savings);
         let stored: Vec<StoredMessage> = pending
             .iter()
             .filter_map(|&i| savings[i].as_ref().ok().map(|s| s.stored.clone()))
@@ -746,7 +735,7 @@ impl Store for RedisStore {
         let bad = || StoreError::Unavailable("history script answered an unreadable reply".into());
         let (head, rows) = reply.split_first().ok_or_else(bad)?;
         let more = match head.first().map(String::as_str) {
-            Some("none") => return Err(StoreError::not_member(user_id, chat_id)),
+            Some("none") => return Err(StoreError::NotMember(user_id.into(), chat_id.into())),
             Some("unknown") => {
                 let before = before.unwrap_or_default();
                 return Err(StoreError::UnknownMessage(before.into(), chat_id.into()));

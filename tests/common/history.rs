@@ -108,7 +108,7 @@ pub async fn history_contract(s: &dyn Store) {
         assert!(
             matches!(
                 s.fetch_chat(&eve, &chat, before, 10).await,
-                Err(StoreError::NotMember(_))
+                Err(StoreError::NotMember(..))
             ),
             "{before:?}"
         );
