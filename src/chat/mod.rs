@@ -232,7 +232,7 @@ impl Node {
         {
             Ok(r) => r,
             Err(e) => {
-                let code = self.refusal(&e);
+                let code = self.store_error_code(&e);
                 return self
                     .reply_error(from, &FrameError::new(code, e.to_string()))
                     .await;
@@ -251,10 +251,10 @@ impl Node {
     }
 
     /// The error code a client gets for a store's refusal; a store that failed is counted.
-    fn refusal(&self, e: &StoreError) -> ErrorCode {
+    fn store_error_code(&self, e: &StoreError) -> ErrorCode {
         match e {
             StoreError::UnknownMessage(..) => ErrorCode::UnknownMessage,
-            StoreError::NotReceiver(_) | StoreError::NotMember(_) => ErrorCode::Forbidden,
+            StoreError::NotReceiver(_) | StoreError::NotMember(..) => ErrorCode::Forbidden,
             StoreError::Unavailable(_) | StoreError::Redis(_) => {
                 self.metrics.store_failures.inc();
                 ErrorCode::StoreUnavailable

@@ -236,47 +236,49 @@ pub async fn history(
         Ok(identity) => identity,
         Err(refused) => return refused.into_response(),
     };
-    let params: Vec<(String, String)> = query
-        .0
-        .as_deref()
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default();
-    let param = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .filter(|v| !v.is_empty())
+    // Unknown parameters (`userId`, `token`) are `admit`'s; an empty one counts as absent.
+    let q: HistoryQuery = match serde_urlencoded::from_str(query.0.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => {
+            let why = format!("cannot read query: {e}");
+            return json_error(StatusCode::BAD_REQUEST, "INVALID_QUERY", &why);
+        }
     };
-    let limit = match param("limit").map(str::parse::<u64>).transpose() {
-        Ok(limit) => crate::protocol::history_limit(limit),
-        Err(_) => Err(FrameError::new(
-            crate::protocol::ErrorCode::InvalidField,
-            "`limit` must be a whole number (messages in a page)",
-        )),
+    let before = q.before.as_deref().filter(|b| !b.is_empty());
+    let limit = match q.limit.as_deref().filter(|l| !l.is_empty()) {
+        None => Ok(None),
+        Some(l) => l.parse::<u64>().map(Some).map_err(|_| {
+            FrameError::new(
+                crate::protocol::ErrorCode::InvalidField,
+                "`limit` must be a whole number (messages in a page)",
+            )
+        }),
     };
-    let limit = match limit {
+    let checked = limit
+        .and_then(crate::protocol::history_limit)
+        .and_then(|limit| {
+            crate::protocol::check_id(&chat_id, "chatId")?;
+            before.map_or(Ok(()), |b| crate::protocol::check_id(b, "before"))?;
+            Ok(limit)
+        });
+    let limit = match checked {
         Ok(limit) => limit,
         Err(e) => return refusal(&e),
     };
-    let ids = crate::protocol::check_id(&chat_id, "chatId").and_then(|()| match param("before") {
-        Some(before) => crate::protocol::check_id(before, "before"),
-        None => Ok(()),
-    });
-    if let Err(e) = ids {
-        return refusal(&e);
-    }
     match node
-        .history(&identity.user_id, &chat_id, param("before"), limit)
+        .history(&identity.user_id, &chat_id, before, limit)
         .await
     {
         Ok(page) => ([(header::CONTENT_TYPE, "application/json")], page).into_response(),
         Err(e) => refusal(&e),
     }
+}
+
+/// The parameters of `GET /api/chat/history/{chatId}` besides the user's.
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    before: Option<String>,
+    limit: Option<String>,
 }
 
 /// A frame error as an HTTP answer: the same code, with the status it means.
