@@ -1,10 +1,11 @@
-//! A small HTTP/1.1 GET for the operator commands and tests, on hyper's client (already
-//! compiled for tonic): one request per connection, the body read up to [`MAX_BODY`] bytes
-//! and decoded as UTF-8. Whatever answers on the port cannot make it panic or read forever.
+//! A small HTTP/1.1 client for the operator commands and tests, on hyper's client (already
+//! compiled for tonic): one request per connection (a GET, or a JSON body sent with another
+//! method), the answer read up to [`MAX_BODY`] bytes and decoded as UTF-8. Whatever answers
+//! on the port cannot make it panic or read forever.
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -42,14 +43,32 @@ pub fn authority(url: &str) -> Result<String, HttpError> {
 
 /// GETs `path` from the node at `base`; returns the status and the body.
 pub async fn get(base: &str, path: &str, wait: Duration) -> Result<(u16, String), HttpError> {
+    send(base, hyper::Method::GET, path, None, wait).await
+}
+
+/// Sends `method` to `path` of the node at `base`, with `json` as its body if any; returns
+/// the status and the body of the answer.
+pub async fn send(
+    base: &str,
+    method: hyper::Method,
+    path: &str,
+    json: Option<&str>,
+    wait: Duration,
+) -> Result<(u16, String), HttpError> {
     let host = authority(base)?;
     let url = format!("http://{host}{path}");
-    tokio::time::timeout(wait, fetch(&host, path, &url))
+    tokio::time::timeout(wait, fetch(&host, method, path, json, &url))
         .await
         .map_err(|_| HttpError::Timeout(url.clone(), wait))?
 }
 
-async fn fetch(host: &str, path: &str, url: &str) -> Result<(u16, String), HttpError> {
+async fn fetch(
+    host: &str,
+    method: hyper::Method,
+    path: &str,
+    json: Option<&str>,
+    url: &str,
+) -> Result<(u16, String), HttpError> {
     let protocol = |source| HttpError::Protocol {
         url: url.to_string(),
         source,
@@ -65,13 +84,18 @@ async fn fetch(host: &str, path: &str, url: &str) -> Result<(u16, String), HttpE
         .map_err(protocol)?;
     // Drives the connection; it ends with the request (or with the timeout around us).
     let driver = tokio::spawn(conn);
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, host)
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| HttpError::Body {
-            url: url.to_string(),
-            reason: format!("bad request path: {e}"),
-        })?;
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, host);
+    if json.is_some() {
+        request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let body = Full::new(Bytes::from(json.unwrap_or_default().to_owned()));
+    let request = request.body(body).map_err(|e| HttpError::Body {
+        url: url.to_string(),
+        reason: format!("bad request path: {e}"),
+    })?;
     let answer = async {
         let response = sender.send_request(request).await.map_err(protocol)?;
         let status = response.status().as_u16();

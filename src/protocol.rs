@@ -50,6 +50,14 @@ pub enum ErrorCode {
     /// The cursor of `?since=` or `SYNC` is beyond the newest seq of the inbox (the store was
     /// reset, or the cursor comes from another cluster); delivery goes on from the newest.
     CursorAhead,
+    /// A message, typing or member change for a group that does not exist.
+    UnknownGroup,
+    /// A group with that id exists already.
+    GroupExists,
+    /// The group has `store.group_max_members` members already.
+    GroupFull,
+    /// The group's last admin may not leave or step down while others remain.
+    LastAdmin,
 }
 
 /// A frame the client got wrong, answered with `ERROR`; the connection stays open.
@@ -87,9 +95,11 @@ pub enum ClientFrame {
         receiver_id: Option<String>,
     },
     Typing {
+        /// A user, or with `group` a group (then also the `chat_id`).
         receiver_id: String,
         chat_id: String,
         typing: bool,
+        group: bool,
     },
     /// Replay the inbox after `since`, then go on live.
     Sync {
@@ -105,10 +115,12 @@ pub enum ClientFrame {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatSend {
+    /// A user, or with `group` a group (`groupId`; then also the `chat_id`).
     pub receiver_id: String,
     pub chat_id: String,
     pub content: String,
     pub temp_message_id: Option<String>,
+    pub group: bool,
 }
 
 /// What parsing needs to know about the connection.
@@ -128,6 +140,8 @@ struct Wire<'a> {
     #[serde(borrow, default)]
     receiver_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
+    group_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
     sender_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     chat_id: Option<Cow<'a, str>>,
@@ -145,9 +159,10 @@ struct Wire<'a> {
     limit: Option<u64>,
 }
 
-const STRING_FIELDS: [&str; 8] = [
+const STRING_FIELDS: [&str; 9] = [
     "type",
     "receiverId",
+    "groupId",
     "senderId",
     "chatId",
     "content",
@@ -189,8 +204,7 @@ pub fn parse_client_frame(text: &str, ctx: ParseContext<'_>) -> Result<ClientFra
     }
     match kind {
         "CHAT_MESSAGE" => {
-            let receiver_id = user_field(&wire.receiver_id, "receiverId").map_err(with_temp)?;
-            let chat_id = id_field(&wire.chat_id, "chatId").map_err(with_temp)?;
+            let (receiver_id, chat_id, group) = addressee(&wire).map_err(with_temp)?;
             if let Some(t) = &temp_message_id {
                 check_id(t, "tempMessageId").map_err(with_temp)?;
             }
@@ -221,6 +235,7 @@ pub fn parse_client_frame(text: &str, ctx: ParseContext<'_>) -> Result<ClientFra
                 chat_id,
                 content: content.to_owned(),
                 temp_message_id,
+                group,
             }))
         }
         "HEARTBEAT" => Ok(ClientFrame::Heartbeat),
@@ -260,8 +275,7 @@ pub fn parse_client_frame(text: &str, ctx: ParseContext<'_>) -> Result<ClientFra
             Ok(ClientFrame::Sync { since })
         }
         "TYPING" => {
-            let receiver_id = user_field(&wire.receiver_id, "receiverId")?;
-            let chat_id = id_field(&wire.chat_id, "chatId")?;
+            let (receiver_id, chat_id, group) = addressee(&wire)?;
             let typing = match wire.content.as_deref() {
                 Some("typing") => true,
                 Some("stop_typing") => false,
@@ -282,6 +296,7 @@ pub fn parse_client_frame(text: &str, ctx: ParseContext<'_>) -> Result<ClientFra
                 receiver_id,
                 chat_id,
                 typing,
+                group,
             })
         }
         other => Err(with_temp(FrameError::new(
@@ -378,6 +393,38 @@ fn user_field(value: &Option<Cow<'_, str>>, name: &str) -> Result<String, FrameE
     Ok(v.to_owned())
 }
 
+/// Who a chat message or typing is for: a user (`receiverId`, in chat `chatId`), or a group
+/// (`groupId`, which is also the chat's id). Answers (receiver, chat, is a group).
+fn addressee(wire: &Wire<'_>) -> Result<(String, String, bool), FrameError> {
+    if wire.group_id.is_none() {
+        let receiver_id = user_field(&wire.receiver_id, "receiverId")?;
+        return Ok((receiver_id, id_field(&wire.chat_id, "chatId")?, false));
+    }
+    if wire.receiver_id.is_some() {
+        return Err(FrameError::new(
+            ErrorCode::InvalidField,
+            "give receiverId (a user) or groupId (a group), not both",
+        ));
+    }
+    let group_id = required(&wire.group_id, "groupId")?;
+    if !is_valid_user_id(group_id) {
+        return Err(FrameError::new(
+            ErrorCode::InvalidField,
+            format!(
+                "`groupId` {:?} is not a group id ([A-Za-z0-9_.:@-]{{1,64}})",
+                truncate(group_id, 80)
+            ),
+        ));
+    }
+    if wire.chat_id.as_deref().is_some_and(|c| c != group_id) {
+        return Err(FrameError::new(
+            ErrorCode::InvalidField,
+            "a group's chatId is its groupId; omit chatId or give the same",
+        ));
+    }
+    Ok((group_id.to_owned(), group_id.to_owned(), true))
+}
+
 fn id_field(value: &Option<Cow<'_, str>>, name: &str) -> Result<String, FrameError> {
     let v = required(value, name)?;
     check_id(v, name)?;
@@ -460,7 +507,10 @@ pub enum ServerFrame<'a> {
     ChatMessage {
         message_id: &'a str,
         sender_id: &'a str,
+        /// The receiver, or the group (as `groupId` too).
         receiver_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        group_id: Option<&'a str>,
         chat_id: &'a str,
         content: &'a str,
         timestamp: i64,
@@ -498,6 +548,9 @@ pub enum ServerFrame<'a> {
     },
     Typing {
         sender_id: &'a str,
+        /// Typing in a group: its id (also the `chatId`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        group_id: Option<&'a str>,
         chat_id: &'a str,
         content: &'a str,
     },
@@ -596,6 +649,22 @@ mod tests {
                 chat_id: "c1".into(),
                 content: "hi".into(),
                 temp_message_id: Some("t1".into()),
+                group: false,
+            })
+        );
+        // To a group: its id is the chat's.
+        assert_eq!(
+            parse_client_frame(
+                r#"{"type":"CHAT_MESSAGE","groupId":"team","content":"hi"}"#,
+                CTX
+            )
+            .unwrap(),
+            ClientFrame::Chat(ChatSend {
+                receiver_id: "team".into(),
+                chat_id: "team".into(),
+                content: "hi".into(),
+                temp_message_id: None,
+                group: true,
             })
         );
         assert_eq!(
@@ -623,7 +692,48 @@ mod tests {
             ClientFrame::Typing {
                 receiver_id: "bob".into(),
                 chat_id: "c1".into(),
-                typing: false
+                typing: false,
+                group: false,
+            }
+        );
+    }
+
+    #[test]
+    fn a_group_frame_names_the_group_and_nothing_else() {
+        let refused = [
+            (
+                r#"{"type":"CHAT_MESSAGE","groupId":"g","receiverId":"bob","content":"x"}"#,
+                "not both",
+            ),
+            (
+                r#"{"type":"CHAT_MESSAGE","groupId":"g","chatId":"other","content":"x"}"#,
+                "groupId",
+            ),
+            (
+                r#"{"type":"CHAT_MESSAGE","groupId":"g h","content":"x"}"#,
+                "group id",
+            ),
+            (
+                r#"{"type":"TYPING","groupId":"g","receiverId":"bob","content":"typing"}"#,
+                "not both",
+            ),
+        ];
+        for (frame, why) in refused {
+            let e = parse_client_frame(frame, CTX).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidField, "{frame}");
+            assert!(e.message.contains(why), "{frame}: {}", e.message);
+        }
+        assert_eq!(
+            parse_client_frame(
+                r#"{"type":"TYPING","groupId":"g","chatId":"g","content":"typing"}"#,
+                CTX
+            )
+            .unwrap(),
+            ClientFrame::Typing {
+                receiver_id: "g".into(),
+                chat_id: "g".into(),
+                typing: true,
+                group: true,
             }
         );
     }

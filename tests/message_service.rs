@@ -81,6 +81,19 @@ async fn history_is_the_same_in_every_store_and_over_grpc() {
 }
 
 #[tokio::test]
+async fn groups_are_the_same_in_every_store_and_over_grpc() {
+    use chatd::store::{GrpcStore, MemoryStore};
+    use common::groups::group_contract;
+    group_contract(&MemoryStore::new(1000, 1000)).await;
+    for backend in ["memory", "redis"] {
+        let service = message_service("127.0.0.1:0", backend);
+        let url = format!("grpc://{}", service.addr);
+        let store = GrpcStore::new(&[url], std::time::Duration::from_secs(5), 2).unwrap();
+        group_contract(&store).await;
+    }
+}
+
+#[tokio::test]
 async fn a_dead_message_service_is_an_error_to_the_sender_and_degraded_health_until_it_returns() {
     let mut service = message_service("127.0.0.1:0", "memory");
     let addr = service.addr.clone();

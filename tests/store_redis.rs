@@ -25,6 +25,7 @@ fn message(id: &str, from: &str, to: &str, temp: Option<&str>) -> NewMessage {
         content: format!("content of {id}"),
         timestamp: 1,
         temp_message_id: temp.map(String::from),
+        group: false,
     }
 }
 
@@ -134,6 +135,11 @@ async fn a_trimmed_or_expired_inbox_says_what_it_no_longer_keeps() {
 #[tokio::test]
 async fn history_pages_back_through_a_chat_only_for_its_members() {
     common::history::history_contract(&store(600, 100)).await;
+}
+
+#[tokio::test]
+async fn groups_place_a_message_in_every_members_inbox() {
+    common::groups::group_contract(&store(600, 100)).await;
 }
 
 /// A history is capped like an inbox, and forgets what expired: a page ends at the first

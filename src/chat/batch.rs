@@ -46,10 +46,13 @@ struct Stored {
     /// Stored now (not a retry of a stored one).
     fresh: bool,
     permit: OwnedSemaphorePermit,
+    /// Where its targets are in [`Routed::reach`]: the sender's other devices first, then
+    /// the receiver (none for a note to self), or each receiving member of a group.
+    targets: std::ops::Range<usize>,
 }
 
-/// A routed batch: its messages (each with two targets: receiver, then the sender's other
-/// devices), how far each target got so far, and the envelopes still on their way.
+/// A routed batch: its messages and their targets, how far each target got so far, and the
+/// envelopes still on their way.
 struct Routed {
     stored: Vec<Stored>,
     reach: Vec<Reach>,
@@ -117,16 +120,27 @@ impl Node {
             self.backends.store.save_batch(messages),
             self.backends.presence.devices_many(&user_refs)
         );
-        let devices = match devices {
-            Ok(d) => Some(d),
-            Err(e) => {
-                // Local delivery happens regardless; other nodes' devices catch up from the
-                // store at their next heartbeat.
-                self.metrics.presence_failures.inc();
-                tracing::warn!("presence lookup failed: {e}");
-                None
+        let mut devices = self.found(devices);
+        // A group's members are known once it is saved (the store read them): one more
+        // presence call for those the batch did not hold yet.
+        let known = users.len();
+        for s in saved.iter().flatten() {
+            let (SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m)) = s;
+            for (u, _) in &m.member_seqs {
+                if !index.contains_key(u) {
+                    index.insert(u.clone(), users.len());
+                    users.push(u.clone());
+                }
             }
-        };
+        }
+        if users.len() > known {
+            let more: Vec<&str> = users[known..].iter().map(String::as_str).collect();
+            let found = self.found(self.backends.presence.devices_many(&more).await);
+            devices = devices.zip(found).map(|(mut d, more)| {
+                d.extend(more);
+                d
+            });
+        }
         // Per target, not a scan of the batch's users (a batch has up to 512).
         let index: foldhash::HashMap<&str, usize> = users
             .iter()
@@ -144,9 +158,7 @@ impl Node {
                 Ok(SaveOutcome::Saved(m)) => (m, true),
                 Ok(SaveOutcome::Duplicate(m)) => (m, false),
                 Err(e) => {
-                    self.metrics.store_failures.inc();
-                    tracing::error!(user = %from.user_id, "store refused a message: {e}");
-                    self.refuse(from, permit, temp, &e.to_string());
+                    self.refuse(from, permit, temp, &e);
                     continue;
                 }
             };
@@ -158,31 +170,43 @@ impl Node {
                 message,
                 fresh,
                 permit,
+                targets: 0..0,
             });
         }
 
         // A retry of a stored message is delivered again too: its first delivery may have
         // been cut short (the node died between store and publish). Devices that had it drop
         // it by its seq, so nobody gets it twice.
-        let mut reach = vec![Reach::default(); stored.len() * 2];
+        let mut reach = Vec::with_capacity(stored.len() * 2);
         let mut outgoing = Outgoing::default();
-        for (i, s) in stored.iter().enumerate() {
+        for s in stored.iter_mut() {
             let m = &s.message.message;
             // The sender's other devices get a copy at its place in the sender's inbox; a
             // note to self reaches the user's other devices once, as that copy.
-            let copy =
-                Target::chat(m, &m.sender_id, s.message.sender_seq).except(&s.from.connection_id);
-            let receiver = (m.receiver_id != m.sender_id)
-                .then(|| Target::chat(m, &m.receiver_id, s.message.receiver_seq));
-            for (slot, t) in [(2 * i, receiver.as_ref()), (2 * i + 1, Some(&copy))] {
-                let Some(t) = t else { continue };
-                reach[slot].local = self.deliver_local(
+            let mut targets =
+                vec![Target::chat(m, &m.sender_id, s.message.sender_seq)
+                    .except(&s.from.connection_id)];
+            if m.group {
+                targets.extend(
+                    (s.message.member_seqs.iter()).map(|(u, seq)| Target::chat(m, u, *seq)),
+                );
+            } else if m.receiver_id != m.sender_id {
+                targets.push(Target::chat(m, &m.receiver_id, s.message.receiver_seq));
+            }
+            s.targets = reach.len()..reach.len() + targets.len();
+            for t in &targets {
+                let slot = reach.len();
+                let local = self.deliver_local(
                     t.user_id,
                     || t.frame().clone(),
                     FrameKind::Chat,
                     t.except,
                     t.seq,
                 );
+                reach.push(Reach {
+                    local,
+                    ..Reach::default()
+                });
                 if let Some(devices) = devices_of(t.user_id) {
                     outgoing.add(&self.node_id, slot, t, devices);
                 }
@@ -196,19 +220,36 @@ impl Node {
         }
     }
 
-    /// A message the store refused: the sender is told, with its `tempMessageId`.
+    /// The devices presence found, or `None` (counted and logged) when it failed: local
+    /// delivery happens regardless; other nodes' devices catch up from the store at their
+    /// next heartbeat.
+    fn found<T>(&self, devices: Result<T, crate::presence::PresenceError>) -> Option<T> {
+        devices
+            .inspect_err(|e| {
+                self.metrics.presence_failures.inc();
+                tracing::warn!("presence lookup failed: {e}");
+            })
+            .ok()
+    }
+
+    /// A message the store refused: the sender is told why, with its `tempMessageId`.
     fn refuse(
         &self,
         from: SessionHandle,
         permit: OwnedSemaphorePermit,
         temp_message_id: Option<String>,
-        why: &str,
+        why: &crate::store::StoreError,
     ) {
+        let code = self.store_error_code(why);
+        let message = if code == ErrorCode::StoreUnavailable {
+            tracing::error!(user = %from.user_id, "store refused a message: {why}");
+            format!("message not sent, the store failed ({why}); retry with the same tempMessageId")
+        } else {
+            format!("message not sent: {why}")
+        };
         let e = FrameError {
-            code: ErrorCode::StoreUnavailable,
-            message: format!(
-                "message not sent, the store failed ({why}); retry with the same tempMessageId"
-            ),
+            code,
+            message,
             temp_message_id,
             missed: None,
         };
@@ -218,21 +259,39 @@ impl Node {
     /// Acks every message of a settled batch, in order; wakes receivers no device got.
     fn acknowledge(&self, routed: Routed) {
         let mut offline = Vec::new();
-        for (i, s) in routed.stored.into_iter().enumerate() {
+        for s in routed.stored {
             let m = &s.message.message;
-            // The receiver's reach; a note to self counts where the copy went.
-            let to = if m.receiver_id == m.sender_id {
-                routed.reach[2 * i + 1]
+            let reach = &routed.reach[s.targets.clone()];
+            // The receivers' reach (any member's, in a group); a note to self counts where
+            // the copy went.
+            let (copy, receivers) = reach.split_first().unwrap_or((&Reach::ZERO, &[]));
+            let to = if receivers.is_empty() {
+                std::slice::from_ref(copy)
             } else {
-                routed.reach[2 * i]
+                receivers
             };
-            let route = Route::from_parts(to.local > 0, to.remote_nodes > 0);
-            let remote_failed =
-                routed.reach[2 * i].failed_nodes + routed.reach[2 * i + 1].failed_nodes;
-            // No device got it (none online, or the publish to their node failed): the
-            // receiver must be woken up; the message waits in the store.
-            if s.fresh && route == Route::Offline {
-                offline.push(m.clone());
+            let route = Route::from_parts(
+                to.iter().any(|r| r.local > 0),
+                to.iter().any(|r| r.remote_nodes > 0),
+            );
+            let remote_failed = reach.iter().map(|r| r.failed_nodes).sum();
+            // A receiver no device got it to (none online, or the publish to their node
+            // failed) must be woken up; the message waits in the store.
+            if s.fresh {
+                let users = if m.group {
+                    s.message
+                        .member_seqs
+                        .iter()
+                        .map(|(u, _)| u.as_str())
+                        .collect()
+                } else {
+                    vec![m.receiver_id.as_str()]
+                };
+                for (user, r) in users.into_iter().zip(receivers) {
+                    if r.local == 0 && r.remote_nodes == 0 {
+                        offline.push((user.to_string(), m.clone()));
+                    }
+                }
             }
             self.metrics.count_route(route);
             let ack: Utf8Bytes = ServerFrame::MessageAck {
@@ -250,8 +309,8 @@ impl Node {
         if !offline.is_empty() {
             if let Some(node) = self.me.upgrade() {
                 tokio::spawn(async move {
-                    for m in &offline {
-                        node.offline_push(m).await;
+                    for (user, m) in &offline {
+                        node.offline_push(user, m).await;
                     }
                 });
             }

@@ -47,7 +47,7 @@ impl Node {
             .store
             .fetch_chat(user_id, chat_id, before, limit)
             .await
-            .map_err(|e| FrameError::new(self.store_error_code(&e), e.to_string()))?;
+            .map_err(|e| self.store_refusal(&e))?;
         Ok(history_frame(chat_id, &page))
     }
 

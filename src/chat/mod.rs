@@ -179,6 +179,7 @@ impl Node {
             chat_id,
             content,
             temp_message_id,
+            group,
         } = send;
         // Most content passes untouched: keep the parsed string rather than copy it.
         let content = match self.moderator.check(&content) {
@@ -203,6 +204,7 @@ impl Node {
             content,
             timestamp,
             temp_message_id,
+            group,
         };
         let pending = batch::Pending {
             from: from.clone(),
@@ -244,17 +246,29 @@ impl Node {
             vec![Target::ready(
                 &m.sender_id,
                 receipt.seq,
-                route::receipt_frame(m, receipt.seq),
+                route::receipt_frame(m, &receipt.reader_id, receipt.seq),
             )],
         )
         .await;
+    }
+
+    /// A store's refusal as a client gets it (frame or REST); a store that failed is counted.
+    pub fn store_refusal(&self, e: &StoreError) -> FrameError {
+        FrameError::new(self.store_error_code(e), e.to_string())
     }
 
     /// The error code a client gets for a store's refusal; a store that failed is counted.
     fn store_error_code(&self, e: &StoreError) -> ErrorCode {
         match e {
             StoreError::UnknownMessage(..) => ErrorCode::UnknownMessage,
-            StoreError::NotReceiver(_) | StoreError::NotMember(..) => ErrorCode::Forbidden,
+            StoreError::NotReceiver(_)
+            | StoreError::NotMember(..)
+            | StoreError::NotInGroup(..)
+            | StoreError::NotAdmin(..) => ErrorCode::Forbidden,
+            StoreError::NoSuchGroup(_) => ErrorCode::UnknownGroup,
+            StoreError::GroupExists(_) => ErrorCode::GroupExists,
+            StoreError::GroupFull(..) => ErrorCode::GroupFull,
+            StoreError::LastAdmin(..) => ErrorCode::LastAdmin,
             StoreError::Unavailable(_) | StoreError::Redis(_) => {
                 self.metrics.store_failures.inc();
                 ErrorCode::StoreUnavailable
@@ -262,25 +276,52 @@ impl Node {
         }
     }
 
-    /// `TYPING`: to every device of the receiver, on any node; never stored.
+    /// `TYPING`: to every device of the receiver (or of every other member of the group),
+    /// on any node; never stored.
     pub async fn handle_typing(
         &self,
         from: &SessionHandle,
         receiver_id: &str,
         chat_id: &str,
         typing: bool,
+        group: bool,
     ) {
         let frame: Utf8Bytes = ServerFrame::Typing {
             sender_id: &from.user_id,
+            group_id: group.then_some(receiver_id),
             chat_id,
             content: if typing { "typing" } else { "stop_typing" },
         }
         .encode()
         .into();
-        self.fan_out(
-            FrameKind::Typing,
-            vec![Target::ready(receiver_id, 0, frame)],
-        )
-        .await;
+        let members;
+        let receivers: Vec<&str> = if group {
+            members = match self
+                .backends
+                .store
+                .members(receiver_id, &from.user_id)
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    let code = self.store_error_code(&e);
+                    return self
+                        .reply_error(from, &FrameError::new(code, e.to_string()))
+                        .await;
+                }
+            };
+            members
+                .iter()
+                .map(|m| m.user_id.as_str())
+                .filter(|u| *u != from.user_id.as_ref())
+                .collect()
+        } else {
+            vec![receiver_id]
+        };
+        let targets = receivers
+            .into_iter()
+            .map(|u| Target::ready(u, 0, frame.clone()))
+            .collect();
+        self.fan_out(FrameKind::Typing, targets).await;
     }
 }

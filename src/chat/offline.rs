@@ -6,12 +6,13 @@ use super::Node;
 use crate::bus::OfflinePush;
 
 impl Node {
-    /// The receiver has no device online: wake them through the offline-push sink. Within
-    /// `server.offline_push_window_ms`, messages of one chat make one event (with their
-    /// count) when the window ends, and none if the user came back meanwhile.
-    pub(super) async fn offline_push(&self, m: &crate::store::NewMessage) {
+    /// `user_id` (the receiver, or a member of the group) has no device online: wake them
+    /// through the offline-push sink. Within `server.offline_push_window_ms`, messages of one
+    /// chat make one event (with their count) when the window ends, and none if the user came
+    /// back meanwhile.
+    pub(super) async fn offline_push(&self, user_id: &str, m: &crate::store::NewMessage) {
         let event = OfflinePush {
-            user_id: m.receiver_id.clone(),
+            user_id: user_id.to_string(),
             sender_id: m.sender_id.clone(),
             chat_id: m.chat_id.clone(),
             message_id: m.message_id.clone(),
@@ -22,7 +23,7 @@ impl Node {
         if window == 0 {
             return self.emit_offline_push(event).await;
         }
-        let key = (m.receiver_id.clone(), m.chat_id.clone());
+        let key = (user_id.to_string(), m.chat_id.clone());
         match self.pending_pushes.entry(key.clone()) {
             dashmap::Entry::Occupied(mut open) => {
                 let pending = open.get_mut();

@@ -26,6 +26,7 @@ pub fn chat_frame(m: &NewMessage, seq: u64, for_user: &str) -> Utf8Bytes {
         message_id: &m.message_id,
         sender_id: &m.sender_id,
         receiver_id: &m.receiver_id,
+        group_id: m.group.then_some(m.receiver_id.as_str()),
         chat_id: &m.chat_id,
         content: &m.content,
         timestamp: m.timestamp,
@@ -40,12 +41,13 @@ pub fn chat_frame(m: &NewMessage, seq: u64, for_user: &str) -> Utf8Bytes {
     .into()
 }
 
-/// A read receipt as the devices of the message's sender see it.
-pub fn receipt_frame(m: &NewMessage, seq: u64) -> Utf8Bytes {
+/// A read receipt as the devices of the message's sender see it: `reader_id` read it (the
+/// receiver, or a member of its group).
+pub fn receipt_frame(m: &NewMessage, reader_id: &str, seq: u64) -> Utf8Bytes {
     ServerFrame::ReadReceipt {
         chat_id: &m.chat_id,
         message_id: &m.message_id,
-        reader_id: &m.receiver_id,
+        reader_id,
         seq,
     }
     .encode()
@@ -123,6 +125,14 @@ pub(super) struct Reach {
     pub remote_nodes: usize,
     /// Nodes holding a device of this target that the publish failed for.
     pub failed_nodes: usize,
+}
+
+impl Reach {
+    pub const ZERO: Reach = Reach {
+        local: 0,
+        remote_nodes: 0,
+        failed_nodes: 0,
+    };
 }
 
 /// Envelopes under construction: for each other node, its recipients and the targets (by

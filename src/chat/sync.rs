@@ -42,7 +42,9 @@ const FETCH_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::
 fn entry_frame(entry: &InboxEntry, user_id: &str) -> Utf8Bytes {
     match entry.kind {
         EntryKind::Message => route::chat_frame(&entry.message.message, entry.seq, user_id),
-        EntryKind::Receipt => route::receipt_frame(&entry.message.message, entry.seq),
+        EntryKind::Receipt => {
+            route::receipt_frame(&entry.message.message, &entry.reader_id, entry.seq)
+        }
     }
 }
 

@@ -368,6 +368,11 @@ pub struct StoreConfig {
     /// Each user's inbox keeps at most this many newest entries; a device whose cursor is
     /// older gets `SYNC_TOO_OLD`.
     pub inbox_max_entries: usize,
+    /// Most members of a group. Each member gets its own copy of every group message (a
+    /// place in its inbox, a copy, a history entry): above this, fan-out on write costs too
+    /// much per message, and an audience that large is a channel (fan-out on read), which
+    /// chatd does not have.
+    pub group_max_members: usize,
     /// gRPC store: deadline of one call.
     pub timeout_ms: u64,
     /// gRPC store: further attempts after a transient failure (saves are idempotent).
@@ -428,6 +433,7 @@ impl Default for StoreConfig {
             memory_max_messages: 100_000,
             retention_secs: 7 * 24 * 3600,
             inbox_max_entries: 10_000,
+            group_max_members: 1000,
             timeout_ms: 2000,
             retries: 2,
             wait_replicas: 0,

@@ -193,6 +193,12 @@ impl Config {
         if self.store.inbox_max_entries == 0 {
             bad("store.inbox_max_entries", "must be at least 1".into());
         }
+        if !(2..=crate::store::MAX_GROUP_MEMBERS).contains(&self.store.group_max_members) {
+            bad(
+                "store.group_max_members",
+                format!("must be 2 to {}", crate::store::MAX_GROUP_MEMBERS),
+            );
+        }
         if self.auth.mode == AuthMode::Token && self.auth.secret.len() < 32 {
             bad(
                 "auth.secret",

@@ -5,6 +5,7 @@
 //! ([`SessionTracker`]) and closed by the node itself (1001) before `run` returns.
 
 pub mod cluster;
+mod groups;
 pub mod handshake;
 mod rest;
 mod ws;
@@ -79,6 +80,15 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/chat/online/stats", get(rest::online_stats))
         .route("/api/chat/history/{chat_id}", get(rest::history))
+        .route("/api/groups", axum::routing::post(groups::create))
+        .route(
+            "/api/groups/{group_id}/members",
+            get(groups::list).post(groups::add),
+        )
+        .route(
+            "/api/groups/{group_id}/members/{user_id}",
+            axum::routing::delete(groups::remove),
+        )
         .route("/metrics", get(rest::metrics))
         .route("/api/cluster", get(rest::cluster))
         .route("/", get(rest::chat_page))

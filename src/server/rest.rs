@@ -282,11 +282,14 @@ struct HistoryQuery {
 }
 
 /// A frame error as an HTTP answer: the same code, with the status it means.
-fn refusal(e: &FrameError) -> Response {
+pub(super) fn refusal(e: &FrameError) -> Response {
     use crate::protocol::ErrorCode;
     let status = match e.code {
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-        ErrorCode::UnknownMessage => StatusCode::NOT_FOUND,
+        ErrorCode::UnknownMessage | ErrorCode::UnknownGroup => StatusCode::NOT_FOUND,
+        ErrorCode::GroupExists | ErrorCode::GroupFull | ErrorCode::LastAdmin => {
+            StatusCode::CONFLICT
+        }
         ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_REQUEST,
     };
@@ -307,7 +310,7 @@ pub async fn not_found() -> Response {
         StatusCode::NOT_FOUND,
         "NOT_FOUND",
         "no such path; try /ws/chat?userId=U, /api/chat/health, /api/chat/online/status/U, \
-         /api/chat/online/stats, /api/chat/history/CHAT?userId=U, /api/cluster, / (the chat \
-         page) or /dashboard",
+         /api/chat/online/stats, /api/chat/history/CHAT?userId=U, /api/groups, \
+         /api/groups/GROUP/members, /api/cluster, / (the chat page) or /dashboard",
     )
 }

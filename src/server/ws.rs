@@ -356,8 +356,9 @@ async fn handle_text(
             receiver_id,
             chat_id,
             typing,
+            group,
         }) => {
-            node.handle_typing(handle, &receiver_id, &chat_id, typing)
+            node.handle_typing(handle, &receiver_id, &chat_id, typing, group)
                 .await
         }
     }

@@ -15,8 +15,8 @@ use tonic::{Code, Request, Response, Status};
 use crate::backoff::Backoff;
 
 use super::{
-    ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome,
-    Store, StoreError, StoredMessage, MAX_HISTORY_PAGE, MAX_PAGE,
+    ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, Member, MemberChange, NewMessage,
+    Receipt, Role, SaveOutcome, Store, StoreError, StoredMessage, MAX_HISTORY_PAGE, MAX_PAGE,
 };
 
 /// Generated from `message_service.proto`.
@@ -40,6 +40,15 @@ fn to_pb(m: &StoredMessage) -> pb::ChatMessage {
         read_at: m.read_at.unwrap_or(0),
         receiver_seq: m.receiver_seq,
         sender_seq: m.sender_seq,
+        group: n.group,
+        member_seqs: m
+            .member_seqs
+            .iter()
+            .map(|(u, seq)| pb::MemberSeq {
+                user_id: u.clone(),
+                seq: *seq,
+            })
+            .collect(),
     }
 }
 
@@ -53,10 +62,16 @@ fn from_pb(m: pb::ChatMessage) -> StoredMessage {
             content: m.content,
             timestamp: m.timestamp,
             temp_message_id: (!m.temp_message_id.is_empty()).then_some(m.temp_message_id),
+            group: m.group,
         },
         read_at: (m.read_at != 0).then_some(m.read_at),
         receiver_seq: m.receiver_seq,
         sender_seq: m.sender_seq,
+        member_seqs: m
+            .member_seqs
+            .into_iter()
+            .map(|s| (s.user_id, s.seq))
+            .collect(),
     }
 }
 
@@ -69,6 +84,7 @@ fn entry_to_pb(e: &InboxEntry) -> pb::InboxEntry {
         seq: e.seq,
         kind: kind.into(),
         message: Some(to_pb(&e.message)),
+        reader_id: e.reader_id.clone(),
     }
 }
 
@@ -81,6 +97,7 @@ fn entry_from_pb(e: pb::InboxEntry) -> Option<InboxEntry> {
         seq: e.seq,
         kind,
         message: from_pb(e.message?),
+        reader_id: e.reader_id,
     })
 }
 
@@ -175,7 +192,23 @@ impl GrpcStore {
     /// Runs `call` on each service in turn until one answers, for up to `retries` more
     /// rounds, backing off between rounds. Errors a retry cannot cure (an unknown message, a
     /// refused reader) come back at once.
-    async fn with_retries<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T, StoreError>
+    async fn with_retries<T, F, Fut>(&self, what: &str, call: F) -> Result<T, StoreError>
+    where
+        F: FnMut(MessageServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        self.with_retries_or(what, call, |status, url| from_status(status, url, what))
+            .await
+    }
+
+    /// [`with_retries`](Self::with_retries), with `refused` making the error of an answer a
+    /// retry cannot change.
+    async fn with_retries_or<T, F, Fut>(
+        &self,
+        what: &str,
+        mut call: F,
+        refused: impl Fn(Status, &str) -> StoreError,
+    ) -> Result<T, StoreError>
     where
         F: FnMut(MessageServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
@@ -202,7 +235,7 @@ impl GrpcStore {
                         }
                         last = Some(from_status(status, &service.url, what));
                     }
-                    Err(status) => return Err(from_status(status, &service.url, what)),
+                    Err(status) => return Err(refused(status, &service.url)),
                 }
             }
             let err =
@@ -228,6 +261,61 @@ fn transient(status: &Status) -> bool {
     )
 }
 
+/// A group call's refusal, with the ids the call was about (`by` made it, `user` is the
+/// member it was about).
+fn group_refusal(status: Status, url: &str, group: &str, by: &str, user: &str) -> StoreError {
+    let (g, message) = (group.to_string(), status.message().to_string());
+    match status.code() {
+        Code::NotFound => StoreError::NoSuchGroup(g),
+        Code::AlreadyExists => StoreError::GroupExists(g),
+        Code::ResourceExhausted => StoreError::GroupFull(g, max_in(&message)),
+        Code::FailedPrecondition => StoreError::LastAdmin(user.to_string(), g),
+        // Which of the two users a refusal is about, from the service's own wording of it
+        // (`StoreError`'s messages, the same code on both sides).
+        Code::PermissionDenied if message.contains("not an admin") => {
+            StoreError::NotAdmin(by.to_string(), g)
+        }
+        Code::PermissionDenied if message.starts_with(&format!("user {user:?} is not")) => {
+            StoreError::NotInGroup(user.to_string(), g)
+        }
+        Code::PermissionDenied => StoreError::NotInGroup(by.to_string(), g),
+        _ => from_status(status, url, "group call"),
+    }
+}
+
+/// The cap a `GroupFull` message names ("more than N members"); 0 when it names none.
+fn max_in(message: &str) -> usize {
+    message
+        .split("more than ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn members_from_pb(reply: pb::GroupMembers) -> Vec<Member> {
+    reply
+        .members
+        .into_iter()
+        .map(|m| Member {
+            role: Role::parse(&m.role).unwrap_or(Role::Member),
+            user_id: m.user_id,
+        })
+        .collect()
+}
+
+fn members_to_pb(members: Vec<Member>) -> pb::GroupMembers {
+    pb::GroupMembers {
+        members: members
+            .into_iter()
+            .map(|m| pb::GroupMember {
+                user_id: m.user_id,
+                role: m.role.as_str().to_string(),
+            })
+            .collect(),
+    }
+}
+
 fn from_status(status: Status, url: &str, what: &str) -> StoreError {
     match status.code() {
         Code::NotFound => StoreError::UnknownMessage(status.message().to_string(), String::new()),
@@ -238,25 +326,16 @@ fn from_status(status: Status, url: &str, what: &str) -> StoreError {
 
 #[async_trait]
 impl Store for GrpcStore {
+    /// One `SaveMessages` call of one message: a refusal keeps its kind (`SaveResult.code`).
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, StoreError> {
-        let request = pb::SaveMessageRequest {
-            message: Some(to_pb(&StoredMessage::unsequenced(message))),
-        };
-        let reply = self
-            .with_retries("save", |mut c| {
-                let request = request.clone();
-                async move { c.save_message(Request::new(request)).await }
+        self.save_batch(vec![message])
+            .await
+            .pop()
+            .unwrap_or_else(|| {
+                Err(StoreError::Unavailable(
+                    "MessageService answered no save".into(),
+                ))
             })
-            .await?;
-        let stored = reply
-            .message
-            .map(from_pb)
-            .ok_or_else(|| StoreError::Unavailable("MessageService returned no message".into()))?;
-        Ok(if reply.duplicate {
-            SaveOutcome::Duplicate(stored)
-        } else {
-            SaveOutcome::Saved(stored)
-        })
     }
 
     async fn save_batch(&self, messages: Vec<NewMessage>) -> Vec<Result<SaveOutcome, StoreError>> {
@@ -292,16 +371,26 @@ impl Store for GrpcStore {
         };
         results
             .into_iter()
-            .map(|r| match r.message {
+            .zip(&request.messages)
+            .map(|(r, asked)| match r.message {
                 Some(m) if r.error.is_empty() => Ok(if r.duplicate {
                     SaveOutcome::Duplicate(from_pb(m))
                 } else {
                     SaveOutcome::Saved(from_pb(m))
                 }),
-                _ => Err(StoreError::Unavailable(format!(
-                    "MessageService {} save: {}",
-                    self.url, r.error
-                ))),
+                // A group's refusals keep their kind: the sender is told why, not "retry".
+                _ => Err(match Code::from_i32(r.code) {
+                    Code::NotFound if asked.group => {
+                        StoreError::NoSuchGroup(asked.receiver_id.clone())
+                    }
+                    Code::PermissionDenied if asked.group => {
+                        StoreError::NotInGroup(asked.sender_id.clone(), asked.receiver_id.clone())
+                    }
+                    _ => StoreError::Unavailable(format!(
+                        "MessageService {} save: {}",
+                        self.url, r.error
+                    )),
+                }),
             })
             .collect()
     }
@@ -336,6 +425,7 @@ impl Store for GrpcStore {
         Ok(Receipt {
             message,
             seq: reply.receipt_seq,
+            reader_id: reader_id.to_string(),
         })
     }
 
@@ -431,6 +521,77 @@ impl Store for GrpcStore {
 
     /// Up while any of the services answers (each is asked, at once); down with every
     /// service's answer otherwise.
+    async fn create_group(
+        &self,
+        group_id: &str,
+        creator: &str,
+        members: &[String],
+    ) -> Result<Vec<Member>, StoreError> {
+        let request = pb::CreateGroupRequest {
+            group_id: group_id.to_string(),
+            creator: creator.to_string(),
+            members: members.to_vec(),
+        };
+        let reply = self
+            .with_retries_or(
+                "create group",
+                |mut c| {
+                    let request = request.clone();
+                    async move { c.create_group(Request::new(request)).await }
+                },
+                |status, url| group_refusal(status, url, group_id, creator, creator),
+            )
+            .await?;
+        Ok(members_from_pb(reply))
+    }
+
+    async fn change_member(
+        &self,
+        group_id: &str,
+        by: &str,
+        user_id: &str,
+        change: MemberChange,
+    ) -> Result<Vec<Member>, StoreError> {
+        let request = pb::ChangeMemberRequest {
+            group_id: group_id.to_string(),
+            by: by.to_string(),
+            user_id: user_id.to_string(),
+            change: match change {
+                MemberChange::Add(role) => role.as_str().to_string(),
+                MemberChange::Remove => "remove".to_string(),
+            },
+        };
+        let reply = self
+            .with_retries_or(
+                "change group member",
+                |mut c| {
+                    let request = request.clone();
+                    async move { c.change_member(Request::new(request)).await }
+                },
+                |status, url| group_refusal(status, url, group_id, by, user_id),
+            )
+            .await?;
+        Ok(members_from_pb(reply))
+    }
+
+    async fn members(&self, group_id: &str, asking: &str) -> Result<Vec<Member>, StoreError> {
+        let request = pb::ListMembersRequest {
+            group_id: group_id.to_string(),
+            asking: asking.to_string(),
+        };
+        let reply = self
+            .with_retries_or(
+                "list group members",
+                |mut c| {
+                    let request = request.clone();
+                    async move { c.list_members(Request::new(request)).await }
+                },
+                |status, url| group_refusal(status, url, group_id, asking, asking),
+            )
+            .await?;
+        Ok(members_from_pb(reply))
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         let answers = futures_util::future::join_all(self.services.iter().map(|s| async move {
             let mut client = s.client.clone();
@@ -469,10 +630,16 @@ impl Service {
 
 fn to_status(e: StoreError) -> Status {
     match e {
-        StoreError::UnknownMessage(..) => Status::not_found(e.to_string()),
-        StoreError::NotReceiver(_) | StoreError::NotMember(..) => {
-            Status::permission_denied(e.to_string())
+        StoreError::UnknownMessage(..) | StoreError::NoSuchGroup(_) => {
+            Status::not_found(e.to_string())
         }
+        StoreError::NotReceiver(_)
+        | StoreError::NotMember(..)
+        | StoreError::NotInGroup(..)
+        | StoreError::NotAdmin(..) => Status::permission_denied(e.to_string()),
+        StoreError::GroupExists(_) => Status::already_exists(e.to_string()),
+        StoreError::GroupFull(..) => Status::resource_exhausted(e.to_string()),
+        StoreError::LastAdmin(..) => Status::failed_precondition(e.to_string()),
         StoreError::Unavailable(_) | StoreError::Redis(_) => Status::unavailable(e.to_string()),
     }
 }
@@ -537,17 +704,23 @@ impl MessageService for Service {
                     message: Some(to_pb(&m)),
                     duplicate: false,
                     error: String::new(),
+                    code: 0,
                 },
                 Ok(SaveOutcome::Duplicate(m)) => pb::SaveResult {
                     message: Some(to_pb(&m)),
                     duplicate: true,
                     error: String::new(),
+                    code: 0,
                 },
-                Err(e) => pb::SaveResult {
-                    message: None,
-                    duplicate: false,
-                    error: e.to_string(),
-                },
+                Err(e) => {
+                    let error = e.to_string();
+                    pb::SaveResult {
+                        message: None,
+                        duplicate: false,
+                        code: to_status(e).code().into(),
+                        error,
+                    }
+                }
             })
             .collect();
         Ok(Response::new(pb::SaveMessagesResponse { results }))
@@ -629,6 +802,61 @@ impl MessageService for Service {
         let users: Vec<&str> = r.user_ids.iter().map(String::as_str).collect();
         let latest_seqs = self.store.latest_seqs(&users).await.map_err(to_status)?;
         Ok(Response::new(pb::LatestSeqsResponse { latest_seqs }))
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<pb::CreateGroupRequest>,
+    ) -> Result<Response<pb::GroupMembers>, Status> {
+        let r = request.into_inner();
+        if r.group_id.is_empty() || r.creator.is_empty() {
+            return Err(Status::invalid_argument(
+                "group_id and creator are required",
+            ));
+        }
+        let members = self
+            .store
+            .create_group(&r.group_id, &r.creator, &r.members)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(members_to_pb(members)))
+    }
+
+    async fn change_member(
+        &self,
+        request: Request<pb::ChangeMemberRequest>,
+    ) -> Result<Response<pb::GroupMembers>, Status> {
+        let r = request.into_inner();
+        let change = match r.change.as_str() {
+            "remove" => MemberChange::Remove,
+            role => MemberChange::Add(Role::parse(role).ok_or_else(|| {
+                Status::invalid_argument("change must be \"admin\", \"member\" or \"remove\"")
+            })?),
+        };
+        if r.group_id.is_empty() || r.by.is_empty() || r.user_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "group_id, by and user_id are required",
+            ));
+        }
+        let members = self
+            .store
+            .change_member(&r.group_id, &r.by, &r.user_id, change)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(members_to_pb(members)))
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::GroupMembers>, Status> {
+        let r = request.into_inner();
+        let members = self
+            .store
+            .members(&r.group_id, &r.asking)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(members_to_pb(members)))
     }
 
     async fn health(

@@ -24,8 +24,8 @@ use foldhash::fast::RandomState;
 use foldhash::HashMap;
 
 use super::{
-    ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome,
-    Store, StoreError, StoredMessage, MAX_HISTORY_PAGE, MAX_PAGE,
+    group_roster, ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, Member, MemberChange,
+    NewMessage, Receipt, SaveOutcome, Store, StoreError, StoredMessage, MAX_HISTORY_PAGE, MAX_PAGE,
 };
 use crate::chat::ids::now_ms;
 
@@ -46,7 +46,44 @@ struct SlotState {
     stored: StoredMessage,
     /// The read receipt's place in the sender's inbox, once read.
     receipt_seq: u64,
+    /// A group message: each member that read it, when, and its receipt's place in the
+    /// sender's inbox (`stored.read_at` stays unset: each member has its own).
+    reads: Vec<(String, i64, u64)>,
 }
+
+impl SlotState {
+    /// The message as `user_id` sees it: its own place as `receiver_seq` in a group, and its
+    /// own read time.
+    fn view(&self, user_id: &str) -> StoredMessage {
+        let mut m = self.stored.clone();
+        if m.message.group && m.message.sender_id != user_id {
+            if let Some((_, seq)) = m.member_seqs.iter().find(|(u, _)| u == user_id) {
+                m.receiver_seq = *seq;
+            }
+            m.read_at = self
+                .reads
+                .iter()
+                .find(|(u, ..)| u == user_id)
+                .map(|(_, at, _)| *at);
+        }
+        m
+    }
+
+    /// Everyone whose inbox holds the message.
+    fn users(&self) -> Vec<String> {
+        let m = &self.stored.message;
+        let mut users = vec![m.sender_id.clone()];
+        if m.group {
+            users.extend(self.stored.member_seqs.iter().map(|(u, _)| u.clone()));
+        } else {
+            users.push(m.receiver_id.clone());
+        }
+        users
+    }
+}
+
+/// One place of an inbox: what it holds, and for a group's receipt, the member who read.
+type Entry = (EntryKind, Arc<Slot>, Option<Arc<str>>);
 
 #[derive(Default)]
 struct Shard {
@@ -59,7 +96,7 @@ struct Shard {
 #[derive(Default)]
 struct Inbox {
     latest: u64,
-    entries: VecDeque<(EntryKind, Arc<Slot>)>,
+    entries: VecDeque<Entry>,
 }
 
 impl Inbox {
@@ -74,7 +111,7 @@ impl Inbox {
             || self
                 .entries
                 .front()
-                .is_some_and(|(_, s)| s.evicted.load(Ordering::Relaxed))
+                .is_some_and(|(_, s, _)| s.evicted.load(Ordering::Relaxed))
         {
             self.entries.pop_front();
         }
@@ -93,6 +130,9 @@ pub struct MemoryStore {
     /// Per bucket of users, the highest latest seq of an inbox that was dropped: an inbox
     /// made again starts there, so a device's cursor is never ahead of its user's seqs.
     floors: Vec<AtomicU64>,
+    /// Groups and their members, creator first; kept whatever the message capacity.
+    groups: Mutex<HashMap<String, Vec<Member>>>,
+    group_max_members: usize,
 }
 
 impl MemoryStore {
@@ -105,7 +145,33 @@ impl MemoryStore {
             inboxes: DashMap::default(),
             inbox_max_entries: inbox_max_entries.max(1),
             floors: (0..FLOORS).map(|_| AtomicU64::new(0)).collect(),
+            groups: Mutex::new(HashMap::default()),
+            group_max_members: super::DEFAULT_GROUP_MAX_MEMBERS,
         }
+    }
+
+    /// At most `max` members per group (`store.group_max_members`).
+    pub fn with_group_max_members(self, max: usize) -> Self {
+        Self {
+            group_max_members: max,
+            ..self
+        }
+    }
+
+    /// Who receives a message to group `group_id` from `sender`: every member but it.
+    fn recipients(&self, group_id: &str, sender: &str) -> Result<Vec<String>, StoreError> {
+        let groups = lock(&self.groups);
+        let members = groups
+            .get(group_id)
+            .ok_or_else(|| StoreError::NoSuchGroup(group_id.to_string()))?;
+        if !members.iter().any(|m| m.user_id == sender) {
+            return Err(StoreError::NotInGroup(sender.into(), group_id.into()));
+        }
+        Ok(members
+            .iter()
+            .filter(|m| m.user_id != sender)
+            .map(|m| m.user_id.clone())
+            .collect())
     }
 
     fn shard(&self, message_id: &str) -> &Mutex<Shard> {
@@ -123,12 +189,17 @@ impl MemoryStore {
         self.slot(message_id).map(|s| lock(&s.state).stored.clone())
     }
 
+    /// Gives `slot` the next place in `user_id`'s inbox.
+    fn append(&self, user_id: &str, kind: EntryKind, slot: &Arc<Slot>) -> u64 {
+        self.append_entry(user_id, (kind, slot.clone(), None))
+    }
+
     fn floor(&self, user_id: &str) -> &AtomicU64 {
         &self.floors[self.hasher.hash_one(user_id) as usize % FLOORS]
     }
 
-    /// Gives `slot` the next place in `user_id`'s inbox.
-    fn append(&self, user_id: &str, kind: EntryKind, slot: &Arc<Slot>) -> u64 {
+    /// Gives `entry` the next place in `user_id`'s inbox.
+    fn append_entry(&self, user_id: &str, entry: Entry) -> u64 {
         let mut inbox = match self.inboxes.get_mut(user_id) {
             Some(inbox) => inbox,
             None => self
@@ -140,7 +211,7 @@ impl MemoryStore {
                 }),
         };
         inbox.latest += 1;
-        inbox.entries.push_back((kind, slot.clone()));
+        inbox.entries.push_back(entry);
         inbox.trim(self.inbox_max_entries);
         inbox.latest
     }
@@ -154,6 +225,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[async_trait]
 impl Store for MemoryStore {
     async fn save(&self, message: NewMessage) -> Result<SaveOutcome, StoreError> {
+        // Membership is checked before anything is claimed: a refused send leaves nothing.
+        let recipients = if message.group {
+            self.recipients(&message.receiver_id, &message.sender_id)?
+        } else {
+            Vec::new()
+        };
         let key = message
             .temp_message_id
             .as_ref()
@@ -177,6 +254,7 @@ impl Store for MemoryStore {
             state: Mutex::new(SlotState {
                 stored: StoredMessage::unsequenced(message),
                 receipt_seq: 0,
+                reads: Vec::new(),
             }),
             evicted: AtomicBool::new(false),
         });
@@ -210,36 +288,45 @@ impl Store for MemoryStore {
             evicted
         };
         let m = &state.stored.message;
-        let receiver_seq = self.append(&m.receiver_id, EntryKind::Message, &slot);
-        let sender_seq = if m.sender_id == m.receiver_id {
-            receiver_seq
+        if m.group {
+            // Each member's place, then the sender's (as in the Redis store: a message in
+            // the sender's inbox is one its members have).
+            let member_seqs: Vec<(String, u64)> = recipients
+                .into_iter()
+                .map(|u| {
+                    let seq = self.append(&u, EntryKind::Message, &slot);
+                    (u, seq)
+                })
+                .collect();
+            state.stored.sender_seq = self.append(&m.sender_id, EntryKind::Message, &slot);
+            state.stored.member_seqs = member_seqs;
         } else {
-            self.append(&m.sender_id, EntryKind::Message, &slot)
-        };
-        state.stored.receiver_seq = receiver_seq;
-        state.stored.sender_seq = sender_seq;
+            let receiver_seq = self.append(&m.receiver_id, EntryKind::Message, &slot);
+            let sender_seq = if m.sender_id == m.receiver_id {
+                receiver_seq
+            } else {
+                self.append(&m.sender_id, EntryKind::Message, &slot)
+            };
+            state.stored.receiver_seq = receiver_seq;
+            state.stored.sender_seq = sender_seq;
+        }
         let stored = state.stored.clone();
         drop(state);
         for old in evicted {
             // Copied out so that no slot is locked while the maps below are.
-            let (sender, receiver, temp, id) = {
+            let (users, temp, id) = {
                 let old = lock(&old.state);
                 let m = &old.stored.message;
-                (
-                    m.sender_id.clone(),
-                    m.receiver_id.clone(),
-                    m.temp_message_id.clone(),
-                    m.message_id.clone(),
-                )
+                (old.users(), m.temp_message_id.clone(), m.message_id.clone())
             };
             if let Some(t) = temp {
                 self.idempotency
-                    .remove_if(&(sender.clone(), t), |_, kept| *kept == id);
+                    .remove_if(&(users[0].clone(), t), |_, kept| *kept == id);
             }
             // The inboxes that held it let go of it too (it is mostly at their front), so
             // the store keeps about `capacity` messages however many users there are; an
             // inbox left empty goes.
-            for user in [sender, receiver] {
+            for user in users {
                 // One lookup: trimmed, and dropped when empty. The floor is raised under the
                 // map's lock, before the user can get a new inbox.
                 self.inboxes.remove_if_mut(&user, |_, inbox| {
@@ -265,6 +352,33 @@ impl Store for MemoryStore {
         let slot = self.slot(message_id).ok_or_else(unknown)?;
         let mut state = lock(&slot.state);
         let m = &state.stored.message;
+        if m.group {
+            if m.chat_id != chat_id {
+                return Err(unknown());
+            }
+            if m.sender_id == reader_id {
+                return Err(StoreError::NotReceiver(message_id.to_string()));
+            }
+            if !state.stored.member_seqs.iter().any(|(u, _)| u == reader_id) {
+                return Err(unknown());
+            }
+            let seq = match state.reads.iter().find(|(u, ..)| u == reader_id) {
+                Some((_, _, seq)) => *seq,
+                None => {
+                    let sender = m.sender_id.clone();
+                    let reader: Arc<str> = reader_id.into();
+                    let entry = (EntryKind::Receipt, slot.clone(), Some(reader));
+                    let seq = self.append_entry(&sender, entry);
+                    state.reads.push((reader_id.to_string(), now_ms(), seq));
+                    seq
+                }
+            };
+            return Ok(Receipt {
+                message: state.view(reader_id),
+                seq,
+                reader_id: reader_id.to_string(),
+            });
+        }
         // As in the Redis store, which keeps a message only with its two users: to anyone
         // else it does not exist.
         if m.chat_id != chat_id || (m.sender_id != reader_id && m.receiver_id != reader_id) {
@@ -281,6 +395,7 @@ impl Store for MemoryStore {
         Ok(Receipt {
             message: state.stored.clone(),
             seq: state.receipt_seq,
+            reader_id: reader_id.to_string(),
         })
     }
 
@@ -313,10 +428,20 @@ impl Store for MemoryStore {
         let entries = picked
             .into_iter()
             .enumerate()
-            .map(|(i, (kind, slot))| InboxEntry {
-                seq: first + i as u64,
-                kind,
-                message: lock(&slot.state).stored.clone(),
+            .map(|(i, (kind, slot, reader))| {
+                let state = lock(&slot.state);
+                let message = state.view(user_id);
+                let reader_id = match (kind, reader) {
+                    (EntryKind::Message, _) => String::new(),
+                    (EntryKind::Receipt, Some(r)) => r.to_string(),
+                    (EntryKind::Receipt, None) => message.message.receiver_id.clone(),
+                };
+                InboxEntry {
+                    seq: first + i as u64,
+                    kind,
+                    message,
+                    reader_id,
+                }
             })
             .collect();
         Ok(InboxPage {
@@ -343,8 +468,8 @@ impl Store for MemoryStore {
                 let oldest = inbox.oldest();
                 (oldest..)
                     .zip(inbox.entries.iter())
-                    .filter(|(_, (kind, _))| *kind == EntryKind::Message)
-                    .map(|(seq, (_, slot))| (seq, slot.clone()))
+                    .filter(|(_, (kind, ..))| *kind == EntryKind::Message)
+                    .map(|(seq, (_, slot, _))| (seq, slot.clone()))
                     .collect()
             }
         };
@@ -360,7 +485,7 @@ impl Store for MemoryStore {
                 if state.stored.message.chat_id != chat_id {
                     continue;
                 }
-                state.stored.clone()
+                state.view(user_id)
             };
             member = true;
             if !past_cursor {
@@ -386,6 +511,58 @@ impl Store for MemoryStore {
         Ok(page)
     }
 
+    async fn create_group(
+        &self,
+        group_id: &str,
+        creator: &str,
+        members: &[String],
+    ) -> Result<Vec<Member>, StoreError> {
+        let roster = group_roster(group_id, creator, members, self.group_max_members)?;
+        match lock(&self.groups).entry(group_id.to_string()) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                Err(StoreError::GroupExists(group_id.to_string()))
+            }
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(roster).clone()),
+        }
+    }
+
+    async fn change_member(
+        &self,
+        group_id: &str,
+        by: &str,
+        user_id: &str,
+        change: MemberChange,
+    ) -> Result<Vec<Member>, StoreError> {
+        let mut groups = lock(&self.groups);
+        let members = groups
+            .get_mut(group_id)
+            .ok_or_else(|| StoreError::NoSuchGroup(group_id.to_string()))?;
+        super::apply_change(
+            group_id,
+            members,
+            by,
+            user_id,
+            change,
+            self.group_max_members,
+        )?;
+        let after = members.clone();
+        if after.is_empty() {
+            groups.remove(group_id);
+        }
+        Ok(after)
+    }
+
+    async fn members(&self, group_id: &str, asking: &str) -> Result<Vec<Member>, StoreError> {
+        let groups = lock(&self.groups);
+        let members = groups
+            .get(group_id)
+            .ok_or_else(|| StoreError::NoSuchGroup(group_id.to_string()))?;
+        if !members.iter().any(|m| m.user_id == asking) {
+            return Err(StoreError::NotInGroup(asking.into(), group_id.into()));
+        }
+        Ok(members.clone())
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -408,6 +585,7 @@ mod tests {
             content: "hi".into(),
             timestamp: 1,
             temp_message_id: temp.map(String::from),
+            group: false,
         }
     }
 

@@ -13,6 +13,13 @@
 //! | `chat:{userId}:msg:{messageId}` | hash | the user's copy of a message it sent or received: `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `receiverSeq`, `senderSeq` (in the sender's copy; the receiver's has only its own seq, but for a note to self), and once read `readAt` (both copies), `receiptSeq` (the sender's) |
 //! | `chat:{userId}:history:{chatId}` | list | the user's history of a chat: the `messageId`s of its messages in that chat, oldest first (in the order of their seqs in the user's inbox); cut to `store.inbox_max_entries` hourly and when read, expiring an hour after the retention of its newest message |
 //! | `chat:{senderId}:idem:{tempMessageId}` | string | the `messageId` stored for that send |
+//! | `chat:{g:groupId}:members` | hash | a group's members: userId → `admin` or `member` (never expires; gone when its last member leaves) |
+//!
+//! A group message is a message whose `receiverId` and `chatId` are the group's id (its copies
+//! carry `group` = `1`): step 2 below runs once per member but the sender, each in the
+//! member's slot (its own seq, copy and history), after the members were read from the
+//! group's slot. A member's receipt takes a place `{seq}:g:{readerId}#{messageId}` in the
+//! sender's inbox, once per member (`receipt:{readerId}` in the sender's copy holds its seq).
 //!
 //! A message touches two users, so two slots: it is saved in three steps, each one script,
 //! atomic in its slot and idempotent:
@@ -45,8 +52,9 @@ use async_trait::async_trait;
 use redis::{FromRedisValue, Script, ScriptInvocation};
 
 use super::{
-    ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, NewMessage, Receipt, SaveOutcome,
-    Store, StoreError, StoredMessage, MAX_HISTORY_PAGE, MAX_PAGE,
+    group_roster, ChatPage, EntryKind, HistoryMessage, InboxEntry, InboxPage, Member, MemberChange,
+    NewMessage, Receipt, Role, SaveOutcome, Store, StoreError, StoredMessage, MAX_HISTORY_PAGE,
+    MAX_PAGE,
 };
 use crate::chat::ids::now_ms;
 use crate::redis_client::{slot, RedisClient};
@@ -81,6 +89,11 @@ pub fn history_key(user_id: &str, chat_id: &str) -> String {
 
 pub fn idempotency_key(sender_id: &str, temp_message_id: &str) -> String {
     user_key(sender_id, &format!("idem:{temp_message_id}"))
+}
+
+/// A group's members, in the group's own slot (`g:` keeps it apart from a user's keys).
+pub fn members_key(group_id: &str) -> String {
+    format!("chat:{{g:{group_id}}}:members")
 }
 
 /// What every script of a save or a receipt shares: ARGV[1] retention ms, ARGV[2] max inbox
@@ -125,6 +138,7 @@ local function write_copy(key, a, sseq, rseq)
   local s = ARGV
   redis.call('HSET', key, 'senderId', s[a + 1], 'receiverId', s[a + 2], 'chatId', s[a + 3],
     'content', s[a + 4], 'timestamp', s[a + 5], 'tempMessageId', s[a + 6], f1, v1, f2, v2)
+  if s[a + 7] == '1' then redis.call('HSET', key, 'group', '1') end
   redis.call('PEXPIRE', key, retention)
 end
 "#;
@@ -157,17 +171,17 @@ end
 return out
 "#;
 
-/// Step 2, in the receiver's slot. KEYS, four per message: receiver's counter, inbox, copy,
-/// history of the chat.
-/// ARGV after the common two, seven per message: messageId, senderId, receiverId, chatId,
-/// content, timestamp, tempMessageId. Answers per message {receiverSeq} when it placed the
+/// Step 2, in the receiver's slot (a group member's, for a group message). KEYS, four per
+/// message: receiver's counter, inbox, copy, history of the chat.
+/// ARGV after the common two, eight per message: messageId, senderId, receiverId, chatId,
+/// content, timestamp, tempMessageId, group ('1' or ''). Answers per message {receiverSeq} when it placed the
 /// message now, or {receiverSeq, field, value, ...} with the copy it found (the step ran
 /// before: that copy is what the sender's step writes too). A note to self is placed once,
 /// its one copy holding both seqs.
 const SAVE_RECEIVER: &str = r#"
 local out = {}
 for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, 3 + i * 7
+  local k, a = i * 4, 3 + i * 8
   local have = redis.call('HGET', KEYS[k + 3], 'receiverSeq')
   if have then
     local reply = {have}
@@ -176,7 +190,8 @@ for i = 0, #KEYS / 4 - 1 do
   else
     local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
     -- The sender's seq is given by the next step, but to a note to self: this one copy.
-    write_copy(KEYS[k + 3], a, ARGV[a + 1] == ARGV[a + 2] and seq or nil, seq)
+    local to_self = ARGV[a + 7] ~= '1' and ARGV[a + 1] == ARGV[a + 2]
+    write_copy(KEYS[k + 3], a, to_self and seq or nil, seq)
     remember(KEYS[k + 4], ARGV[a])
     out[i + 1] = {tostring(seq)}
   end
@@ -186,19 +201,21 @@ return out
 
 /// Step 3, in the sender's slot. KEYS, four per message: sender's counter, inbox, copy,
 /// history of the chat.
-/// ARGV after the common two, eight per message: messageId, senderId, receiverId, chatId,
-/// content, timestamp, tempMessageId, receiverSeq. Answers the senderSeq of each: the existing
-/// copy's when the step ran before.
+/// ARGV after the common two, nine per message: messageId, senderId, receiverId, chatId,
+/// content, timestamp, tempMessageId, group, receiverSeq ('' for a group message: each member
+/// has its own). Answers the senderSeq of each: the existing copy's when the step ran before.
 const SAVE_SENDER: &str = r#"
 local out = {}
 for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, 3 + i * 8
+  local k, a = i * 4, 3 + i * 9
   local have = redis.call('HGET', KEYS[k + 3], 'senderSeq')
   if have then
     out[i + 1] = have
   else
     local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
-    write_copy(KEYS[k + 3], a, seq, ARGV[a + 7])
+    local rseq = ARGV[a + 8]
+    if rseq == '' then rseq = nil end
+    write_copy(KEYS[k + 3], a, seq, rseq)
     remember(KEYS[k + 4], ARGV[a])
     out[i + 1] = tostring(seq)
   end
@@ -209,11 +226,13 @@ return out
 /// A receipt's step 1, in the reader's slot. KEYS: the reader's copy. ARGV after the common
 /// two: chatId, reader, now. Marks the copy read (once) and answers {'ok', field, value,
 /// ...}, or {'unknown'} (no such message in the reader's messages, or another chat), or
-/// {'forbidden'} (the reader sent it).
+/// {'forbidden'} (the reader sent it). In a group, any member but the sender reads its copy.
 const READ_READER: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'chatId', 'receiverId', 'readAt')
+local m = redis.call('HMGET', KEYS[1], 'chatId', 'receiverId', 'readAt', 'group', 'senderId')
 if not m[1] or m[1] ~= ARGV[3] then return {'unknown'} end
-if m[2] ~= ARGV[4] then return {'forbidden'} end
+if m[4] == '1' then
+  if m[5] == ARGV[4] then return {'forbidden'} end
+elseif m[2] ~= ARGV[4] then return {'forbidden'} end
 if not m[3] then redis.call('HSET', KEYS[1], 'readAt', ARGV[5]) end
 local all = redis.call('HGETALL', KEYS[1])
 table.insert(all, 1, 'ok')
@@ -221,10 +240,19 @@ return all
 "#;
 
 /// A receipt's step 2, in the sender's slot. KEYS: the sender's copy, counter, inbox. ARGV
-/// after the common two: messageId, readAt. Gives the receipt a place in the sender's inbox
-/// the first time; answers its seq, or '' when the sender's copy expired.
+/// after the common two: messageId, readAt, reader, group ('1' or ''). Gives the receipt a
+/// place in the sender's inbox the first time (in a group, the first time for this reader);
+/// answers its seq, or '' when the sender's copy expired.
 const READ_SENDER: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
+if ARGV[6] == '1' then
+  local field = 'receipt:' .. ARGV[5]
+  local seq = redis.call('HGET', KEYS[1], field)
+  if seq then return seq end
+  seq = place(KEYS[2], KEYS[3], 'g', ARGV[5] .. '#' .. ARGV[3])
+  redis.call('HSET', KEYS[1], field, seq)
+  return tostring(seq)
+end
 local seq = redis.call('HGET', KEYS[1], 'receiptSeq')
 if seq then return seq end
 seq = place(KEYS[2], KEYS[3], 'r', ARGV[3])
@@ -232,11 +260,55 @@ redis.call('HSET', KEYS[1], 'readAt', ARGV[4], 'receiptSeq', seq)
 return tostring(seq)
 "#;
 
+/// A new group. KEYS: its members. ARGV: creator, then the other members. Answers 'ok', or
+/// 'exists' when the group does.
+const GROUP_CREATE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
+redis.call('HSET', KEYS[1], ARGV[1], 'admin')
+for i = 2, #ARGV do redis.call('HSET', KEYS[1], ARGV[i], 'member') end
+return 'ok'
+"#;
+
+/// A change of one member, by the rules of `store::apply_change`. KEYS: the group's members.
+/// ARGV: by, user, 'admin' or 'member' (add with this role) or 'remove', most members.
+/// Answers 'ok', or what refused it: 'nogroup', 'notmember' (by), 'notadmin', 'gone' (the
+/// user to remove is no member), 'lastadmin', 'full'.
+const GROUP_CHANGE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'nogroup' end
+local by, user, op = ARGV[1], ARGV[2], ARGV[3]
+local by_role = redis.call('HGET', KEYS[1], by)
+if not by_role then return 'notmember' end
+if by_role ~= 'admin' and not (op == 'remove' and by == user) then return 'notadmin' end
+local was = redis.call('HGET', KEYS[1], user)
+local last_admin = false
+if was == 'admin' and redis.call('HLEN', KEYS[1]) > 1 then
+  local admins = 0
+  for _, role in ipairs(redis.call('HVALS', KEYS[1])) do
+    if role == 'admin' then admins = admins + 1 end
+  end
+  last_admin = admins == 1
+end
+if op == 'remove' then
+  if not was then return 'gone' end
+  if last_admin then return 'lastadmin' end
+  redis.call('HDEL', KEYS[1], user)
+  return 'ok'
+end
+if was then
+  if last_admin and op ~= 'admin' then return 'lastadmin' end
+elseif redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then
+  return 'full'
+end
+redis.call('HSET', KEYS[1], user, op)
+return 'ok'
+"#;
+
 /// KEYS: counter, inbox. ARGV: after, limit, the user's message prefix (its copies are in
 /// the same slot), max entries. The inbox is cut to its newest `max` entries (see `keep`) and
 /// entries whose message expired are dropped from the front first, so `oldest` is what can
 /// still be given.
-/// Returns {{oldest, latest}, {seq, kind, messageId, field, value, ...}, ...}.
+/// Returns {{oldest, latest}, {seq, kind, messageId, reader, field, value, ...}, ...}, kind
+/// 'm' (a message), 'r' (a receipt) or 'g' (a group member's receipt, by `reader`).
 const FETCH: &str = r#"
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
 local oldest = latest + 1
@@ -245,6 +317,7 @@ while true do
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
   if #first == 0 then break end
   local id = string.match(first[1], '^%d+:%a:(.*)$')
+  id = string.match(id, '#(.*)$') or id
   if redis.call('EXISTS', ARGV[3] .. id) == 1 then
     oldest = tonumber(first[2])
     break
@@ -256,7 +329,9 @@ if tonumber(ARGV[2]) > 0 then
   local members = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
   for _, member in ipairs(members) do
     local seq, kind, id = string.match(member, '^(%d+):(%a):(.*)$')
-    local entry = {seq, kind, id}
+    local reader = ''
+    if kind == 'g' then reader, id = string.match(id, '^(.-)#(.*)$') end
+    local entry = {seq, kind, id, reader}
     for _, v in ipairs(redis.call('HGETALL', ARGV[3] .. id)) do table.insert(entry, v) end
     table.insert(out, entry)
   end
@@ -318,6 +393,9 @@ pub struct RedisStore {
     read_sender: Script,
     fetch: Script,
     fetch_chat: Script,
+    group_create: Script,
+    group_change: Script,
+    group_max_members: usize,
 }
 
 /// A map of a copy's fields from a flat [field, value, ...] list.
@@ -333,6 +411,7 @@ fn from_fields(message_id: &str, f: &HashMap<String, String>) -> Option<StoredMe
     Some(StoredMessage {
         receiver_seq: seq("receiverSeq"),
         sender_seq: seq("senderSeq"),
+        member_seqs: Vec::new(),
         message: NewMessage {
             message_id: message_id.to_string(),
             sender_id: get("senderId")?,
@@ -341,6 +420,7 @@ fn from_fields(message_id: &str, f: &HashMap<String, String>) -> Option<StoredMe
             content: get("content")?,
             timestamp: get("timestamp")?.parse().ok()?,
             temp_message_id: get("tempMessageId").filter(|t| !t.is_empty()),
+            group: f.get("group").is_some_and(|g| g == "1"),
         },
         read_at: get("readAt").and_then(|r| r.parse().ok()),
     })
@@ -355,27 +435,28 @@ struct Saving {
     fresh: bool,
     /// Every step is done (found whole by the claim, or a note to self after step 2).
     done: bool,
+    /// A group message's receivers: every member but the sender, read before the claim.
+    recipients: Vec<String>,
 }
 
 /// What the claim's `reply` for `message` means.
-fn claimed(message: NewMessage, reply: &[String]) -> Result<Saving, StoreError> {
+fn claimed(saving: &mut Saving, reply: &[String]) -> Result<(), StoreError> {
     let bad = || StoreError::Unavailable(format!("save script answered {reply:?}"));
     match reply {
-        [status, id] if status == "go" => Ok(Saving {
-            fresh: *id == message.message_id,
-            stored: StoredMessage::unsequenced(NewMessage {
-                message_id: id.clone(),
-                ..message
-            }),
-            done: false,
-        }),
-        [status, id, fields @ ..] if status == "dup" => Ok(Saving {
-            stored: from_fields(id, &field_map(fields)).ok_or_else(bad)?,
-            fresh: false,
-            done: true,
-        }),
-        _ => Err(bad()),
+        [status, id] if status == "go" => {
+            saving.fresh = *id == saving.stored.message.message_id;
+            saving.stored.message.message_id.clone_from(id);
+        }
+        [status, id, fields @ ..] if status == "dup" => {
+            saving.stored = from_fields(id, &field_map(fields)).ok_or_else(bad)?;
+            saving.fresh = false;
+            // A group's steps run again (each finds its copy): they answer the members'
+            // places, for the delivery a retry makes again.
+            saving.done = !saving.stored.message.group;
+        }
+        _ => return Err(bad()),
     }
+    Ok(())
 }
 
 /// Where in `savings` the messages are whose save has steps left.
@@ -393,7 +474,8 @@ fn add_message(call: &mut ScriptInvocation<'_>, m: &NewMessage) {
         .arg(&m.chat_id)
         .arg(&m.content)
         .arg(m.timestamp)
-        .arg(m.temp_message_id.as_deref().unwrap_or_default());
+        .arg(m.temp_message_id.as_deref().unwrap_or_default())
+        .arg(if m.group { "1" } else { "" });
 }
 
 impl RedisStore {
@@ -412,7 +494,97 @@ impl RedisStore {
             read_sender: Script::new(&format!("{COMMON}{READ_SENDER}")),
             fetch: Script::new(FETCH),
             fetch_chat: Script::new(FETCH_CHAT),
+            group_create: Script::new(GROUP_CREATE),
+            group_change: Script::new(GROUP_CHANGE),
+            group_max_members: super::DEFAULT_GROUP_MAX_MEMBERS,
         }
+    }
+
+    /// At most `max` members per group (`store.group_max_members`).
+    pub fn with_group_max_members(self, max: usize) -> Self {
+        Self {
+            group_max_members: max,
+            ..self
+        }
+    }
+
+    /// A group's members in order, admins first; `None` when there is no such group.
+    async fn read_members(&self, group_id: &str) -> Result<Option<Vec<Member>>, StoreError> {
+        let key = members_key(group_id);
+        let key = &key;
+        let flat: Vec<String> = self
+            .redis
+            .call("read group members", |mut c| async move {
+                redis::cmd("HGETALL").arg(key).query_async(&mut c).await
+            })
+            .await?;
+        if flat.is_empty() {
+            return Ok(None);
+        }
+        let mut members: Vec<Member> = flat
+            .chunks_exact(2)
+            .map(|p| Member {
+                user_id: p[0].clone(),
+                role: Role::parse(&p[1]).unwrap_or(Role::Member),
+            })
+            .collect();
+        members.sort_by(|a, b| {
+            (a.role != Role::Admin, &a.user_id).cmp(&(b.role != Role::Admin, &b.user_id))
+        });
+        Ok(Some(members))
+    }
+
+    /// Each message as a save to start: a group message with its receivers (every member but
+    /// the sender; each group read once per batch), refused when the group does not exist or
+    /// the sender is no member of it.
+    async fn start(&self, messages: Vec<NewMessage>) -> Vec<Result<Saving, StoreError>> {
+        let mut groups: Vec<&str> = messages
+            .iter()
+            .filter(|m| m.group)
+            .map(|m| m.receiver_id.as_str())
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let rosters: HashMap<String, Result<Option<Vec<Member>>, StoreError>> =
+            futures_util::future::join_all(
+                groups
+                    .into_iter()
+                    .map(|g| async move { (g.to_string(), self.read_members(g).await) }),
+            )
+            .await
+            .into_iter()
+            .collect();
+        messages
+            .into_iter()
+            .map(|m| {
+                let recipients = if m.group {
+                    let (group, sender) = (&m.receiver_id, &m.sender_id);
+                    let members = match rosters.get(group) {
+                        Some(Ok(Some(members))) => members,
+                        Some(Ok(None)) | None => {
+                            return Err(StoreError::NoSuchGroup(group.clone()))
+                        }
+                        Some(Err(e)) => return Err(StoreError::Unavailable(e.to_string())),
+                    };
+                    if !members.iter().any(|x| x.user_id == *sender) {
+                        return Err(StoreError::NotInGroup(sender.clone(), group.clone()));
+                    }
+                    members
+                        .iter()
+                        .filter(|x| x.user_id != *sender)
+                        .map(|x| x.user_id.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                Ok(Saving {
+                    stored: StoredMessage::unsequenced(m),
+                    fresh: true,
+                    done: false,
+                    recipients,
+                })
+            })
+            .collect()
     }
 
     /// A call of `script` with the arguments every save and receipt script starts with.
@@ -444,7 +616,12 @@ impl RedisStore {
     }
 
     /// Step 1 of the module doc for every message: the claims (one call per slot).
-    async fn claims(&self, messages: Vec<NewMessage>) -> Vec<Result<Saving, StoreError>> {
+    async fn claims(&self, savings: &mut [Result<Saving, StoreError>]) {
+        let pending = not_done(savings);
+        let messages: Vec<NewMessage> = pending
+            .iter()
+            .filter_map(|&i| savings[i].as_ref().ok().map(|s| s.stored.message.clone()))
+            .collect();
         let replies: Vec<Result<Vec<String>, StoreError>> = self
             .per_slot(
                 "save messages",
@@ -461,36 +638,47 @@ impl RedisStore {
                 },
             )
             .await;
-        messages
-            .into_iter()
-            .zip(replies)
-            .map(|(m, reply)| reply.and_then(|r| claimed(m, &r)))
-            .collect()
+        for (i, reply) in pending.into_iter().zip(replies) {
+            let result = match &mut savings[i] {
+                Ok(saving) => reply.and_then(|r| claimed(saving, &r)),
+                Err(_) => continue,
+            };
+            if let Err(e) = result {
+                savings[i] = Err(e);
+            }
+        }
     }
 
-    /// Step 2 for every message not done (one call per slot of the receivers).
+    /// Step 2 for every message not done (one call per slot of the receivers): once per
+    /// message, or once per receiving member of a group message.
     async fn receiver_steps(&self, savings: &mut [Result<Saving, StoreError>]) {
-        let pending = not_done(savings);
-        let messages: Vec<NewMessage> = pending
-            .iter()
-            .filter_map(|&i| savings[i].as_ref().ok().map(|s| s.stored.message.clone()))
-            .collect();
+        // (which message, its receiver, the message): one step each.
+        let mut steps: Vec<(usize, String, NewMessage)> = Vec::new();
+        for i in not_done(savings) {
+            let Ok(s) = &savings[i] else { continue };
+            let m = &s.stored.message;
+            if m.group {
+                steps.extend(s.recipients.iter().map(|u| (i, u.clone(), m.clone())));
+            } else {
+                steps.push((i, m.receiver_id.clone(), m.clone()));
+            }
+        }
         let replies: Vec<Result<Vec<String>, StoreError>> = self
             .per_slot(
                 "save messages for their receivers",
                 &self.save_receiver,
-                &messages,
-                |m| slot(&m.receiver_id),
-                |call, m| {
-                    call.key(seq_key(&m.receiver_id))
-                        .key(inbox_key(&m.receiver_id))
-                        .key(message_key(&m.receiver_id, &m.message_id))
-                        .key(history_key(&m.receiver_id, &m.chat_id));
+                &steps,
+                |(_, to, _)| slot(to),
+                |call, (_, to, m)| {
+                    call.key(seq_key(to))
+                        .key(inbox_key(to))
+                        .key(message_key(to, &m.message_id))
+                        .key(history_key(to, &m.chat_id));
                     add_message(call, m);
                 },
             )
             .await;
-        for (i, reply) in pending.into_iter().zip(replies) {
+        for ((i, to, _), reply) in steps.into_iter().zip(replies) {
             let Ok(saving) = &mut savings[i] else {
                 continue;
             };
@@ -510,11 +698,19 @@ impl RedisStore {
                 Ok((seq, found)) => {
                     if let Some(found) = found {
                         // Placed by an earlier attempt: its copy is the message.
-                        saving.stored = found;
+                        let member_seqs = std::mem::take(&mut saving.stored.member_seqs);
+                        saving.stored = StoredMessage {
+                            member_seqs,
+                            ..found
+                        };
                         saving.fresh = false;
                     }
-                    saving.stored.receiver_seq = seq;
                     let m = &saving.stored.message;
+                    if m.group {
+                        saving.stored.member_seqs.push((to, seq));
+                        continue;
+                    }
+                    saving.stored.receiver_seq = seq;
                     if m.sender_id == m.receiver_id {
                         saving.stored.sender_seq = seq;
                         saving.done = true;
@@ -546,7 +742,11 @@ impl RedisStore {
                         .key(message_key(&m.sender_id, &m.message_id))
                         .key(history_key(&m.sender_id, &m.chat_id));
                     add_message(call, m);
-                    call.arg(s.receiver_seq);
+                    if m.group {
+                        call.arg("");
+                    } else {
+                        call.arg(s.receiver_seq);
+                    }
                 },
             )
             .await;
@@ -571,7 +771,8 @@ impl RedisStore {
     /// the tests that retry such a save; nothing else calls it.
     #[doc(hidden)]
     pub async fn save_without_sender_step(&self, message: NewMessage) -> Result<(), StoreError> {
-        let mut savings = self.claims(vec![message]).await;
+        let mut savings = self.start(vec![message]).await;
+        self.claims(&mut savings).await;
         self.receiver_steps(&mut savings).await;
         savings
             .pop()
@@ -595,7 +796,8 @@ impl Store for RedisStore {
     /// claims, the receivers' places, the senders' places. Messages of one sender keep their
     /// order in both inboxes.
     async fn save_batch(&self, messages: Vec<NewMessage>) -> Vec<Result<SaveOutcome, StoreError>> {
-        let mut savings = self.claims(messages).await;
+        let mut savings = self.start(messages).await;
+        self.claims(&mut savings).await;
         self.receiver_steps(&mut savings).await;
         self.sender_steps(&mut savings).await;
         savings
@@ -646,7 +848,9 @@ impl Store for RedisStore {
                 .key(seq_key(sender))
                 .key(inbox_key(sender))
                 .arg(message_id)
-                .arg(message.read_at.unwrap_or(now));
+                .arg(message.read_at.unwrap_or(now))
+                .arg(reader_id)
+                .arg(if message.message.group { "1" } else { "" });
             call
         };
         let seq: String = self
@@ -655,7 +859,11 @@ impl Store for RedisStore {
             .await?;
         // '' when the sender's copy expired: nothing left to tell it about.
         let seq = seq.parse().map_err(|_| unknown())?;
-        Ok(Receipt { message, seq })
+        Ok(Receipt {
+            message,
+            seq,
+            reader_id: reader_id.to_string(),
+        })
     }
 
     async fn fetch(
@@ -690,7 +898,7 @@ impl Store for RedisStore {
             latest: latest.parse().map_err(|_| bad())?,
         };
         for row in rows {
-            let [seq, kind, id, fields @ ..] = row.as_slice() else {
+            let [seq, kind, id, reader, fields @ ..] = row.as_slice() else {
                 return Err(bad());
             };
             let Some(message) = from_fields(id, &field_map(fields)) else {
@@ -698,14 +906,16 @@ impl Store for RedisStore {
                 tracing::warn!(user = user_id, seq = %seq, "inbox entry whose message expired");
                 continue;
             };
+            let (kind, reader_id) = match kind.as_str() {
+                "r" => (EntryKind::Receipt, message.message.receiver_id.clone()),
+                "g" => (EntryKind::Receipt, reader.clone()),
+                _ => (EntryKind::Message, String::new()),
+            };
             page.entries.push(InboxEntry {
                 seq: seq.parse().map_err(|_| bad())?,
-                kind: if kind == "r" {
-                    EntryKind::Receipt
-                } else {
-                    EntryKind::Message
-                },
+                kind,
                 message,
+                reader_id,
             });
         }
         Ok(page)
@@ -754,11 +964,7 @@ impl Store for RedisStore {
             };
             let message = from_fields(id, &field_map(fields)).ok_or_else(bad)?;
             // The user's copy holds its own place: the receiver's, or the sender's.
-            let seq = if message.message.receiver_id == user_id {
-                message.receiver_seq
-            } else {
-                message.sender_seq
-            };
+            let seq = message.seq_of(user_id);
             page.messages.push(HistoryMessage { message, seq });
         }
         Ok(page)
@@ -779,6 +985,78 @@ impl Store for RedisStore {
             })
             .await?;
         Ok(seqs.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    async fn create_group(
+        &self,
+        group_id: &str,
+        creator: &str,
+        members: &[String],
+    ) -> Result<Vec<Member>, StoreError> {
+        let roster = group_roster(group_id, creator, members, self.group_max_members)?;
+        let mut call = self.group_create.prepare_invoke();
+        call.key(members_key(group_id));
+        for m in &roster {
+            call.arg(&m.user_id);
+        }
+        let reply: String = self
+            .redis
+            .write_script("create group", &self.group_create, &call)
+            .await?;
+        match reply.as_str() {
+            "ok" => Ok(roster),
+            "exists" => Err(StoreError::GroupExists(group_id.to_string())),
+            other => Err(StoreError::Unavailable(format!(
+                "group script answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn change_member(
+        &self,
+        group_id: &str,
+        by: &str,
+        user_id: &str,
+        change: MemberChange,
+    ) -> Result<Vec<Member>, StoreError> {
+        let op = match change {
+            MemberChange::Add(role) => role.as_str(),
+            MemberChange::Remove => "remove",
+        };
+        let mut call = self.group_change.prepare_invoke();
+        call.key(members_key(group_id))
+            .arg(by)
+            .arg(user_id)
+            .arg(op)
+            .arg(self.group_max_members);
+        let reply: String = self
+            .redis
+            .write_script("change group member", &self.group_change, &call)
+            .await?;
+        let (g, by, user) = (group_id.to_string(), by.to_string(), user_id.to_string());
+        match reply.as_str() {
+            "ok" => Ok(self.read_members(&g).await?.unwrap_or_default()),
+            "nogroup" => Err(StoreError::NoSuchGroup(g)),
+            "notmember" => Err(StoreError::NotInGroup(by, g)),
+            "gone" => Err(StoreError::NotInGroup(user, g)),
+            "notadmin" => Err(StoreError::NotAdmin(by, g)),
+            "lastadmin" => Err(StoreError::LastAdmin(user, g)),
+            "full" => Err(StoreError::GroupFull(g, self.group_max_members)),
+            other => Err(StoreError::Unavailable(format!(
+                "group script answered {other:?}"
+            ))),
+        }
+    }
+
+    async fn members(&self, group_id: &str, asking: &str) -> Result<Vec<Member>, StoreError> {
+        let members = self
+            .read_members(group_id)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchGroup(group_id.to_string()))?;
+        if !members.iter().any(|m| m.user_id == asking) {
+            return Err(StoreError::NotInGroup(asking.into(), group_id.into()));
+        }
+        Ok(members)
     }
 
     async fn health(&self) -> Result<(), StoreError> {

@@ -14,6 +14,7 @@ fn message(from: &str, to: &str, chat: &str, n: usize) -> NewMessage {
         content: format!("#{n} in {chat}"),
         timestamp: 1_000 + n as i64,
         temp_message_id: Some(unique("t")),
+        group: false,
     }
 }
 

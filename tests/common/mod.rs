@@ -2,6 +2,7 @@
 //! connect real WebSocket clients, and speak plain HTTP to the REST API.
 #![allow(dead_code)]
 
+pub mod groups;
 pub mod history;
 
 use std::net::SocketAddr;
@@ -107,6 +108,26 @@ impl TestNode {
                 .expect("server returned Ok");
         }
     }
+}
+
+/// Sends `method` with a JSON body (`Value::Null`: none) to the node at `addr`: the status
+/// and the body as JSON.
+pub async fn http_send(addr: SocketAddr, method: &str, path: &str, body: &Value) -> (u16, Value) {
+    let method = method.parse().expect("an HTTP method");
+    let json = (!body.is_null()).then(|| body.to_string());
+    let (status, text) = chatd::http::send(
+        &format!("http://{addr}"),
+        method,
+        path,
+        json.as_deref(),
+        WAIT,
+    )
+    .await
+    .expect("HTTP request");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text })),
+    )
 }
 
 /// A minimal HTTP/1.1 GET: status and body. Enough for the REST API and refusals.
