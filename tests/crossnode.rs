@@ -32,7 +32,7 @@ fn every_scenario_passes_on_two_spawned_nodes() {
     );
     assert!(out.status.success());
     assert_eq!(report["passed"], true);
-    assert_eq!(checks.len(), 10, "{checks:#?}");
+    assert_eq!(checks.len(), 11, "{checks:#?}");
     for name in [
         "scenario 1",
         "scenario 2",
@@ -43,6 +43,7 @@ fn every_scenario_passes_on_two_spawned_nodes() {
         "offline",
         "away",
         "history",
+        "group",
     ] {
         assert!(
             checks

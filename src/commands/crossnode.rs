@@ -149,7 +149,7 @@ fn table(checks: &[Check]) -> Table {
     table
 }
 
-const STEPS: usize = 10;
+const STEPS: usize = 11;
 
 /// Records one check: `f` returns the detail on success or the reason on failure.
 async fn check<F, Fut>(checks: &mut Vec<Check>, bar: &ProgressBar, name: &'static str, f: F)
@@ -209,6 +209,71 @@ async fn frame(client: &mut Client, kind: &str) -> Result<Value, String> {
 
 fn chat(to: &str, content: &str, temp: &str) -> Value {
     json!({"type": "CHAT_MESSAGE", "receiverId": to, "chatId": "crossnode", "content": content, "tempMessageId": temp})
+}
+
+/// The query that says who is acting over REST, as a WebSocket would: a token minted from
+/// `secret` in auth mode token, else `userId`.
+fn acting_as(user: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(secret) => format!(
+            "token={}",
+            crate::auth::mint(secret, user, 600, now_ms() / 1000)
+        ),
+        None => format!("userId={user}"),
+    }
+}
+
+/// alice (on node 1) makes a group of bob and dave on node 2 and carol on node 1, sends it two
+/// messages, and each member's device gets the first once, then the second (a repeat of the
+/// first would come between).
+async fn group_scenario(
+    nodes: &[String],
+    secret: Option<&str>,
+    prefix: &str,
+    alice: &mut Client,
+) -> Result<String, String> {
+    let alice_id = format!("{prefix}-alice");
+    let group = format!("{prefix}-group");
+    let members = ["gbob", "gcarol", "gdave"].map(|m| format!("{prefix}-{m}"));
+    let body = json!({"groupId": group, "members": members}).to_string();
+    let path = format!("/api/groups?{}", acting_as(&alice_id, secret));
+    let (status, answer) =
+        crate::http::send(&nodes[0], hyper::Method::POST, &path, Some(&body), WAIT)
+            .await
+            .map_err(|e| e.to_string())?;
+    if status != 201 {
+        return Err(format!("creating the group answered {status}: {answer}"));
+    }
+    let where_ = [&nodes[1], &nodes[0], &nodes[1]];
+    let mut devices = Vec::new();
+    for (member, node) in members.iter().zip(where_) {
+        devices.push((member, connect(node, member, secret).await?));
+    }
+    let mut ids = Vec::new();
+    for (i, content) in ["to the group", "again"].into_iter().enumerate() {
+        let send = json!({"type": "CHAT_MESSAGE", "groupId": group, "content": content, "tempMessageId": format!("xg{i}")});
+        alice.send_json(&send).await.map_err(|e| e.to_string())?;
+        let ack = frame(alice, "MESSAGE_ACK").await?;
+        if i == 0 && ack["route"] != "local+remote" {
+            return Err(format!("route is {} (expected local+remote)", ack["route"]));
+        }
+        ids.push(ack["messageId"].clone());
+    }
+    for (member, device) in &mut devices {
+        for (id, content) in ids.iter().zip(["to the group", "again"]) {
+            let m = frame(device, "CHAT_MESSAGE").await?;
+            if m["messageId"] != *id || m["content"] != content || m["groupId"] != group.as_str() {
+                return Err(format!("{member} expected {content:?} ({id}), got {m}"));
+            }
+        }
+    }
+    for (_, device) in devices {
+        device.close().await;
+    }
+    Ok(
+        "3 members, on node 2, 1, 2: each got 2 messages once, in order (route local+remote)"
+            .into(),
+    )
 }
 
 async fn node_ids(presence: &RedisPresence, user: &str) -> Result<BTreeSet<String>, String> {
@@ -523,6 +588,14 @@ async fn scenarios(
             }
             Ok("5 messages newest first in two pages, FORBIDDEN to a stranger".into())
         },
+    )
+    .await;
+
+    check(
+        &mut checks,
+        bar,
+        "group: members on both nodes get a group message once",
+        || async { group_scenario(nodes, secret, prefix, &mut a).await },
     )
     .await;
 
