@@ -140,14 +140,29 @@ fn line(to: &str, i: usize) -> String {
         .to_string()
 }
 
+/// Message `i` of a stream to group `group`.
+fn group_line(group: &str, i: usize) -> String {
+    json!({"type": "CHAT_MESSAGE", "groupId": group, "content": format!("m{i}"), "tempMessageId": format!("t{i}")})
+        .to_string()
+}
+
 /// Sends `total` messages from `client`, 100 in flight at a time; returns the acked ids in
 /// order.
 async fn stream(client: &mut Client, to: &str, total: usize) -> Vec<String> {
+    stream_lines(client, total, |i| line(to, i)).await
+}
+
+/// [`stream`] of the lines `line` makes.
+async fn stream_lines(
+    client: &mut Client,
+    total: usize,
+    line: impl Fn(usize) -> String,
+) -> Vec<String> {
     let mut acked = Vec::with_capacity(total);
     for start in (1..=total).step_by(100) {
         let end = (start + 99).min(total);
         for i in start..=end {
-            client.send_text(&line(to, i)).await.unwrap();
+            client.send_text(&line(i)).await.unwrap();
         }
         for _ in start..=end {
             let f = client
@@ -365,6 +380,114 @@ async fn killing_the_senders_node_mid_stream_stores_every_message_once() {
     assert_eq!(latest, total as u64, "each message stored once");
     assert_eq!(stored.iter().collect::<BTreeSet<_>>().len(), total);
     expect_silence(&mut receiver).await;
+}
+
+/// A group of `members`, made by `admin` in the store behind the MessageService at `store`.
+async fn group_of(store: &str, admin: &str, members: &[String]) -> String {
+    let store = GrpcStore::new(&[format!("grpc://{store}")], WAIT, 2).unwrap();
+    let group = unique("group");
+    store.create_group(&group, admin, members).await.unwrap();
+    group
+}
+
+/// A group's members on both nodes; the node holding one member's device (a `chatd connect`
+/// that fails over) is SIGKILLed mid-stream: every member still gets every acknowledged
+/// message once, in the order sent, at its own gap-free seqs.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_a_members_node_mid_group_stream_loses_and_repeats_nothing() {
+    let service = message_service("127.0.0.1:0");
+    let mut n1 = node(&unique("dur-g1"), &service.addr);
+    let n2 = node(&unique("dur-g2"), &service.addr);
+    let (a, b, c) = (unique("alice"), unique("bob"), unique("carol"));
+    let group = group_of(&service.addr, &a, &[b.clone(), c.clone()]).await;
+    let bob = Connect::spawn(&b, &[n1.ws(), n2.ws()]);
+    let mut carol = Client::connect(&n2.ws(), &c, WAIT).await.unwrap();
+    until("bob connects to node 1", WAIT, || {
+        bob.count("CONNECTED") == 1
+    })
+    .await;
+
+    let total = 2000;
+    let ws = n2.ws();
+    let to = group.clone();
+    let sender = tokio::spawn(async move {
+        let mut c = Client::connect(&ws, &a, WAIT).await.unwrap();
+        stream_lines(&mut c, total, |i| group_line(&to, i)).await
+    });
+    until("a third of the stream received", LONG, || {
+        bob.count("CHAT_MESSAGE") >= total / 3
+    })
+    .await;
+    n1.kill();
+    let acked = sender.await.unwrap();
+    let mut carol_got = Vec::new();
+    receive(&mut carol, &mut carol_got, total).await;
+    until("bob has everything after the failover", LONG, || {
+        bob.count("CHAT_MESSAGE") >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert!(bob.count("CONNECTED") >= 2, "bob reconnected");
+    for (who, got) in [("bob", bob.of_type("CHAT_MESSAGE")), ("carol", carol_got)] {
+        assert_gap_free(&got, total);
+        let ids: Vec<&str> = got
+            .iter()
+            .map(|f| f["messageId"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids, acked,
+            "{who}: every acknowledged message, once, in the order sent"
+        );
+        assert!(got.iter().all(|f| f["groupId"] == group.as_str()));
+    }
+    expect_silence(&mut carol).await;
+}
+
+/// The sender's node is SIGKILLed mid-stream to a group: saves cut between the members'
+/// steps are completed by the sender's retries (same `tempMessageId`), so every member has
+/// every message once, and the sender's every send is acknowledged in the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_senders_node_mid_group_stream_stores_every_message_once_per_member() {
+    let service = message_service("127.0.0.1:0");
+    let mut n1 = node(&unique("dur-h1"), &service.addr);
+    let n2 = node(&unique("dur-h2"), &service.addr);
+    let (a, b, c) = (unique("alice"), unique("bob"), unique("carol"));
+    let group = group_of(&service.addr, &a, &[b.clone(), c.clone()]).await;
+    let mut bob = Client::connect(&n2.ws(), &b, WAIT).await.unwrap();
+    let mut carol = Client::connect(&n2.ws(), &c, WAIT).await.unwrap();
+    let mut sender = Connect::spawn(&a, &[n1.ws(), n2.ws()]);
+    until("the sender connects to node 1", WAIT, || {
+        sender.count("CONNECTED") == 1
+    })
+    .await;
+
+    let total = 2000;
+    let feeder = sender.feed((1..=total).map(|i| group_line(&group, i)).collect(), 10);
+    let mut bob_got = Vec::new();
+    receive(&mut bob, &mut bob_got, total / 3).await;
+    n1.kill();
+    receive(&mut bob, &mut bob_got, total).await;
+    let mut carol_got = Vec::new();
+    receive(&mut carol, &mut carol_got, total).await;
+    feeder.join().unwrap();
+    let status = tokio::task::block_in_place(|| sender.wait_exit());
+    assert!(
+        status.success(),
+        "every send acknowledged in the end: {status}"
+    );
+    assert!(sender.count("CONNECTED") >= 2, "the sender reconnected");
+
+    for (who, got) in [(&b, bob_got), (&c, carol_got)] {
+        assert_gap_free(&got, total);
+        let contents: BTreeSet<&str> = got.iter().map(|f| f["content"].as_str().unwrap()).collect();
+        assert_eq!(contents.len(), total, "{who}: each message received once");
+        let (latest, stored) = inbox(&service.addr, who).await;
+        assert_eq!(latest, total as u64, "{who}: each message stored once");
+        assert_eq!(stored.iter().collect::<BTreeSet<_>>().len(), total);
+    }
+    expect_silence(&mut bob).await;
+    expect_silence(&mut carol).await;
 }
 
 /// What the sender should see of an outage.
