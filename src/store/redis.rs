@@ -131,14 +131,17 @@ local function remember(history, id)
   keep(history, true)
 end
 local function write_copy(key, a, sseq, rseq)
-  -- One HSET whichever seqs the copy holds: a field named twice is written once.
+  -- One HSET whichever seqs the copy holds and whether it is a group's: a field named twice
+  -- is written once.
+  local s = ARGV
   local f1, v1, f2, v2 = 'senderSeq', sseq, 'receiverSeq', rseq
   if not sseq then f1, v1 = f2, v2 end
   if not rseq then f2, v2 = f1, v1 end
-  local s = ARGV
+  local f3, v3 = f1, v1
+  if s[a + 7] == '1' then f3, v3 = 'group', '1' end
   redis.call('HSET', key, 'senderId', s[a + 1], 'receiverId', s[a + 2], 'chatId', s[a + 3],
-    'content', s[a + 4], 'timestamp', s[a + 5], 'tempMessageId', s[a + 6], f1, v1, f2, v2)
-  if s[a + 7] == '1' then redis.call('HSET', key, 'group', '1') end
+    'content', s[a + 4], 'timestamp', s[a + 5], 'tempMessageId', s[a + 6], f1, v1, f2, v2,
+    f3, v3)
   redis.call('PEXPIRE', key, retention)
 end
 "#;

@@ -120,10 +120,30 @@ fn parse_info(info: &str) -> RedisWork {
     RedisWork { calls, forks }
 }
 
-fn chat_frame(to: &str, n: u64, due_us: u128) -> String {
-    json!({"type": "CHAT_MESSAGE", "receiverId": to, "chatId": "bench",
-        "content": format!("{n}:{due_us}"), "tempMessageId": format!("b{n}")})
-    .to_string()
+/// Who a bench sender writes to: a user (its receiver) or a group.
+#[derive(Clone)]
+pub(super) enum To {
+    User(String),
+    Group(String),
+}
+
+impl To {
+    fn frame(&self, content: &str, temp: &str) -> serde_json::Value {
+        let mut f = json!({"type": "CHAT_MESSAGE", "content": content, "tempMessageId": temp});
+        match self {
+            To::User(u) => {
+                f["receiverId"] = json!(u);
+                f["chatId"] = json!("bench");
+            }
+            To::Group(g) => f["groupId"] = json!(g),
+        }
+        f
+    }
+}
+
+fn chat_frame(to: &To, n: u64, due_us: u128) -> String {
+    to.frame(&format!("{n}:{due_us}"), &format!("b{n}"))
+        .to_string()
 }
 
 fn mark(v: &mut Vec<bool>, n: usize) {
@@ -266,28 +286,33 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.heartbeats {
         return heartbeats(args, &urls[0], run_id, &processes, &redis, spawned).await;
     }
-    let mut pairs = Vec::with_capacity(args.pairs);
-    for i in 0..args.pairs {
+    // Each sender with whom it writes to and the devices that receive it.
+    let mut pairs: Vec<(To, Client, Vec<Client>)> = Vec::with_capacity(args.pairs);
+    if let Some(members) = args.group {
+        pairs.push(super::group::join(&urls, run_id, members).await?);
+    }
+    for i in (0..args.pairs).filter(|_| args.group.is_none()) {
         let to = format!("bench{run_id}-r{i}");
         let sender =
             Client::connect(&urls[0], &format!("bench{run_id}-s{i}"), CONNECT_WAIT).await?;
         let receiver = Client::connect(&urls[1], &to, CONNECT_WAIT).await?;
-        pairs.push((to, sender, receiver));
+        pairs.push((To::User(to), sender, vec![receiver]));
     }
     // One message per pair first, not counted: every path is up (presence written, the
     // producer knows the topic) before the clock starts.
-    let warm = futures_util::future::join_all(pairs.iter_mut().map(|(to, s, r)| async move {
-        let frame = json!({"type": "CHAT_MESSAGE", "receiverId": to, "chatId": "bench",
-            "content": "warm-up", "tempMessageId": "warm-up"});
-        s.send_json(&frame).await?;
+    let warm = futures_util::future::join_all(pairs.iter_mut().map(|(to, s, rs)| async move {
+        s.send_json(&to.frame("warm-up", "warm-up")).await?;
         s.wait_for("MESSAGE_ACK", CONNECT_WAIT, |_| {}).await?;
-        r.wait_for("CHAT_MESSAGE", CONNECT_WAIT, |_| {}).await?;
+        for r in rs {
+            r.wait_for("CHAT_MESSAGE", CONNECT_WAIT, |_| {}).await?;
+        }
         Ok::<_, ClientError>(())
     }))
     .await;
     for w in warm {
-        w.context("the warm-up message did not cross from node A to node B")?;
+        w.context("the warm-up message did not reach every receiver")?;
     }
+    let senders = pairs.len();
 
     let meter = Meter::start(&processes, &redis).await?;
     let started = Instant::now();
@@ -295,17 +320,17 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let delivered = Arc::new(AtomicU64::new(0));
     let pids: Vec<Option<u32>> = processes.iter().map(|p| p.pid).collect();
     let sampler = tokio::spawn(sample(pids, delivered.clone(), end));
-    let mut tasks = Vec::with_capacity(args.pairs);
-    for (to, sender, receiver) in pairs {
+    let mut tasks = Vec::with_capacity(senders);
+    for (to, sender, receivers) in pairs {
         let state = Arc::new(PairState::default());
         let window = Arc::new(Semaphore::new(args.window));
         let Client { writer, reader, .. } = sender;
         let pace = match args.rate {
             Some(rate) => {
-                let every = Duration::from_secs_f64(args.pairs as f64 / rate as f64);
+                let every = Duration::from_secs_f64(senders as f64 / rate as f64);
                 // Pairs out of phase, so that the offered load is smooth rather than all
                 // pairs sending at the same instant.
-                let offset = every.mul_f64(tasks.len() as f64 / args.pairs as f64);
+                let offset = every.mul_f64(tasks.len() as f64 / senders as f64);
                 Pace::Every { every, offset }
             }
             None => Pace::Window(window.clone()),
@@ -318,35 +343,43 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
             end + DRAIN,
             state.clone(),
         ));
-        // A receiver only reads: without heartbeats the node closes it as idle
-        // (`server.idle_timeout_ms`, 90 s) and a long run counts the rest as lost.
-        let every = receiver.heartbeat_interval();
-        let heartbeat = tokio::spawn(keep_alive(receiver.writer, every));
-        let receive = tokio::spawn(receive_loop(
-            receiver.reader,
-            started,
-            end + DRAIN,
-            state,
-            delivered.clone(),
-        ));
-        tasks.push((send, acks, receive, heartbeat));
+        let mut receiving = Vec::with_capacity(receivers.len());
+        for receiver in receivers {
+            // A receiver only reads: without heartbeats the node closes it as idle
+            // (`server.idle_timeout_ms`, 90 s) and a long run counts the rest as lost.
+            let every = receiver.heartbeat_interval();
+            let heartbeat = tokio::spawn(keep_alive(receiver.writer, every));
+            let receive = tokio::spawn(receive_loop(
+                receiver.reader,
+                started,
+                end + DRAIN,
+                state.clone(),
+                delivered.clone(),
+            ));
+            receiving.push((receive, heartbeat));
+        }
+        tasks.push((send, acks, receiving));
     }
+    // One result per receiving device: a group's members share their sender's acks (its
+    // latencies and errors counted once).
     let mut results = Vec::with_capacity(tasks.len());
-    for (send, acks, receive, heartbeat) in tasks {
+    for (send, acks, receiving) in tasks {
         send.await?.context("a sender failed")?;
-        let (acked, ack_latencies, errors) = acks.await?;
-        let (received, latencies, last) = receive.await?;
-        heartbeat.abort();
-        results.push((
-            PairResult {
-                acked,
-                received,
-                latencies,
-                ack_latencies,
-                errors,
-            },
-            last,
-        ));
+        let (acked, mut ack_latencies, mut errors) = acks.await?;
+        for (receive, heartbeat) in receiving {
+            let (received, latencies, last) = receive.await?;
+            heartbeat.abort();
+            results.push((
+                PairResult {
+                    acked: acked.clone(),
+                    received,
+                    latencies,
+                    ack_latencies: std::mem::take(&mut ack_latencies),
+                    errors: std::mem::take(&mut errors),
+                },
+                last,
+            ));
+        }
     }
     let elapsed = results
         .iter()
@@ -359,7 +392,11 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let drift = drift(&sampler.await?, &processes);
 
     let results: Vec<PairResult> = results.into_iter().map(|(r, _)| r).collect();
-    let report = Report::new(&results, elapsed);
+    let mut report = Report::new(&results, elapsed);
+    if let Some(members) = args.group {
+        // Each member counted the sender's acks: the group received each message once.
+        report.acked /= (members - 1).max(1) as u64;
+    }
     report.print(args, &usage.cpu_secs, &usage.calls, usage.forks, &drift)
 }
 
@@ -512,7 +549,7 @@ enum Pace {
 
 async fn send_loop(
     mut writer: ClientWriter,
-    to: String,
+    to: To,
     pace: Pace,
     started: Instant,
     end: Instant,
@@ -768,6 +805,8 @@ impl Report {
                 "offeredPerSec": args.rate,
                 "window": args.rate.is_none().then_some(args.window),
                 "pairs": args.pairs,
+                "groupMembers": args.group,
+                "groupMessagesPerSec": args.group.map(|_| self.acked as f64 / secs),
                 "durationSecs": args.duration,
                 "acked": self.acked,
                 "delivered": self.delivered,
@@ -803,9 +842,26 @@ impl Report {
                     args.window, args.pairs, args.duration
                 ),
             };
+            let load = match args.group {
+                Some(n) => load.replace(
+                    &format!("{} pairs", args.pairs),
+                    &format!("one sender to a group of {n} members"),
+                ),
+                None => load,
+            };
             table.add_row(["load".to_string(), load]);
+            if args.group.is_some() {
+                table.add_row([
+                    "into the group".to_string(),
+                    format!(
+                        "{} messages: {:.0} msg/s",
+                        self.acked,
+                        self.acked as f64 / secs
+                    ),
+                ]);
+            }
             table.add_row([
-                "delivered".to_string(),
+                "delivered (to each member: a delivery)".to_string(),
                 format!("{} in {secs:.2} s: {rate:.0} msg/s", self.delivered),
             ]);
             table.add_row([

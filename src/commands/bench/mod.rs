@@ -5,6 +5,7 @@
 //! connections open, and per connection.
 
 mod cluster;
+mod group;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -64,6 +65,11 @@ pub struct BenchArgs {
     /// send HEARTBEAT (--rate in all a second, default 5000) and wait for the answer
     #[arg(long, requires = "cluster")]
     pub heartbeats: bool,
+    /// With --cluster: one sender (on node A) writes to a group of this many members (the
+    /// sender among them), the others alternately on node B and node A; CPU and Redis figures
+    /// are then per delivery (one message to one member)
+    #[arg(long, requires = "cluster", conflicts_with = "heartbeats", value_parser = clap::value_parser!(u16).range(2..))]
+    pub group: Option<u16>,
     /// With --cluster: seconds of sending
     #[arg(long, default_value_t = 15, requires = "cluster")]
     pub duration: u64,
