@@ -171,6 +171,46 @@ async fn history_in_token_mode_is_only_for_the_tokens_user_if_a_member() {
     node.stop().await;
 }
 
+/// In token mode a group is made and changed as the token's user: its creator is the
+/// token's user, a token cannot act as another (`?userId=`), and no token is 401.
+#[tokio::test]
+async fn groups_in_token_mode_act_as_the_tokens_user() {
+    let node = start(token_config()).await;
+    let group = json!({"groupId": "team", "members": ["bob"]});
+    let as_user = |user: &str| format!("/api/groups?token={}", token(user, 60));
+    let (status, body) = http_send(node.addr, "POST", "/api/groups?userId=alice", &group).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (401, &json!("INVALID_TOKEN")),
+        "{body}"
+    );
+    let mismatch = format!("{}&userId=eve", as_user("alice"));
+    let (status, body) = http_send(node.addr, "POST", &mismatch, &group).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (403, &json!("USER_MISMATCH")),
+        "{body}"
+    );
+    let (status, body) = http_send(node.addr, "POST", &as_user("alice"), &group).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        body["members"][0],
+        json!({"userId": "alice", "role": "admin"})
+    );
+    // bob (a member, not an admin) may not add eve; alice may.
+    let add = |user: &str| format!("/api/groups/team/members?token={}", token(user, 60));
+    let eve = json!({"userId": "eve"});
+    let (status, body) = http_send(node.addr, "POST", &add("bob"), &eve).await;
+    assert_eq!(
+        (status, &body["error"]),
+        (403, &json!("FORBIDDEN")),
+        "{body}"
+    );
+    let (status, body) = http_send(node.addr, "POST", &add("alice"), &eve).await;
+    assert_eq!(status, 200, "{body}");
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn a_session_ends_when_its_token_expires() {
     let node = start(token_config()).await;

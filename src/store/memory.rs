@@ -55,9 +55,18 @@ impl SlotState {
     /// The message as `user_id` sees it: its own place as `receiver_seq` in a group, and its
     /// own read time.
     fn view(&self, user_id: &str) -> StoredMessage {
-        let mut m = self.stored.clone();
+        // Without the members' places (a read gives each user its own, as the Redis store
+        // does): a large group's list is not copied for every entry of every catch-up.
+        let s = &self.stored;
+        let mut m = StoredMessage {
+            message: s.message.clone(),
+            read_at: s.read_at,
+            receiver_seq: s.receiver_seq,
+            sender_seq: s.sender_seq,
+            member_seqs: Vec::new(),
+        };
         if m.message.group && m.message.sender_id != user_id {
-            if let Some((_, seq)) = m.member_seqs.iter().find(|(u, _)| u == user_id) {
+            if let Some((_, seq)) = s.member_seqs.iter().find(|(u, _)| u == user_id) {
                 m.receiver_seq = *seq;
             }
             m.read_at = self
