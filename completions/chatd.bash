@@ -124,7 +124,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__bench)
-            opts="-h -V --url --spawn --pairs --messages --window --idle --cluster --node --rate --heartbeats --duration --profile --config-dir --services-dir --json --help --version"
+            opts="-h -V --url --spawn --pairs --messages --window --idle --cluster --node --rate --heartbeats --group --duration --profile --config-dir --services-dir --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -155,6 +155,10 @@ _chatd() {
                     return 0
                     ;;
                 --rate)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --group)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -532,7 +536,7 @@ _chatd() {
             return 0
             ;;
         chatd__subcmd__send)
-            opts="-h -V --from --to --chat --count --url --token --timeout --json --help --version"
+            opts="-h -V --from --to --group --chat --count --url --token --timeout --json --help --version"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -543,6 +547,10 @@ _chatd() {
                     return 0
                     ;;
                 --to)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --group)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -71,6 +71,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand connect" -s h -l help -d 'Pr
 complete -c chatd -n "__fish_chatd_using_subcommand connect" -s V -l version -d 'Print version'
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l from -d 'Sender user id' -r
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l to -d 'Receiver user id' -r
+complete -c chatd -n "__fish_chatd_using_subcommand send" -l group -d 'A group to send to instead (its id is the chat\'s); the sender must be a member' -r
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l chat -d 'Chat id (default: the two user ids, sorted, joined by _)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l count -d 'How many messages to send (each gets " #i" appended when more than one)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand send" -l url -d 'The node to connect to' -r
@@ -124,6 +125,7 @@ complete -c chatd -n "__fish_chatd_using_subcommand bench" -l window -d 'Message
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l idle -d 'Idle connections to open for the memory figure (with --spawn)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l node -d 'With --cluster: take these two running nodes (senders on the first, receivers on the second) instead of starting two; their CPU time is then not measured' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l rate -d 'With --cluster: offer this many messages a second in all (open loop, latency measured from when each message was due); without it, each sender keeps --window in flight' -r
+complete -c chatd -n "__fish_chatd_using_subcommand bench" -l group -d 'With --cluster: one sender (on node A) writes to a group of this many members (the sender among them), the others alternately on node B and node A; CPU and Redis figures are then per delivery (one message to one member)' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l duration -d 'With --cluster: seconds of sending' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l profile -d 'With --cluster: the profile whose services (Redis, broker, MessageService) the nodes use' -r
 complete -c chatd -n "__fish_chatd_using_subcommand bench" -l config-dir -d 'Directory of the profiles' -r -F

@@ -106,6 +106,43 @@ async fn send_prints_the_id_and_route_and_fails_on_error() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 30);
 
+    // To a group: its members get it; a group the sender is not in is refused.
+    let create = serde_json::json!({"groupId": "g1", "members": ["bob"]});
+    let (status, _) = http_send(node.addr, "POST", "/api/groups?userId=alice", &create).await;
+    assert_eq!(status, 201);
+    let to_group = |from: &str| {
+        strings(&[
+            "send",
+            "--url",
+            &node.ws(),
+            "--from",
+            from,
+            "--group",
+            "g1",
+            "all of us",
+        ])
+    };
+    let out = run_chatd(to_group("alice")).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // (After the 30 of --count above.)
+    let m = loop {
+        let m = expect(&mut bob, "CHAT_MESSAGE").await;
+        if m["groupId"].is_string() {
+            break m;
+        }
+    };
+    assert_eq!(
+        (&m["groupId"], &m["content"]),
+        (&serde_json::json!("g1"), &serde_json::json!("all of us"))
+    );
+    let out = run_chatd(to_group("eve")).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FORBIDDEN"));
+
     // Refused by the server: non-zero with the reason.
     let out = run_chatd(strings(&[
         "send",

@@ -26,10 +26,13 @@ pub struct SendArgs {
     #[arg(long)]
     pub from: String,
     /// Receiver user id
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    pub to: Option<String>,
+    /// A group to send to instead (its id is the chat's); the sender must be a member
     #[arg(long)]
-    pub to: String,
+    pub group: Option<String>,
     /// Chat id (default: the two user ids, sorted, joined by _)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     pub chat: Option<String>,
     /// How many messages to send (each gets " #i" appended when more than one)
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -61,10 +64,11 @@ pub async fn run(args: SendArgs) -> anyhow::Result<()> {
     // No faster than the node accepts (a burst of refusals ends in a close, 1008); a send
     // refused all the same is sent again below.
     client.pace_to_node_limit();
-    let chat = args
-        .chat
-        .clone()
-        .unwrap_or_else(|| default_chat_id(&args.from, &args.to));
+    let chat = match (&args.chat, &args.to) {
+        (Some(chat), _) => chat.clone(),
+        (None, Some(to)) => default_chat_id(&args.from, to),
+        (None, None) => String::new(),
+    };
     let run_id = now_ms();
     let count = args.count as usize;
     let bar = progress(count);
@@ -151,14 +155,20 @@ fn message(args: &SendArgs, chat: &str, n: usize, temp: &str) -> serde_json::Val
     } else {
         args.text.clone()
     };
-    json!({
+    let mut frame = json!({
         "type": "CHAT_MESSAGE",
-        "receiverId": args.to,
-        "chatId": chat,
         "content": content,
         "timestamp": now_ms(),
         "tempMessageId": temp,
-    })
+    });
+    match &args.group {
+        Some(group) => frame["groupId"] = json!(group),
+        None => {
+            frame["receiverId"] = json!(args.to);
+            frame["chatId"] = json!(chat);
+        }
+    }
+    frame
 }
 
 /// Routes and ack latency of a `--count` run, as a table.
