@@ -173,14 +173,7 @@ impl MemoryStore {
         let members = groups
             .get(group_id)
             .ok_or_else(|| StoreError::NoSuchGroup(group_id.to_string()))?;
-        if !members.iter().any(|m| m.user_id == sender) {
-            return Err(StoreError::NotInGroup(sender.into(), group_id.into()));
-        }
-        Ok(members
-            .iter()
-            .filter(|m| m.user_id != sender)
-            .map(|m| m.user_id.clone())
-            .collect())
+        super::group_receivers(group_id, sender, members)
     }
 
     fn shard(&self, message_id: &str) -> &Mutex<Shard> {

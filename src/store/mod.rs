@@ -343,6 +343,23 @@ pub fn group_roster(
     Ok(roster)
 }
 
+/// Who receives a message from `sender` to a group of `members`: every member but the
+/// sender, who must be one.
+pub fn group_receivers(
+    group_id: &str,
+    sender: &str,
+    members: &[Member],
+) -> Result<Vec<String>, StoreError> {
+    if !members.iter().any(|m| m.user_id == sender) {
+        return Err(StoreError::NotInGroup(sender.into(), group_id.into()));
+    }
+    Ok(members
+        .iter()
+        .filter(|m| m.user_id != sender)
+        .map(|m| m.user_id.clone())
+        .collect())
+}
+
 /// Applies `change` by `by` to a group's `members` (the rules of [`MemberChange`]), as every
 /// store does: the in-process store here, the Redis store in its script (`GROUP_CHANGE`).
 pub fn apply_change(

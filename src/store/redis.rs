@@ -569,14 +569,7 @@ impl RedisStore {
                         }
                         Some(Err(e)) => return Err(StoreError::Unavailable(e.to_string())),
                     };
-                    if !members.iter().any(|x| x.user_id == *sender) {
-                        return Err(StoreError::NotInGroup(sender.clone(), group.clone()));
-                    }
-                    members
-                        .iter()
-                        .filter(|x| x.user_id != *sender)
-                        .map(|x| x.user_id.clone())
-                        .collect()
+                    super::group_receivers(group, sender, members)?
                 } else {
                     Vec::new()
                 };
