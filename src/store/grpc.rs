@@ -93,11 +93,17 @@ fn entry_from_pb(e: pb::InboxEntry) -> Option<InboxEntry> {
         pb::inbox_entry::Kind::Message => EntryKind::Message,
         pb::inbox_entry::Kind::ReadReceipt => EntryKind::Receipt,
     };
+    let message = from_pb(e.message?);
+    // A service older than groups names no reader: a receipt's reader was its receiver.
+    let reader_id = match kind {
+        EntryKind::Receipt if e.reader_id.is_empty() => message.message.receiver_id.clone(),
+        _ => e.reader_id,
+    };
     Some(InboxEntry {
         seq: e.seq,
         kind,
-        message: from_pb(e.message?),
-        reader_id: e.reader_id,
+        message,
+        reader_id,
     })
 }
 
