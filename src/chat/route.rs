@@ -155,7 +155,8 @@ impl Outgoing {
     pub fn add(&mut self, me: &str, i: usize, t: &Target<'_>, devices: &[Device]) {
         for d in devices.iter().filter(|d| d.node_id != me) {
             let recipients = self.by_node.entry(d.node_id.clone()).or_default();
-            if !recipients.iter().any(|(j, _)| *j == i) {
+            // Targets come in order: a second device of this one on that node is the last.
+            if recipients.last().is_none_or(|(j, _)| *j != i) {
                 recipients.push((
                     i,
                     Recipient {
