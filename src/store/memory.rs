@@ -9,9 +9,15 @@
 //! SipHash: keys are ids clients choose, and foldhash's seed is what keeps them from
 //! aiming at one bucket; SipHash was 3 % of a node's CPU here.
 //!
-//! Lock order, everywhere: the idempotency map, then a shard, then a slot, then an inbox.
-//! Nothing takes an earlier one while holding a later one (a retry racing the eviction of
-//! its own message once deadlocked two workers that way).
+//! Lock order, everywhere: a shard, then a slot, then an inbox. Nothing takes an earlier one
+//! while holding a later one (a retry racing the eviction of its own message once deadlocked
+//! two workers that way). A save locks its own new slot before anything else: nobody can
+//! reach that slot until the save makes it known (by its claim, or in its shard).
+//!
+//! A sender's `tempMessageId`s are claimed in the sender's own inbox entry (see
+//! [`Inbox::claims`]), not in a map of their own: the save looks that entry up anyway, and an
+//! eviction visits it anyway, so idempotency costs no map and no lock of its own (a map of
+//! (sender, tempMessageId) was a tenth of a node's CPU with the store full).
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -106,6 +112,10 @@ struct Shard {
 struct Inbox {
     latest: u64,
     entries: VecDeque<Entry>,
+    /// The user's sends by `tempMessageId`, for idempotent retries: the message stored under
+    /// each (or being stored: its slot is locked until it has its places). An entry goes when
+    /// its message is evicted; an inbox that holds any is not dropped.
+    claims: HashMap<String, Arc<Slot>>,
 }
 
 impl Inbox {
@@ -132,8 +142,6 @@ pub struct MemoryStore {
     hasher: RandomState,
     /// Per shard, so the whole store keeps about `capacity` messages.
     shard_capacity: usize,
-    /// (sender, tempMessageId) -> messageId, for idempotent retries.
-    idempotency: DashMap<(String, String), String, RandomState>,
     inboxes: DashMap<String, Inbox, RandomState>,
     inbox_max_entries: usize,
     /// Per bucket of users, the highest latest seq of an inbox that was dropped: an inbox
@@ -150,7 +158,6 @@ impl MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: RandomState::default(),
             shard_capacity: capacity.div_ceil(SHARDS).max(1),
-            idempotency: DashMap::default(),
             inboxes: DashMap::default(),
             inbox_max_entries: inbox_max_entries.max(1),
             floors: (0..FLOORS).map(|_| AtomicU64::new(0)).collect(),
@@ -187,6 +194,7 @@ impl MemoryStore {
             .cloned()
     }
 
+    #[cfg(test)]
     fn get(&self, message_id: &str) -> Option<StoredMessage> {
         self.slot(message_id).map(|s| lock(&s.state).stored.clone())
     }
@@ -200,8 +208,8 @@ impl MemoryStore {
         &self.floors[self.hasher.hash_one(user_id) as usize % FLOORS]
     }
 
-    /// Gives `entry` the next place in `user_id`'s inbox.
-    fn append_entry(&self, user_id: &str, entry: Entry) -> u64 {
+    /// Runs `f` on `user_id`'s inbox, made (starting at the user's floor) if it has none.
+    fn with_inbox<T>(&self, user_id: &str, f: impl FnOnce(&mut Inbox) -> T) -> T {
         let mut inbox = match self.inboxes.get_mut(user_id) {
             Some(inbox) => inbox,
             None => self
@@ -209,13 +217,36 @@ impl MemoryStore {
                 .entry(user_id.to_string())
                 .or_insert_with(|| Inbox {
                     latest: self.floor(user_id).load(Ordering::Relaxed),
-                    entries: VecDeque::new(),
+                    ..Inbox::default()
                 }),
         };
-        inbox.latest += 1;
-        inbox.entries.push_back(entry);
-        inbox.trim(self.inbox_max_entries);
-        inbox.latest
+        f(&mut inbox)
+    }
+
+    /// Gives `entry` the next place in `user_id`'s inbox.
+    fn append_entry(&self, user_id: &str, entry: Entry) -> u64 {
+        self.with_inbox(user_id, |inbox| {
+            inbox.latest += 1;
+            inbox.entries.push_back(entry);
+            inbox.trim(self.inbox_max_entries);
+            inbox.latest
+        })
+    }
+
+    /// Claims `sender`'s `temp` for `slot`, or answers the slot of the message that holds it.
+    /// A claim whose message was evicted is taken over: that send is stored again.
+    fn claim(&self, sender: &str, temp: &str, slot: &Arc<Slot>) -> Option<Arc<Slot>> {
+        self.with_inbox(sender, |inbox| match inbox.claims.get_mut(temp) {
+            Some(held) if !held.evicted.load(Ordering::Relaxed) => Some(held.clone()),
+            Some(held) => {
+                *held = slot.clone();
+                None
+            }
+            None => {
+                inbox.claims.insert(temp.to_string(), slot.clone());
+                None
+            }
+        })
     }
 }
 
@@ -233,25 +264,6 @@ impl Store for MemoryStore {
         } else {
             Vec::new()
         };
-        let key = message
-            .temp_message_id
-            .as_ref()
-            .map(|t| (message.sender_id.clone(), t.clone()));
-        if let Some(key) = key {
-            // Claim the key first: of two racing retries exactly one stores.
-            match self.idempotency.entry(key) {
-                dashmap::Entry::Occupied(e) => {
-                    if let Some(existing) = self.get(e.get()) {
-                        return Ok(SaveOutcome::Duplicate(existing));
-                    }
-                    // The earlier message was evicted: store this one under the key.
-                    e.replace_entry(message.message_id.clone());
-                }
-                dashmap::Entry::Vacant(e) => {
-                    e.insert(message.message_id.clone());
-                }
-            }
-        }
         let slot = Arc::new(Slot {
             state: Mutex::new(SlotState {
                 stored: StoredMessage::unsequenced(message),
@@ -262,6 +274,14 @@ impl Store for MemoryStore {
         });
         // Locked until it has its places, so nobody reads it without them.
         let mut state = lock(&slot.state);
+        let m = &state.stored.message;
+        // Claimed first: of two racing retries exactly one stores; the other waits for the
+        // first one's places (its slot's lock) and answers them.
+        let held = (m.temp_message_id.as_deref()).and_then(|t| self.claim(&m.sender_id, t, &slot));
+        if let Some(held) = held {
+            drop(state);
+            return Ok(SaveOutcome::Duplicate(lock(&held.state).stored.clone()));
+        }
         let id = state.stored.message.message_id.clone();
         let evicted = {
             let mut shard = lock(self.shard(&id));
@@ -316,26 +336,26 @@ impl Store for MemoryStore {
         drop(state);
         for old in evicted {
             // Copied out so that no slot is locked while the maps below are.
-            let (users, temp, id) = {
+            let (users, temp) = {
                 let old = lock(&old.state);
-                let m = &old.stored.message;
-                (old.users(), m.temp_message_id.clone(), m.message_id.clone())
+                (old.users(), old.stored.message.temp_message_id.clone())
             };
-            if let Some(t) = temp {
-                self.idempotency
-                    .remove_if(&(users[0].clone(), t), |_, kept| *kept == id);
-            }
             // The inboxes that held it let go of it too (it is mostly at their front), so
             // the store keeps about `capacity` messages however many users there are; an
-            // inbox left empty goes.
-            for user in users {
+            // inbox left empty goes. The sender's (the first) lets go of its claim.
+            for (i, user) in users.iter().enumerate() {
                 // One lookup: trimmed, and dropped when empty. The floor is raised under the
                 // map's lock, before the user can get a new inbox.
-                self.inboxes.remove_if_mut(&user, |_, inbox| {
+                self.inboxes.remove_if_mut(user, |_, inbox| {
+                    if let Some(t) = temp.as_deref().filter(|_| i == 0) {
+                        if inbox.claims.get(t).is_some_and(|c| Arc::ptr_eq(c, &old)) {
+                            inbox.claims.remove(t);
+                        }
+                    }
                     inbox.trim(self.inbox_max_entries);
-                    let empty = inbox.entries.is_empty();
+                    let empty = inbox.entries.is_empty() && inbox.claims.is_empty();
                     if empty {
-                        self.floor(&user).fetch_max(inbox.latest, Ordering::Relaxed);
+                        self.floor(user).fetch_max(inbox.latest, Ordering::Relaxed);
                     }
                     empty
                 });
@@ -668,11 +688,8 @@ mod tests {
         }
         let kept: usize = s.shards.iter().map(|sh| lock(sh).messages.len()).sum();
         assert!(kept <= 64 + SHARDS, "{kept}");
-        assert!(
-            s.idempotency.len() <= 64 + SHARDS,
-            "{}",
-            s.idempotency.len()
-        );
+        let claims: usize = s.inboxes.iter().map(|i| i.claims.len()).sum();
+        assert!(claims <= 64 + SHARDS, "{claims}");
         assert!(s.get("m9999").is_some());
     }
 
@@ -776,6 +793,43 @@ mod tests {
             finished
                 .recv_timeout(std::time::Duration::from_secs(120))
                 .expect("a saving thread is stuck: lock order");
+        }
+    }
+
+    #[test]
+    fn racing_retries_of_one_send_store_it_once() {
+        // Four threads send the same tempMessageId at once, each with its own message id (as
+        // four nodes would retry one send): one is stored, the others answer that one, even
+        // while it is still being placed.
+        let s = Arc::new(MemoryStore::new(100_000, 100));
+        let start = Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (s, start) = (s.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    (0..2_000)
+                        .map(|i| {
+                            start.wait();
+                            let m = msg(&format!("m{t}-{i}"), Some(&format!("t{i}")));
+                            match rt.block_on(s.save(m)).unwrap() {
+                                SaveOutcome::Saved(m) => (true, m.message.message_id),
+                                SaveOutcome::Duplicate(m) => (false, m.message.message_id),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let answers: Vec<Vec<(bool, String)>> =
+            threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for i in 0..2_000 {
+            let saved = answers.iter().filter(|a| a[i].0).count();
+            assert_eq!(saved, 1, "send t{i} stored {saved} times");
+            let ids: std::collections::HashSet<_> = answers.iter().map(|a| &a[i].1).collect();
+            assert_eq!(ids.len(), 1, "send t{i} answered as {ids:?}");
         }
     }
 
