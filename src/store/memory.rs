@@ -291,6 +291,16 @@ impl Store for MemoryStore {
             // already found it.
             if let Some(existing) = shard.messages.get(&id).cloned() {
                 drop(shard);
+                // (Had this one claimed a tempMessageId the stored one did not, the claim
+                // would point at a slot that is never stored nor evicted: let it go.)
+                if let Some(t) = state.stored.message.temp_message_id.as_deref() {
+                    let sender = &state.stored.message.sender_id;
+                    if let Some(mut inbox) = self.inboxes.get_mut(sender) {
+                        if inbox.claims.get(t).is_some_and(|c| Arc::ptr_eq(c, &slot)) {
+                            inbox.claims.remove(t);
+                        }
+                    }
+                }
                 drop(state);
                 return Ok(SaveOutcome::Duplicate(lock(&existing.state).stored.clone()));
             }
@@ -793,6 +803,20 @@ mod tests {
             finished
                 .recv_timeout(std::time::Duration::from_secs(120))
                 .expect("a saving thread is stuck: lock order");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_whose_message_was_stored_before_under_its_id_is_let_go() {
+        let s = MemoryStore::new(100, 100);
+        s.save(msg("m1", None)).await.unwrap();
+        // The same id again, now with a tempMessageId: the stored one is the answer...
+        let again = s.save(msg("m1", Some("t1"))).await.unwrap();
+        assert!(matches!(again, SaveOutcome::Duplicate(_)), "{again:?}");
+        // ...and t1 holds nothing: a new send under it is stored, with its places.
+        match s.save(msg("m2", Some("t1"))).await.unwrap() {
+            SaveOutcome::Saved(m) => assert!(m.receiver_seq > 0 && m.sender_seq > 0, "{m:?}"),
+            other => panic!("{other:?}"),
         }
     }
 
