@@ -51,6 +51,43 @@ struct Stored {
     targets: std::ops::Range<usize>,
 }
 
+/// The users of a batch, each once, in the order first met: what one presence call asks
+/// for, and where each one's devices are in its answer (by a map, not a scan: a batch has up
+/// to 512 users, more with groups).
+struct Users {
+    ids: Vec<String>,
+    index: foldhash::HashMap<String, usize>,
+}
+
+impl Users {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(n),
+            index: foldhash::HashMapExt::with_capacity(n),
+        }
+    }
+
+    fn add(&mut self, user: &str) {
+        if !self.index.contains_key(user) {
+            self.index.insert(user.to_string(), self.ids.len());
+            self.ids.push(user.to_string());
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn position(&self, user: &str) -> Option<usize> {
+        self.index.get(user).copied()
+    }
+
+    /// The users from the `first`-th on.
+    fn from(&self, first: usize) -> Vec<&str> {
+        self.ids[first..].iter().map(String::as_str).collect()
+    }
+}
+
 /// A routed batch: its messages and their targets, how far each target got so far, and the
 /// envelopes still on their way.
 struct Routed {
@@ -101,24 +138,17 @@ impl Node {
         let mut heads = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
         // Every receiver and sender of the batch, once, for one presence call.
-        let mut users: Vec<String> = Vec::with_capacity(batch.len() * 2);
-        // Where each user is in `users`, for the dedup here and the lookups below.
-        let mut index: foldhash::HashMap<String, usize> =
-            foldhash::HashMapExt::with_capacity(batch.len() * 2);
+        let mut users = Users::with_capacity(batch.len() * 2);
         for p in batch {
-            for u in [&p.message.receiver_id, &p.message.sender_id] {
-                if !index.contains_key(u) {
-                    index.insert(u.clone(), users.len());
-                    users.push(u.clone());
-                }
-            }
+            users.add(&p.message.receiver_id);
+            users.add(&p.message.sender_id);
             heads.push((p.from, p.permit, p.message.temp_message_id.clone()));
             messages.push(p.message);
         }
-        let user_refs: Vec<&str> = users.iter().map(String::as_str).collect();
+        let all = users.from(0);
         let (saved, devices) = tokio::join!(
             self.backends.store.save_batch(messages),
-            self.backends.presence.devices_many(&user_refs)
+            self.backends.presence.devices_many(&all)
         );
         let mut devices = self.found(devices);
         // A group's members are known once it is saved (the store read them): one more
@@ -127,28 +157,19 @@ impl Node {
         for s in saved.iter().flatten() {
             let (SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m)) = s;
             for (u, _) in &m.member_seqs {
-                if !index.contains_key(u) {
-                    index.insert(u.clone(), users.len());
-                    users.push(u.clone());
-                }
+                users.add(u);
             }
         }
         if users.len() > known {
-            let more: Vec<&str> = users[known..].iter().map(String::as_str).collect();
+            let more = users.from(known);
             let found = self.found(self.backends.presence.devices_many(&more).await);
             devices = devices.zip(found).map(|(mut d, more)| {
                 d.extend(more);
                 d
             });
         }
-        // Per target, not a scan of the batch's users (a batch has up to 512).
-        let index: foldhash::HashMap<&str, usize> = users
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (u.as_str(), i))
-            .collect();
         let devices_of = |user: &str| {
-            let i = *index.get(user)?;
+            let i = users.position(user)?;
             devices.as_ref().map(|d| d[i].as_slice())
         };
 

@@ -119,6 +119,13 @@ struct Inbox {
 }
 
 impl Inbox {
+    /// Drops the claim of `temp` if `slot` holds it (not a later send that took it over).
+    fn let_go(&mut self, temp: &str, slot: &Arc<Slot>) {
+        if self.claims.get(temp).is_some_and(|c| Arc::ptr_eq(c, slot)) {
+            self.claims.remove(temp);
+        }
+    }
+
     fn oldest(&self) -> u64 {
         self.latest + 1 - self.entries.len() as u64
     }
@@ -296,9 +303,7 @@ impl Store for MemoryStore {
                 if let Some(t) = state.stored.message.temp_message_id.as_deref() {
                     let sender = &state.stored.message.sender_id;
                     if let Some(mut inbox) = self.inboxes.get_mut(sender) {
-                        if inbox.claims.get(t).is_some_and(|c| Arc::ptr_eq(c, &slot)) {
-                            inbox.claims.remove(t);
-                        }
+                        inbox.let_go(t, &slot);
                     }
                 }
                 drop(state);
@@ -358,9 +363,7 @@ impl Store for MemoryStore {
                 // map's lock, before the user can get a new inbox.
                 self.inboxes.remove_if_mut(user, |_, inbox| {
                     if let Some(t) = temp.as_deref().filter(|_| i == 0) {
-                        if inbox.claims.get(t).is_some_and(|c| Arc::ptr_eq(c, &old)) {
-                            inbox.claims.remove(t);
-                        }
+                        inbox.let_go(t, &old);
                     }
                     inbox.trim(self.inbox_max_entries);
                     let empty = inbox.entries.is_empty() && inbox.claims.is_empty();
