@@ -16,7 +16,7 @@
 //! How many a connection may have in flight is bounded (`server.max_in_flight`): each holds
 //! a permit of its connection's semaphore until its ack is queued.
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -53,10 +53,10 @@ struct Stored {
 
 /// The users of a batch, each once, in the order first met: what one presence call asks
 /// for, and where each one's devices are in its answer (by a map, not a scan: a batch has up
-/// to 512 users, more with groups).
+/// to 512 users, more with groups). Each id is one allocation, shared by both.
 struct Users {
-    ids: Vec<String>,
-    index: foldhash::HashMap<String, usize>,
+    ids: Vec<Arc<str>>,
+    index: foldhash::HashMap<Arc<str>, usize>,
 }
 
 impl Users {
@@ -69,8 +69,9 @@ impl Users {
 
     fn add(&mut self, user: &str) {
         if !self.index.contains_key(user) {
-            self.index.insert(user.to_string(), self.ids.len());
-            self.ids.push(user.to_string());
+            let id: Arc<str> = user.into();
+            self.index.insert(id.clone(), self.ids.len());
+            self.ids.push(id);
         }
     }
 
@@ -84,7 +85,7 @@ impl Users {
 
     /// The users from the `first`-th on.
     fn from(&self, first: usize) -> Vec<&str> {
-        self.ids[first..].iter().map(String::as_str).collect()
+        self.ids[first..].iter().map(|u| &**u).collect()
     }
 }
 
@@ -310,7 +311,7 @@ impl Node {
                 };
                 for (user, r) in users.into_iter().zip(receivers) {
                     if r.local == 0 && r.remote_nodes == 0 {
-                        offline.push((user.to_string(), m.clone()));
+                        offline.push((user.to_string(), s.message.message.clone()));
                     }
                 }
             }

@@ -52,26 +52,31 @@ fn to_pb(m: &StoredMessage) -> pb::ChatMessage {
     }
 }
 
-fn from_pb(m: pb::ChatMessage) -> StoredMessage {
+fn from_pb(mut m: pb::ChatMessage) -> StoredMessage {
+    let member_seqs = std::mem::take(&mut m.member_seqs);
     StoredMessage {
-        message: NewMessage {
-            message_id: m.message_id,
-            sender_id: m.sender_id,
-            receiver_id: m.receiver_id,
-            chat_id: m.chat_id,
-            content: m.content,
-            timestamp: m.timestamp,
-            temp_message_id: (!m.temp_message_id.is_empty()).then_some(m.temp_message_id),
-            group: m.group,
-        },
         read_at: (m.read_at != 0).then_some(m.read_at),
         receiver_seq: m.receiver_seq,
         sender_seq: m.sender_seq,
-        member_seqs: m
-            .member_seqs
+        member_seqs: member_seqs
             .into_iter()
             .map(|s| (s.user_id, s.seq))
             .collect(),
+        message: Arc::new(new_from_pb(m)),
+    }
+}
+
+/// The message a node asks to save (its places are the store's to give).
+fn new_from_pb(m: pb::ChatMessage) -> NewMessage {
+    NewMessage {
+        message_id: m.message_id,
+        sender_id: m.sender_id,
+        receiver_id: m.receiver_id,
+        chat_id: m.chat_id,
+        content: m.content,
+        timestamp: m.timestamp,
+        temp_message_id: (!m.temp_message_id.is_empty()).then_some(m.temp_message_id),
+        group: m.group,
     }
 }
 
@@ -667,7 +672,7 @@ impl MessageService for Service {
         }
         let (stored, duplicate) = match self
             .store
-            .save(from_pb(message).message)
+            .save(new_from_pb(message))
             .await
             .map_err(to_status)?
         {
@@ -701,7 +706,7 @@ impl MessageService for Service {
         }
         let saved = self
             .store
-            .save_batch(messages.into_iter().map(|m| from_pb(m).message).collect())
+            .save_batch(messages.into_iter().map(new_from_pb).collect())
             .await;
         let results = saved
             .into_iter()

@@ -47,6 +47,7 @@
 //! one call per slot, the slots' calls at once.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use redis::{FromRedisValue, Script, ScriptInvocation};
@@ -422,7 +423,7 @@ fn from_fields(message_id: &str, f: &HashMap<String, String>) -> Option<StoredMe
         receiver_seq: seq("receiverSeq"),
         sender_seq: seq("senderSeq"),
         member_seqs: Vec::new(),
-        message: NewMessage {
+        message: Arc::new(NewMessage {
             message_id: message_id.to_string(),
             sender_id: get("senderId")?,
             receiver_id: get("receiverId")?,
@@ -431,7 +432,7 @@ fn from_fields(message_id: &str, f: &HashMap<String, String>) -> Option<StoredMe
             timestamp: get("timestamp")?.parse().ok()?,
             temp_message_id: get("tempMessageId").filter(|t| !t.is_empty()),
             group: f.get("group").is_some_and(|g| g == "1"),
-        },
+        }),
         read_at: get("readAt").and_then(|r| r.parse().ok()),
     })
 }
@@ -455,7 +456,12 @@ fn claimed(saving: &mut Saving, reply: &[String]) -> Result<(), StoreError> {
     match reply {
         [status, id] if status == "go" => {
             saving.fresh = *id == saving.stored.message.message_id;
-            saving.stored.message.message_id.clone_from(id);
+            if !saving.fresh {
+                // The message is this save's own still: nothing else holds it.
+                Arc::make_mut(&mut saving.stored.message)
+                    .message_id
+                    .clone_from(id);
+            }
         }
         [status, id, fields @ ..] if status == "dup" => {
             saving.stored = from_fields(id, &field_map(fields)).ok_or_else(bad)?;
@@ -621,7 +627,7 @@ impl RedisStore {
     /// Step 1 of the module doc for every message: the claims (one call per slot).
     async fn claims(&self, savings: &mut [Result<Saving, StoreError>]) {
         let pending = not_done(savings);
-        let messages: Vec<NewMessage> = pending
+        let messages: Vec<Arc<NewMessage>> = pending
             .iter()
             .filter_map(|&i| savings[i].as_ref().ok().map(|s| s.stored.message.clone()))
             .collect();
@@ -656,7 +662,7 @@ impl RedisStore {
     /// message, or once per receiving member of a group message.
     async fn receiver_steps(&self, savings: &mut [Result<Saving, StoreError>]) {
         // (which message, its receiver, the message): one step each.
-        let mut steps: Vec<(usize, String, NewMessage)> = Vec::new();
+        let mut steps: Vec<(usize, String, Arc<NewMessage>)> = Vec::new();
         for i in not_done(savings) {
             let Ok(s) = &savings[i] else { continue };
             let m = &s.stored.message;

@@ -20,7 +20,7 @@ fn message(from: &str, to: &str, chat: &str, n: usize) -> NewMessage {
 
 async fn save(s: &dyn Store, m: NewMessage) -> NewMessage {
     match s.save(m).await.unwrap() {
-        SaveOutcome::Saved(stored) => stored.message,
+        SaveOutcome::Saved(stored) => (*stored.message).clone(),
         other => panic!("{other:?}"),
     }
 }
