@@ -346,6 +346,38 @@ async fn a_save_cut_between_its_steps_is_completed_by_the_retry_once() {
     }
 }
 
+/// A node (or MessageService) that never got the answer to a save sends the same message
+/// again, same id: the claim finds its own id (not made now), so steps 2 and 3 look for the
+/// copies an earlier attempt wrote, with a tempMessageId and without one. Each inbox holds the
+/// message once, at seq 1.
+#[tokio::test]
+async fn a_save_cut_between_its_steps_and_sent_again_with_its_own_id_is_stored_once() {
+    let s = store(600, 100);
+    for temp in [Some("t1"), None] {
+        let (a, b) = (unique("a"), unique("b"));
+        let id = unique("m");
+        s.save_without_sender_step(message(&id, &a, &b, temp))
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let stored = match s.save(message(&id, &a, &b, temp)).await.unwrap() {
+                SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m) => m,
+            };
+            assert_eq!(stored.message.message_id, id);
+            assert_eq!((stored.sender_seq, stored.receiver_seq), (1, 1), "{temp:?}");
+        }
+        for user in [&a, &b] {
+            let inbox = s.fetch(user, 0, 10).await.unwrap();
+            let ids: Vec<_> = inbox
+                .entries
+                .iter()
+                .map(|e| (e.seq, e.message.message.message_id.clone()))
+                .collect();
+            assert_eq!(ids, [(1, id.clone())], "{user} ({temp:?}): stored once");
+        }
+    }
+}
+
 /// With `store.wait_replicas = 1` a save is acknowledged only once a replica has it: with the
 /// receiver's master's replica stopped (SIGSTOP), the save fails naming the replicas; once
 /// it runs again, the retry completes the same message, once.
