@@ -378,6 +378,40 @@ async fn a_save_cut_between_its_steps_and_sent_again_with_its_own_id_is_stored_o
     }
 }
 
+/// A send's first attempt claims its tempMessageId and stalls (its node is slow, or dies with
+/// the MessageService still at work); the client reconnects elsewhere and sends again, with
+/// the same tempMessageId: the retry finds the claim and stores the message whole under the
+/// first attempt's id. Then the first attempt goes on with its steps 2 and 3: it must find the
+/// copies the retry wrote, not place the message a second time.
+#[tokio::test]
+async fn a_retry_that_overtakes_its_stalled_first_attempt_stores_the_message_once() {
+    let s = store(600, 100);
+    let (a, b) = (unique("a"), unique("b"));
+    let (first, retry) = (unique("m"), unique("m"));
+    let stalled = s.claim_only(message(&first, &a, &b, Some("t1"))).await;
+    let stored = match s.save(message(&retry, &a, &b, Some("t1"))).await.unwrap() {
+        SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m) => m,
+    };
+    assert_eq!(
+        stored.message.message_id, first,
+        "the retry saves the claimed id"
+    );
+    let finished = match s.finish_claimed(stalled).await.unwrap() {
+        SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m) => m,
+    };
+    assert_eq!(finished.message.message_id, first);
+    assert_eq!((finished.sender_seq, finished.receiver_seq), (1, 1));
+    for user in [&a, &b] {
+        let inbox = s.fetch(user, 0, 10).await.unwrap();
+        let ids: Vec<_> = inbox
+            .entries
+            .iter()
+            .map(|e| (e.seq, e.message.message.message_id.clone()))
+            .collect();
+        assert_eq!(ids, [(1, first.clone())], "{user}: stored once");
+    }
+}
+
 /// With `store.wait_replicas = 1` a save is acknowledged only once a replica has it: with the
 /// receiver's master's replica stopped (SIGSTOP), the save fails naming the replicas; once
 /// it runs again, the retry completes the same message, once.
