@@ -214,6 +214,60 @@ async fn ids_are_unique_and_ordered_per_sender() {
     node.stop().await;
 }
 
+/// Senders in different store lanes (`server.store_lanes`) are stored at once, so a
+/// receiver's seqs come back from the store out of order. Each sender's acks still come in
+/// send order, and each device of the receiver gets every message once, in seq order, each
+/// sender's in the order sent.
+#[tokio::test]
+async fn senders_in_several_store_lanes_keep_their_order_and_reach_the_receiver_once() {
+    let mut c = config("n1");
+    c.server.store_lanes = 4;
+    let node = start(c).await;
+    let mut r1 = node.client("rita").await;
+    let mut r2 = node.client("rita").await;
+    let mut senders = Vec::new();
+    for s in 0..8 {
+        senders.push((format!("s{s}"), node.client(&format!("s{s}")).await));
+    }
+    const EACH: usize = 40;
+    for k in 0..EACH {
+        for (name, client) in senders.iter_mut() {
+            let m = chat("rita", &format!("{name}-{k}"), &format!("{name}-t{k}"));
+            client.send_json(&m).await.unwrap();
+        }
+    }
+    for (name, client) in senders.iter_mut() {
+        let mut seqs = Vec::new();
+        for k in 0..EACH {
+            let ack = expect(client, "MESSAGE_ACK").await;
+            assert_eq!(
+                ack["tempMessageId"],
+                format!("{name}-t{k}"),
+                "acks in send order"
+            );
+            seqs.push(ack["seq"].as_u64().unwrap());
+        }
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{name}: {seqs:?}");
+    }
+    for device in [&mut r1, &mut r2] {
+        let mut next = vec![0; senders.len()];
+        let mut last_seq = 0;
+        for _ in 0..EACH * senders.len() {
+            let m = expect(device, "CHAT_MESSAGE").await;
+            let seq = m["seq"].as_u64().unwrap();
+            assert_eq!(seq, last_seq + 1, "seqs in order, none missing or twice");
+            last_seq = seq;
+            let content = m["content"].as_str().unwrap();
+            let (name, k) = content.split_once('-').unwrap();
+            let s: usize = name[1..].parse().unwrap();
+            assert_eq!(k.parse::<usize>().unwrap(), next[s], "{name} in send order");
+            next[s] += 1;
+        }
+        expect_silence(device).await;
+    }
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn moderation_masks_or_rejects() {
     let mut c = config("n1");

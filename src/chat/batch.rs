@@ -9,9 +9,17 @@
 //!
 //! The completion task waits for the bus (the broker's acks) batch after batch, in order, and
 //! then acknowledges each message to its sending device, so `route` and `remoteFailed` say
-//! what really happened. Only this one task stores messages, and only the completion task
-//! acks them, both in arrival order: a connection's messages are stored, delivered and
-//! acknowledged in the order it sent them, however many are in flight.
+//! what really happened.
+//!
+//! A node runs [`crate::config::Config::store_lanes`] such pairs of tasks, each for its own
+//! share of the senders ([`lane`]: by user id, so all of a user's messages on this node take
+//! one lane). A lane stores one batch at a time and acks in arrival order: a connection's
+//! messages are stored, delivered and acknowledged in the order it sent them, however many are
+//! in flight, and a retry of a send on this node meets its first attempt in the same lane,
+//! after it. Lanes overlap: while one waits for the store (a batch is three Redis round trips
+//! behind the MessageService, each with its fsync), another's batch is on its way, as the
+//! batches of two nodes are. A receiver's seqs may then reach a device out of order, as from
+//! two nodes: the device's [`super::order`] puts them back in order.
 //!
 //! How many a connection may have in flight is bounded (`server.max_in_flight`): each holds
 //! a permit of its connection's semaphore until its ack is queued.
@@ -30,6 +38,17 @@ use crate::store::{NewMessage, SaveOutcome, StoredMessage};
 
 /// Most messages stored and routed together.
 pub(super) const MAX_BATCH: usize = 256;
+
+/// The lane of a sender's messages, of `lanes`: the same for every message of a user while
+/// the node runs.
+pub(super) fn lane(user_id: &str, lanes: usize) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    if lanes <= 1 {
+        return 0;
+    }
+    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user_id);
+    (hash % lanes as u64) as usize
+}
 
 /// A checked message on its way, from the device that sent it.
 pub(super) struct Pending {
@@ -97,7 +116,7 @@ struct Routed {
     published: Vec<Published>,
 }
 
-/// Takes messages in batches until the node is gone.
+/// Takes one lane's messages in batches until the node is gone.
 pub(super) async fn run(node: Weak<Node>, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     tokio::spawn(complete(node.clone(), done_rx));
@@ -359,5 +378,26 @@ impl Node {
             to.reply(frame, super::REPLY_PATIENCE, &node.metrics).await;
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane;
+
+    #[test]
+    fn a_user_keeps_its_lane_and_users_spread_over_the_lanes() {
+        for lanes in [1, 2, 3, 8] {
+            let mut used = vec![0; lanes];
+            for i in 0..1000 {
+                let user = format!("user-{i}");
+                let l = lane(&user, lanes);
+                assert!(l < lanes);
+                assert_eq!(l, lane(&user, lanes), "{user} changed lane");
+                used[l] += 1;
+            }
+            // Every lane gets a fair share (1000 users: at least half the even share).
+            assert!(used.iter().all(|&n| n >= 500 / lanes), "{used:?}");
+        }
     }
 }

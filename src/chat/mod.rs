@@ -62,8 +62,9 @@ pub struct Node {
     pending_pushes: dashmap::DashMap<(String, String), OfflinePush>,
     /// Flips to `true` once shutdown begins: sessions close, upgrades are refused.
     shutdown: watch::Sender<bool>,
-    /// Chat messages checked by their connection's reader, for the batched path.
-    chats: mpsc::UnboundedSender<batch::Pending>,
+    /// Chat messages checked by their connection's reader, for the batched path: one queue
+    /// per store lane (`server.store_lanes`), a sender's always the same.
+    chats: Vec<mpsc::UnboundedSender<batch::Pending>>,
     /// Devices that sent a heartbeat, for a look at what they may have missed (`sync`).
     probes: mpsc::UnboundedSender<SessionHandle>,
 }
@@ -74,7 +75,9 @@ impl Node {
         let moderator = Moderator::from_config(&config.moderation)?;
         let node_id = config.server.node_id.clone();
         let mut inbox = backends.bus.subscribe(&node_id).await?;
-        let (chats, chats_rx) = mpsc::unbounded_channel();
+        let (chats, lanes): (Vec<_>, Vec<_>) = (0..config.store_lanes())
+            .map(|_| mpsc::unbounded_channel())
+            .unzip();
         let (probes, probes_rx) = mpsc::unbounded_channel();
         let node = Arc::new_cyclic(|me| Node {
             chats,
@@ -90,7 +93,9 @@ impl Node {
             shutdown: watch::channel(false).0,
             config,
         });
-        tokio::spawn(batch::run(Arc::downgrade(&node), chats_rx));
+        for lane in lanes {
+            tokio::spawn(batch::run(Arc::downgrade(&node), lane));
+        }
         tokio::spawn(sync::probe_heartbeats(Arc::downgrade(&node), probes_rx));
         let weak = Arc::downgrade(&node);
         tokio::spawn(async move {
@@ -211,7 +216,8 @@ impl Node {
             message,
             permit,
         };
-        if let Err(mpsc::error::SendError(p)) = self.chats.send(pending) {
+        let lane = &self.chats[batch::lane(&from.user_id, self.chats.len())];
+        if let Err(mpsc::error::SendError(p)) = lane.send(pending) {
             // Only while the node is being dropped.
             let e = FrameError {
                 code: ErrorCode::StoreUnavailable,

@@ -60,6 +60,11 @@ pub struct ServerConfig {
     /// How long the node gathers chat messages into one batch (one store call, one presence
     /// call) after the first arrives, in microseconds; 0 takes only what already waits.
     pub batch_linger_us: u64,
+    /// Batches of chat messages being stored at once, each lane for its own share of the
+    /// senders (by user id): a user's messages always take the same lane, so they are stored
+    /// and acknowledged in the order sent, while the lanes' store calls overlap. 0: chosen by
+    /// the store ([`Config::store_lanes`]).
+    pub store_lanes: usize,
     /// On SIGINT/SIGTERM, how long to wait for sessions to close before exiting anyway.
     pub shutdown_grace_ms: u64,
     /// This node's REST base URL as other nodes and `chatd stats` should reach it (stored
@@ -104,6 +109,7 @@ impl Default for ServerConfig {
             send_queue_len: 256,
             max_in_flight: 64,
             batch_linger_us: 1000,
+            store_lanes: 0,
             shutdown_grace_ms: 5_000,
             advertise_url: String::new(),
             allowed_origins: Vec::new(),
@@ -396,6 +402,20 @@ pub enum StoreBackend {
     Redis(String),
 }
 
+impl Config {
+    /// How many store lanes the node runs: `server.store_lanes`, or for 0, one with the
+    /// in-process store (its calls do not wait, and more lanes only make smaller batches) and
+    /// two with Redis or a MessageService (while one batch waits for its round trips and
+    /// fsyncs, another is on its way).
+    pub fn store_lanes(&self) -> usize {
+        match (self.server.store_lanes, self.store.backend()) {
+            (0, Ok(StoreBackend::Memory)) => 1,
+            (0, _) => 2,
+            (n, _) => n,
+        }
+    }
+}
+
 impl StoreConfig {
     /// The store `url` names, or what is wrong with it.
     pub fn backend(&self) -> Result<StoreBackend, String> {
@@ -589,6 +609,20 @@ mod tests {
             std::fs::write(dir.join(name), text).unwrap();
         }
         dir
+    }
+
+    #[test]
+    fn store_lanes_default_to_one_in_process_and_two_with_a_shared_store() {
+        let mut c = Config::default();
+        assert_eq!(c.store_lanes(), 1);
+        c.store.url = "redis://127.0.0.1:6379".into();
+        assert_eq!(c.store_lanes(), 2);
+        c.store.url = "grpc://127.0.0.1:20882".into();
+        assert_eq!(c.store_lanes(), 2);
+        c.server.store_lanes = 3;
+        assert_eq!(c.store_lanes(), 3);
+        c.server.store_lanes = 65;
+        assert!(c.validate().is_err());
     }
 
     #[test]

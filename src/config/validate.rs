@@ -60,6 +60,12 @@ impl Config {
                 "must be between 0 and 100000".into(),
             );
         }
+        if s.store_lanes > 64 {
+            bad(
+                "server.store_lanes",
+                "must be between 0 (chosen by the store) and 64".into(),
+            );
+        }
         if !(1..=4096).contains(&s.max_in_flight) {
             bad("server.max_in_flight", "must be between 1 and 4096".into());
         }
