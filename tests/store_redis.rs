@@ -412,6 +412,47 @@ async fn a_retry_that_overtakes_its_stalled_first_attempt_stores_the_message_onc
     }
 }
 
+/// On a single Redis a new message is saved whole in one script call, while a note to self,
+/// a group message or a retry of a save that was cut short takes the three steps. A sender's
+/// messages after such a one in the same batch take the three steps too: each inbox gets
+/// them in the order sent.
+#[tokio::test]
+async fn a_senders_messages_keep_their_order_when_one_of_a_batch_takes_the_three_steps() {
+    let s = store(600, 100);
+    let seqs = |saved: Vec<Result<SaveOutcome, StoreError>>| -> Vec<(u64, u64)> {
+        saved
+            .into_iter()
+            .map(|r| match r.unwrap() {
+                SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m) => (m.sender_seq, m.receiver_seq),
+            })
+            .collect()
+    };
+    // A note to self first.
+    let (a, b) = (unique("a"), unique("b"));
+    let batch = vec![
+        message(&unique("m"), &a, &a, Some("t1")),
+        message(&unique("m"), &a, &b, Some("t2")),
+        message(&unique("m"), &a, &b, Some("t3")),
+    ];
+    assert_eq!(seqs(s.save_batch(batch).await), [(1, 1), (2, 1), (3, 2)]);
+    // The retry of a save cut between its steps first (in the receiver's inbox already).
+    let (a, b) = (unique("a"), unique("b"));
+    let first = unique("m");
+    s.save_without_sender_step(message(&first, &a, &b, Some("t1")))
+        .await
+        .unwrap();
+    let batch = vec![
+        message(&unique("m"), &a, &b, Some("t1")),
+        message(&unique("m"), &a, &b, Some("t2")),
+    ];
+    assert_eq!(seqs(s.save_batch(batch).await), [(1, 1), (2, 2)]);
+    for user in [&a, &b] {
+        let inbox = s.fetch(user, 0, 10).await.unwrap();
+        assert_eq!(inbox.entries.len(), 2, "{user}: each message once");
+        assert_eq!(inbox.entries[0].message.message.message_id, first);
+    }
+}
+
 /// With `store.wait_replicas = 1` a save is acknowledged only once a replica has it: with the
 /// receiver's master's replica stopped (SIGSTOP), the save fails naming the replicas; once
 /// it runs again, the retry completes the same message, once.

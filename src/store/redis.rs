@@ -46,8 +46,13 @@
 //! gap-free. A read receipt is two steps the same way: the reader's copy (is the reader the
 //! receiver? `readAt`), then the sender's slot (the receipt's place, once).
 //!
-//! On a single Redis the same steps run, each step one call for a whole batch; on a cluster,
-//! one call per slot, the slots' calls at once.
+//! On a cluster each step is one call per slot for a whole batch, the slots' calls at once. On
+//! a single Redis, where one script may touch every key, one call ([`SAVE_WHOLE`]) makes the
+//! claims of a batch and saves whole, atomically, each message whose claim it made now (to
+//! another user, not a group): one round trip and one fsync, not three, and no look for
+//! copies (none can exist under a new claim, and nothing runs between). The rest (a note to
+//! self, a group message, a retry of a save that was cut short, and every later message of
+//! the same sender in the batch, to keep its seqs in the order sent) take steps 2 and 3.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,7 +66,7 @@ use super::{
     MAX_PAGE,
 };
 use crate::chat::ids::now_ms;
-use crate::redis_client::{slot, RedisClient};
+use crate::redis_client::{slot, RedisClient, SCRIPT_CHUNK};
 
 /// `chat:{user}:what`: every key of a user carries its hash tag.
 fn user_key(user_id: &str, what: &str) -> String {
@@ -141,6 +146,21 @@ local function remember(history, id)
   redis.call('RPUSH', history, id)
   keep(history, true)
 end
+local function claim(idem, copy, id, temp)
+  local use, held = id, true
+  if temp ~= '' then
+    held = redis.call('SET', idem, id, 'PX', ARGV[1], 'NX', 'GET')
+    if held then use = held end
+  end
+  if not held then return {'new', id} end
+  if use ~= id then copy = string.sub(copy, 1, #copy - #id) .. use end
+  if redis.call('EXISTS', copy) == 1 then
+    local reply = {'dup', use}
+    for _, v in ipairs(redis.call('HGETALL', copy)) do reply[#reply + 1] = v end
+    return reply
+  end
+  return {'go', use}
+end
 local function write_copy(key, a, sseq, rseq)
   -- One HSET whichever seqs the copy holds and whether it is a group's: a field named twice
   -- is written once.
@@ -168,24 +188,39 @@ const SAVE_CLAIM: &str = r#"
 local out = {}
 for i = 0, #KEYS / 2 - 1 do
   local k, a = i * 2, 3 + i * 2
-  local id, temp = ARGV[a], ARGV[a + 1]
-  local use = id
-  local held = true
-  if temp ~= '' then
-    held = redis.call('SET', KEYS[k + 1], id, 'PX', ARGV[1], 'NX', 'GET')
-    if held then use = held end
+  out[i + 1] = claim(KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 1])
+end
+return out
+"#;
+
+/// On a single Redis, where every key is in one place: step 1, and for a message whose claim
+/// is made now, steps 2 and 3 in the same call (one round trip and one fsync for the whole
+/// save, not three; atomic, so there is no copy to look for: none can exist under a new claim
+/// and nothing else runs between). KEYS, nine per message: idempotency key, the sender's copy,
+/// counter, inbox and history of the chat, the receiver's counter, inbox, copy and history.
+/// ARGV after the common two, nine per message: the eight of step 2, and whole ('1' when the
+/// message may be saved whole here: to another user, not a group). Answers per message
+/// {'whole', id, receiverSeq, senderSeq}, or what step 1 answers: the message's steps 2 and 3
+/// are then left to their own scripts, and so are those of every later message of the same
+/// sender in this call, so that a sender's messages take their seqs in the order sent.
+const SAVE_WHOLE: &str = r#"
+local out, behind = {}, {}
+for i = 0, #KEYS / 9 - 1 do
+  local k, a = i * 9, 3 + i * 9
+  local id, sender = ARGV[a], ARGV[a + 1]
+  local reply = claim(KEYS[k + 1], KEYS[k + 2], id, ARGV[a + 6])
+  if reply[1] == 'new' and ARGV[a + 8] == '1' and not behind[sender] then
+    local rseq = place(KEYS[k + 6], KEYS[k + 7], 'm', id)
+    write_copy(KEYS[k + 8], a, nil, rseq)
+    remember(KEYS[k + 9], id)
+    local sseq = place(KEYS[k + 3], KEYS[k + 4], 'm', id)
+    write_copy(KEYS[k + 2], a, sseq, rseq)
+    remember(KEYS[k + 5], id)
+    reply = {'whole', id, rseq, sseq}
+  elseif reply[1] ~= 'dup' or ARGV[a + 7] == '1' then
+    behind[sender] = true
   end
-  local copy = KEYS[k + 2]
-  if use ~= id then copy = string.sub(copy, 1, #copy - #id) .. use end
-  if not held then
-    out[i + 1] = {'new', id}
-  elseif redis.call('EXISTS', copy) == 1 then
-    local reply = {'dup', use}
-    for _, v in ipairs(redis.call('HGETALL', copy)) do reply[#reply + 1] = v end
-    out[i + 1] = reply
-  else
-    out[i + 1] = {'go', use}
-  end
+  out[i + 1] = reply
 end
 return out
 "#;
@@ -406,6 +441,7 @@ pub struct RedisStore {
     /// the most entries an inbox keeps, made once.
     common_args: [String; 2],
     save_claim: Script,
+    save_whole: Script,
     save_receiver: Script,
     save_sender: Script,
     read_reader: Script,
@@ -464,6 +500,14 @@ fn claimed(saving: &mut Saving, reply: &[String]) -> Result<(), StoreError> {
     match reply {
         [status, id] if status == "new" && *id == saving.stored.message.message_id => {
             saving.fresh = true;
+        }
+        [status, id, rseq, sseq]
+            if status == "whole" && *id == saving.stored.message.message_id =>
+        {
+            saving.stored.receiver_seq = rseq.parse().map_err(|_| bad())?;
+            saving.stored.sender_seq = sseq.parse().map_err(|_| bad())?;
+            saving.fresh = true;
+            saving.done = true;
         }
         [status, id] if status == "go" => {
             saving.fresh = *id == saving.stored.message.message_id;
@@ -530,6 +574,7 @@ impl RedisStore {
                 inbox_max_entries.max(1).to_string(),
             ],
             save_claim: Script::new(&format!("{COMMON}{SAVE_CLAIM}")),
+            save_whole: Script::new(&format!("{COMMON}{SAVE_WHOLE}")),
             save_receiver: Script::new(&format!("{COMMON}{SAVE_RECEIVER}")),
             save_sender: Script::new(&format!("{COMMON}{SAVE_SENDER}")),
             read_reader: Script::new(&format!("{COMMON}{READ_READER}")),
@@ -650,26 +695,45 @@ impl RedisStore {
             .collect()
     }
 
-    /// Step 1 of the module doc for every message: the claims (one call per slot).
-    async fn claims(&self, savings: &mut [Result<Saving, StoreError>]) {
+    /// Step 1 of the module doc for every message: the claims (one call per slot). With
+    /// `whole` (a single Redis, a batch of one script call), the whole save of every message
+    /// [`SAVE_WHOLE`] can finish at once, in the same call.
+    async fn claims(&self, savings: &mut [Result<Saving, StoreError>], whole: bool) {
         let pending = not_done(savings);
         let messages: Vec<Arc<NewMessage>> = pending
             .iter()
             .filter_map(|&i| savings[i].as_ref().ok().map(|s| s.stored.message.clone()))
             .collect();
+        let script = if whole {
+            &self.save_whole
+        } else {
+            &self.save_claim
+        };
         let replies: Vec<Result<Vec<String>, StoreError>> = self
             .per_slot(
                 "save messages",
-                &self.save_claim,
+                script,
                 &messages,
                 // A user's keys are in the slot of its id: their hash tag.
                 |m| slot(&m.sender_id),
                 |call, m| {
                     let temp = m.temp_message_id.as_deref().unwrap_or_default();
-                    call.key(idempotency_key(&m.sender_id, temp))
-                        .key(message_key(&m.sender_id, &m.message_id))
-                        .arg(&m.message_id)
-                        .arg(temp);
+                    let (from, to) = (&m.sender_id, &m.receiver_id);
+                    call.key(idempotency_key(from, temp))
+                        .key(message_key(from, &m.message_id));
+                    if !whole {
+                        call.arg(&m.message_id).arg(temp);
+                        return;
+                    }
+                    call.key(seq_key(from))
+                        .key(inbox_key(from))
+                        .key(history_key(from, &m.chat_id))
+                        .key(seq_key(to))
+                        .key(inbox_key(to))
+                        .key(message_key(to, &m.message_id))
+                        .key(history_key(to, &m.chat_id));
+                    add_message(call, m);
+                    call.arg(if !m.group && from != to { "1" } else { "" });
                 },
             )
             .await;
@@ -807,7 +871,7 @@ impl RedisStore {
     #[doc(hidden)]
     pub async fn claim_only(&self, message: NewMessage) -> Claimed {
         let mut savings = self.start(vec![message]).await;
-        self.claims(&mut savings).await;
+        self.claims(&mut savings, false).await;
         Claimed(savings)
     }
 
@@ -829,7 +893,7 @@ impl RedisStore {
     #[doc(hidden)]
     pub async fn save_without_sender_step(&self, message: NewMessage) -> Result<(), StoreError> {
         let mut savings = self.start(vec![message]).await;
-        self.claims(&mut savings).await;
+        self.claims(&mut savings, false).await;
         self.receiver_steps(&mut savings).await;
         savings
             .pop()
@@ -853,8 +917,12 @@ impl Store for RedisStore {
     /// claims, the receivers' places, the senders' places. Messages of one sender keep their
     /// order in both inboxes.
     async fn save_batch(&self, messages: Vec<NewMessage>) -> Vec<Result<SaveOutcome, StoreError>> {
+        // A single Redis saves a new message in one round trip; every call of SAVE_WHOLE must
+        // see all of a sender's messages of the batch (it holds back those after one that
+        // takes the three steps), so a batch larger than one call takes the three steps.
+        let whole = !self.redis.is_cluster() && messages.len() <= SCRIPT_CHUNK;
         let mut savings = self.start(messages).await;
-        self.claims(&mut savings).await;
+        self.claims(&mut savings, whole).await;
         self.receiver_steps(&mut savings).await;
         self.sender_steps(&mut savings).await;
         savings.into_iter().map(outcome).collect()
