@@ -5,7 +5,9 @@
 mod common;
 
 use chatd::redis_client::RedisClient;
-use chatd::store::{EntryKind, NewMessage, RedisStore, SaveOutcome, Store, StoreError};
+use chatd::store::{
+    EntryKind, NewMessage, RedisStore, SaveOutcome, Store, StoreError, StoredMessage,
+};
 use common::unique;
 
 fn store(retention_secs: u64, inbox_max: usize) -> RedisStore {
@@ -27,6 +29,23 @@ fn message(id: &str, from: &str, to: &str, temp: Option<&str>) -> NewMessage {
         temp_message_id: temp.map(String::from),
         group: false,
     }
+}
+
+/// The message a save stored or found.
+fn stored(outcome: SaveOutcome) -> StoredMessage {
+    match outcome {
+        SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m) => m,
+    }
+}
+
+/// A user's inbox: (seq, message id) of each entry.
+async fn inbox_ids(s: &RedisStore, user: &str) -> Vec<(u64, String)> {
+    let inbox = s.fetch(user, 0, 10).await.unwrap();
+    inbox
+        .entries
+        .iter()
+        .map(|e| (e.seq, e.message.message.message_id.clone()))
+        .collect()
 }
 
 /// Sends again from `from` to `to` under `temp` with a new message id (a retry, as the node
@@ -336,13 +355,11 @@ async fn a_save_cut_between_its_steps_is_completed_by_the_retry_once() {
         retry_is(&s, &a, &b, "t1", &first, (1, 1)).await;
     }
     for user in [&a, &b] {
-        let inbox = s.fetch(user, 0, 10).await.unwrap();
-        let ids: Vec<_> = inbox
-            .entries
-            .iter()
-            .map(|e| (e.seq, e.message.message.message_id.clone()))
-            .collect();
-        assert_eq!(ids, [(1, first.clone())], "{user}: stored once");
+        assert_eq!(
+            inbox_ids(&s, user).await,
+            [(1, first.clone())],
+            "{user}: stored once"
+        );
     }
 }
 
@@ -360,19 +377,12 @@ async fn a_save_cut_between_its_steps_and_sent_again_with_its_own_id_is_stored_o
             .await
             .unwrap();
         for _ in 0..2 {
-            let stored = match s.save(message(&id, &a, &b, temp)).await.unwrap() {
-                SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m) => m,
-            };
+            let stored = stored(s.save(message(&id, &a, &b, temp)).await.unwrap());
             assert_eq!(stored.message.message_id, id);
             assert_eq!((stored.sender_seq, stored.receiver_seq), (1, 1), "{temp:?}");
         }
         for user in [&a, &b] {
-            let inbox = s.fetch(user, 0, 10).await.unwrap();
-            let ids: Vec<_> = inbox
-                .entries
-                .iter()
-                .map(|e| (e.seq, e.message.message.message_id.clone()))
-                .collect();
+            let ids = inbox_ids(&s, user).await;
             assert_eq!(ids, [(1, id.clone())], "{user} ({temp:?}): stored once");
         }
     }
@@ -389,26 +399,20 @@ async fn a_retry_that_overtakes_its_stalled_first_attempt_stores_the_message_onc
     let (a, b) = (unique("a"), unique("b"));
     let (first, retry) = (unique("m"), unique("m"));
     let stalled = s.claim_only(message(&first, &a, &b, Some("t1"))).await;
-    let stored = match s.save(message(&retry, &a, &b, Some("t1"))).await.unwrap() {
-        SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m) => m,
-    };
+    let saved = stored(s.save(message(&retry, &a, &b, Some("t1"))).await.unwrap());
     assert_eq!(
-        stored.message.message_id, first,
+        saved.message.message_id, first,
         "the retry saves the claimed id"
     );
-    let finished = match s.finish_claimed(stalled).await.unwrap() {
-        SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m) => m,
-    };
+    let finished = stored(s.finish_claimed(stalled).await.unwrap());
     assert_eq!(finished.message.message_id, first);
     assert_eq!((finished.sender_seq, finished.receiver_seq), (1, 1));
     for user in [&a, &b] {
-        let inbox = s.fetch(user, 0, 10).await.unwrap();
-        let ids: Vec<_> = inbox
-            .entries
-            .iter()
-            .map(|e| (e.seq, e.message.message.message_id.clone()))
-            .collect();
-        assert_eq!(ids, [(1, first.clone())], "{user}: stored once");
+        assert_eq!(
+            inbox_ids(&s, user).await,
+            [(1, first.clone())],
+            "{user}: stored once"
+        );
     }
 }
 
@@ -422,9 +426,8 @@ async fn a_senders_messages_keep_their_order_when_one_of_a_batch_takes_the_three
     let seqs = |saved: Vec<Result<SaveOutcome, StoreError>>| -> Vec<(u64, u64)> {
         saved
             .into_iter()
-            .map(|r| match r.unwrap() {
-                SaveOutcome::Saved(m) | SaveOutcome::Duplicate(m) => (m.sender_seq, m.receiver_seq),
-            })
+            .map(|r| stored(r.unwrap()))
+            .map(|m| (m.sender_seq, m.receiver_seq))
             .collect()
     };
     // A note to self first.

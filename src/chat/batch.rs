@@ -16,9 +16,9 @@
 //! one lane). A lane stores one batch at a time and acks in arrival order: a connection's
 //! messages are stored, delivered and acknowledged in the order it sent them, however many are
 //! in flight, and a retry of a send on this node meets its first attempt in the same lane,
-//! after it. Lanes overlap: while one waits for the store (a batch is three Redis round trips
-//! behind the MessageService, each with its fsync), another's batch is on its way, as the
-//! batches of two nodes are. A receiver's seqs may then reach a device out of order, as from
+//! after it. Lanes overlap: while one waits for the store (a batch's Redis round trips behind
+//! the MessageService, each with its fsync), another's batch is on its way, as the batches of
+//! two nodes are. A receiver's seqs may then reach a device out of order, as from
 //! two nodes: the device's [`super::order`] puts them back in order.
 //!
 //! How many a connection may have in flight is bounded (`server.max_in_flight`): each holds

@@ -537,17 +537,6 @@ fn not_done(savings: &[Result<Saving, StoreError>]) -> Vec<usize> {
         .collect()
 }
 
-/// What a save whose steps have run comes to.
-fn outcome(saving: Result<Saving, StoreError>) -> Result<SaveOutcome, StoreError> {
-    saving.map(|s| {
-        if s.fresh {
-            SaveOutcome::Saved(s.stored)
-        } else {
-            SaveOutcome::Duplicate(s.stored)
-        }
-    })
-}
-
 /// A save after its step 1 ([`RedisStore::claim_only`]), for tests.
 #[doc(hidden)]
 pub struct Claimed(Vec<Result<Saving, StoreError>>);
@@ -865,6 +854,24 @@ impl RedisStore {
         }
     }
 
+    /// Steps 2 and 3 for every message of claimed saves not done yet, and what each save
+    /// comes to.
+    async fn finish(
+        &self,
+        mut savings: Vec<Result<Saving, StoreError>>,
+    ) -> Vec<Result<SaveOutcome, StoreError>> {
+        self.receiver_steps(&mut savings).await;
+        self.sender_steps(&mut savings).await;
+        let outcome = |s: Saving| {
+            if s.fresh {
+                SaveOutcome::Saved(s.stored)
+            } else {
+                SaveOutcome::Duplicate(s.stored)
+            }
+        };
+        savings.into_iter().map(|s| s.map(outcome)).collect()
+    }
+
     /// Step 1 of a save alone: an attempt that has claimed its `tempMessageId` and is slow to
     /// go on. [`RedisStore::finish_claimed`] runs its steps 2 and 3. For the tests of a retry
     /// that overtakes its first attempt; nothing else calls it.
@@ -878,12 +885,9 @@ impl RedisStore {
     /// Steps 2 and 3 of an attempt [`RedisStore::claim_only`] began.
     #[doc(hidden)]
     pub async fn finish_claimed(&self, claimed: Claimed) -> Result<SaveOutcome, StoreError> {
-        let mut savings = claimed.0;
-        self.receiver_steps(&mut savings).await;
-        self.sender_steps(&mut savings).await;
-        savings
+        self.finish(claimed.0)
+            .await
             .pop()
-            .map(outcome)
             .unwrap_or_else(|| Err(StoreError::Unavailable("no answer".into())))
     }
 
@@ -923,9 +927,7 @@ impl Store for RedisStore {
         let whole = !self.redis.is_cluster() && messages.len() <= SCRIPT_CHUNK;
         let mut savings = self.start(messages).await;
         self.claims(&mut savings, whole).await;
-        self.receiver_steps(&mut savings).await;
-        self.sender_steps(&mut savings).await;
-        savings.into_iter().map(outcome).collect()
+        self.finish(savings).await
     }
 
     /// The reader's step, then the sender's (module doc). Marking again changes nothing.
