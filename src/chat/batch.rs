@@ -25,6 +25,7 @@
 //! a permit of its connection's semaphore until its ack is queued.
 
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -56,6 +57,8 @@ pub(super) struct Pending {
     pub message: NewMessage,
     /// The message's place in its connection's in-flight limit, given back with the ack.
     pub permit: OwnedSemaphorePermit,
+    /// When the frame was handed to its lane (for `chatd_batch_wait_duration_seconds`).
+    pub arrived: Instant,
 }
 
 /// A stored message waiting for its publishes before its ack.
@@ -157,6 +160,9 @@ impl Node {
     async fn route_batch(&self, batch: Vec<Pending>) -> Routed {
         let mut heads = Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
+        if let Some(oldest) = batch.first() {
+            (self.metrics.batch_wait).observe(oldest.arrived.elapsed().as_secs_f64());
+        }
         // Every receiver and sender of the batch, once, for one presence call.
         let mut users = Users::with_capacity(batch.len() * 2);
         for p in batch {
@@ -166,10 +172,13 @@ impl Node {
             messages.push(p.message);
         }
         let all = users.from(0);
-        let (saved, devices) = tokio::join!(
-            self.backends.store.save_batch(messages),
-            self.backends.presence.devices_many(&all)
-        );
+        let save = async {
+            let started = Instant::now();
+            let saved = self.backends.store.save_batch(messages).await;
+            (self.metrics.store_latency).observe(started.elapsed().as_secs_f64());
+            saved
+        };
+        let (saved, devices) = tokio::join!(save, self.backends.presence.devices_many(&all));
         let mut devices = self.found(devices);
         // A group's members are known once it is saved (the store read them): one more
         // presence call for those the batch did not hold yet.

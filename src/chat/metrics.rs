@@ -81,6 +81,11 @@ pub struct Metrics {
     typing: Counter,
     /// Time to publish one envelope to another node.
     pub publish_latency: Histogram,
+    /// Time of one batch's store call (every message of a lane's batch in one call).
+    pub store_latency: Histogram,
+    /// Time from a chat frame's arrival to the start of its batch's store call: the linger
+    /// and the wait for the lane's batch before it.
+    pub batch_wait: Histogram,
     /// Read from the registry of sessions when rendered.
     sessions: Gauge,
     users: Gauge,
@@ -108,6 +113,8 @@ impl Default for Metrics {
             by_route: Default::default(),
             typing: Counter::default(),
             publish_latency: latency_histogram(),
+            store_latency: latency_histogram(),
+            batch_wait: latency_histogram(),
             sessions: Gauge::default(),
             users: Gauge::default(),
             registry: Registry::default(),
@@ -152,6 +159,16 @@ impl Default for Metrics {
             "chatd_broker_publish_duration_seconds",
             "Time to publish one envelope, broker ack included",
             m.publish_latency.clone(),
+        );
+        r.register(
+            "chatd_store_save_duration_seconds",
+            "Time of one store call saving a batch of chat messages",
+            m.store_latency.clone(),
+        );
+        r.register(
+            "chatd_batch_wait_duration_seconds",
+            "Time from a chat message's arrival to its batch's store call",
+            m.batch_wait.clone(),
         );
         r.register(
             "chatd_redis_call_duration_seconds",

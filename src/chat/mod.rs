@@ -215,6 +215,7 @@ impl Node {
             from: from.clone(),
             message,
             permit,
+            arrived: std::time::Instant::now(),
         };
         let lane = &self.chats[batch::lane(&from.user_id, self.chats.len())];
         if let Err(mpsc::error::SendError(p)) = lane.send(pending) {

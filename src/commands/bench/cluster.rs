@@ -24,6 +24,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::stages::Stages;
 use super::{BenchArgs, UNLIMITED};
 use crate::chat::ids::now_ms;
 use crate::client::{Client, ClientError, ClientReader, ClientWriter, Incoming};
@@ -314,6 +315,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let senders = pairs.len();
 
+    let stages_before = Stages::read(&urls[0]).await;
     let meter = Meter::start(&processes, &redis).await?;
     let started = Instant::now();
     let end = started + Duration::from_secs(args.duration);
@@ -388,6 +390,10 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .unwrap_or(end)
         .saturating_duration_since(started);
     let usage = meter.stop(&redis).await?;
+    let stages = match (Stages::read(&urls[0]).await, stages_before) {
+        (Some(after), Some(before)) => Some(after.since(&before)),
+        _ => None,
+    };
     spawned.stop().await;
     let drift = drift(&sampler.await?, &processes);
 
@@ -397,6 +403,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         // Each member counted the sender's acks: the group received each message once.
         report.acked /= (members - 1).max(1) as u64;
     }
+    report.stages = stages;
     report.print(args, &usage.cpu_secs, &usage.calls, usage.forks, &drift)
 }
 
@@ -732,6 +739,8 @@ struct Report {
     elapsed: Duration,
     latencies: Vec<Duration>,
     ack_latencies: Vec<Duration>,
+    /// Where node A's time went (`None` when its `/metrics` did not answer).
+    stages: Option<Stages>,
 }
 
 impl Report {
@@ -745,6 +754,7 @@ impl Report {
             elapsed,
             latencies: Vec::new(),
             ack_latencies: Vec::new(),
+            stages: None,
         };
         for p in results {
             for (n, acked) in p.acked.iter().enumerate() {
@@ -817,6 +827,7 @@ impl Report {
                 "deliveredPerSec": rate,
                 "latencyMs": { "p50": ms(p50), "p99": ms(p99), "max": ms(max) },
                 "ackLatencyMs": { "p50": ms(ack50), "p99": ms(ack99) },
+                "nodeAStages": self.stages.map(|s| s.json()),
                 "cpu": cpu.iter().map(|(name, s)| json!({
                     "process": name,
                     "cores": s.map(|s| s / secs),
@@ -876,6 +887,17 @@ impl Report {
                 "acknowledged, lost, repeated".to_string(),
                 format!("{} / {} / {}", self.acked, self.lost, self.repeated),
             ]);
+            if let Some(stages) = &self.stages {
+                table.add_row([
+                    "node A: batch wait, store call, publish".to_string(),
+                    format!(
+                        "{}; {:.0} batches of {:.1} messages",
+                        stages.line(),
+                        stages.batches(),
+                        self.acked as f64 / stages.batches().max(1.0)
+                    ),
+                ]);
+            }
             if !self.errors.is_empty() {
                 table.add_row(["errors".to_string(), format!("{:?}", self.errors)]);
             }

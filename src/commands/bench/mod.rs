@@ -6,6 +6,7 @@
 
 mod cluster;
 mod group;
+mod stages;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
