@@ -6,7 +6,8 @@
 //!   live frames, the sender's ack
 //! - [`ids`]: unique, time-ordered message ids
 //! - [`moderation`]: the word-list automaton
-//! - [`registry`]: this node's sessions and the handle that writes to one
+//! - [`registry`]: this node's sessions and the handle that writes to one; [`outbox`]: the
+//!   bounded queue from that handle to the session's socket writer
 //! - [`metrics`]: the node's counters
 //! - [`order`]: in-order, exactly-once delivery to one device; `sync`: catching a device up
 //!   from its user's inbox
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod moderation;
 mod offline;
 pub mod order;
+pub mod outbox;
 pub mod registry;
 mod route;
 mod sync;

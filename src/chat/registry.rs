@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::metrics::Metrics;
 use super::order::{Decision, Held, Order};
+use super::outbox;
 use crate::bus::FrameKind;
 
 /// Close code for a reader whose outgoing queue is full (RFC 6455 1013, try again later).
@@ -47,7 +48,7 @@ pub struct SessionHandle {
     pub user_id: Arc<str>,
     pub connection_id: Arc<str>,
     /// Bounded queue of serialized frames to the socket writer.
-    outbox: mpsc::Sender<Utf8Bytes>,
+    outbox: outbox::Sender<Utf8Bytes>,
     /// Set once to ask the session to close; both its reader and writer watch it.
     close: Arc<watch::Sender<Option<CloseReason>>>,
     /// Where this device is in its user's inbox, and the frames waiting for a gap to fill.
@@ -72,13 +73,13 @@ pub enum Offered {
 
 /// What the session task keeps: the other ends of the handle's channels.
 pub struct SessionEnds {
-    pub outbox: mpsc::Receiver<Utf8Bytes>,
+    pub outbox: outbox::Receiver<Utf8Bytes>,
     pub close: watch::Receiver<Option<CloseReason>>,
 }
 
 impl SessionHandle {
     pub fn new(user_id: &str, connection_id: &str, queue_len: usize) -> (Self, SessionEnds) {
-        let (tx, rx) = mpsc::channel(queue_len);
+        let (tx, rx) = outbox::channel(queue_len);
         let (close_tx, close_rx) = watch::channel(None);
         let handle = Self {
             user_id: user_id.into(),

@@ -13,13 +13,14 @@ use axum::http::StatusCode;
 use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio_tungstenite::tungstenite;
 
 use super::handshake::{self, Identity};
 use super::rest::json_error;
 use super::AppState;
 use crate::chat::ids::now_ms;
+use crate::chat::outbox;
 use crate::chat::registry::{CloseReason, Closer, SessionHandle};
 use crate::chat::Node;
 use crate::protocol::{
@@ -389,7 +390,7 @@ struct Stuck {
 
 async fn write_loop<Si>(
     mut sink: Si,
-    mut outbox: mpsc::Receiver<Utf8Bytes>,
+    mut outbox: outbox::Receiver<Utf8Bytes>,
     mut close: watch::Receiver<Option<CloseReason>>,
     stuck: Stuck,
 ) where
@@ -452,7 +453,7 @@ async fn write_loop<Si>(
 async fn write_batch<Si>(
     sink: &mut Si,
     first: Utf8Bytes,
-    outbox: &mut mpsc::Receiver<Utf8Bytes>,
+    outbox: &mut outbox::Receiver<Utf8Bytes>,
 ) -> Result<(), axum::Error>
 where
     Si: Sink<Message, Error = axum::Error> + Unpin,
