@@ -155,26 +155,30 @@ impl Default for Metrics {
             "Frames dropped for devices that could not keep up",
             frames_dropped,
         );
-        r.register(
-            "chatd_broker_publish_duration_seconds",
-            "Time to publish one envelope, broker ack included",
-            m.publish_latency.clone(),
-        );
-        r.register(
-            "chatd_store_save_duration_seconds",
-            "Time of one store call saving a batch of chat messages",
-            m.store_latency.clone(),
-        );
-        r.register(
-            "chatd_batch_wait_duration_seconds",
-            "Time from a chat message's arrival to its batch's store call",
-            m.batch_wait.clone(),
-        );
-        r.register(
-            "chatd_redis_call_duration_seconds",
-            "Time of one Redis call, pool wait included",
-            REDIS_CALLS.clone(),
-        );
+        for (name, help, histogram) in [
+            (
+                "chatd_broker_publish_duration_seconds",
+                "Time to publish one envelope, broker ack included",
+                &m.publish_latency,
+            ),
+            (
+                "chatd_store_save_duration_seconds",
+                "Time of one store call saving a batch of chat messages",
+                &m.store_latency,
+            ),
+            (
+                "chatd_batch_wait_duration_seconds",
+                "Time from a chat message's arrival to its batch's store call",
+                &m.batch_wait,
+            ),
+            (
+                "chatd_redis_call_duration_seconds",
+                "Time of one Redis call, pool wait included",
+                &REDIS_CALLS,
+            ),
+        ] {
+            r.register(name, help, histogram.clone());
+        }
         m.registry = r;
         m
     }
