@@ -74,3 +74,44 @@ fn fails_with_the_reason_when_a_node_is_missing() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("cross-node checks failed"));
 }
+
+/// `chatd bench --cluster`, the source of the README's cross-node figures, on the same
+/// services: every message acknowledged arrives once, and node A's stages were read.
+#[test]
+fn the_cluster_bench_measures_the_cross_node_path() {
+    let out = chatd()
+        .args([
+            "bench",
+            "--cluster",
+            "--pairs",
+            "4",
+            "--rate",
+            "100",
+            "--duration",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("not JSON: {stdout}\n{stderr}"));
+    let acked = report["acked"].as_u64().unwrap();
+    assert!(acked >= 150, "about 200 messages offered: {report:#}");
+    assert_eq!(report["delivered"].as_u64(), Some(acked), "{report:#}");
+    assert_eq!(report["lost"], 0);
+    assert_eq!(report["repeated"], 0);
+    let stages = &report["nodeAStages"];
+    let batches = stages["batches"].as_f64().unwrap();
+    assert!(batches >= 1.0 && batches <= acked as f64, "{stages}");
+    for stage in ["batchWaitMs", "storeCallMs", "publishMs"] {
+        assert!(stages[stage].as_f64().unwrap() > 0.0, "{stage}: {stages}");
+    }
+    let cpu = report["cpu"].as_array().unwrap();
+    assert!(
+        cpu.iter().all(|p| p["usPerMessage"].as_f64().is_some()),
+        "every process measured: {cpu:#?}"
+    );
+}
