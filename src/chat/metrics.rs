@@ -83,8 +83,8 @@ pub struct Metrics {
     pub publish_latency: Histogram,
     /// Time of one batch's store call (every message of a lane's batch in one call).
     pub store_latency: Histogram,
-    /// Time from a chat frame's arrival to the start of its batch's store call: the linger
-    /// and the wait for the lane's batch before it.
+    /// Time from the arrival of a batch's oldest chat frame to the batch's store call (the
+    /// longest wait in the batch): the linger and the wait for the lane's batch before it.
     pub batch_wait: Histogram,
     /// Read from the registry of sessions when rendered.
     sessions: Gauge,
@@ -168,7 +168,7 @@ impl Default for Metrics {
             ),
             (
                 "chatd_batch_wait_duration_seconds",
-                "Time from a chat message's arrival to its batch's store call",
+                "Time from the arrival of a batch's oldest chat message to the batch's store call",
                 &m.batch_wait,
             ),
             (

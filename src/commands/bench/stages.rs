@@ -1,8 +1,9 @@
 //! Where the senders' node spends a message's time before it leaves for the other node, from
-//! its latency histograms in `/metrics` read before and after a run: the wait for a batch
-//! (linger and the lane's previous batch), the batch's store call, and the publish to the
-//! broker. Their means add up to about the ack latency; what the receivers wait beyond it is
-//! the broker's fetch and the receivers' node.
+//! its latency histograms in `/metrics` read before and after a run: the wait of a batch's
+//! oldest message (linger and the lane's previous batch), the batch's store call, and the
+//! publish to the broker. Their means add up to about the ack latency (the batch wait a little
+//! more: it is the longest of each batch); what the receivers wait beyond it is the broker's
+//! fetch and the receivers' node.
 
 use std::time::Duration;
 
