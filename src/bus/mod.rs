@@ -62,7 +62,8 @@ pub struct Envelope {
 pub enum Inbound {
     Envelope(Envelope),
     /// The bus was away and is back: frames published to this node meanwhile may be lost,
-    /// so its devices catch up from the store.
+    /// so its devices catch up from the store. Kafka sends it twice: when its consumer is
+    /// back, and once every sender has surely moved to the new generation.
     Resumed,
     /// A consumer of this node's queue handed on nothing while the broker held frames for
     /// it, and was replaced by one from where it stopped (counted and logged).

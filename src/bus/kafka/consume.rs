@@ -268,6 +268,8 @@ pub async fn run(
     let mut check = tokio::time::interval(CHECK_EVERY);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut checking: Checking = None;
+    // Once the broker is back, when local devices catch up a second time (see below).
+    let mut again: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         let gone = tokio::select! {
             (i, received) = next_message(&c.generations) => {
@@ -291,6 +293,14 @@ pub async fn run(
             }
             _ = check.tick() => {
                 upkeep(&config, &node_id, &mut c, &mut checking).await;
+                false
+            }
+            () = async { again.as_mut().expect("guarded").await }, if again.is_some() => {
+                again = None;
+                tracing::info!("every sender has moved to this node's new generation by now: local devices catch up once more");
+                if tx.send(Inbound::Resumed).await.is_err() {
+                    return;
+                }
                 false
             }
             checked = looked(&mut checking) => {
@@ -321,6 +331,13 @@ pub async fn run(
             if tx.send(Inbound::Resumed).await.is_err() {
                 return;
             }
+            // Frames a sender published after that to a generation the broker lost (it may
+            // ack them: Tansu does) reach no consumer. Senders forget their routes when every
+            // broker goes away, and all move to the new generation within half the drain (a
+            // lease tick and its settling time): then devices catch up again from the store.
+            again = Some(Box::pin(tokio::time::sleep(
+                Duration::from_secs(config.drain_secs) / 2,
+            )));
         }
     }
 }

@@ -18,16 +18,21 @@
 //! answer). So when all brokers are down the consumer is destroyed, and a new one is made,
 //! on a new generation, once the broker answers. Frames published while the broker was away
 //! are not lost to devices: the store has them, and every local device catches up from it
-//! once the consumer is back (see `chat::sync`).
+//! once the consumer is back (see `chat::sync`), and again once every sender has moved to
+//! the new generation. Senders forget which topic each node consumes when every broker goes
+//! away ([`ProducerEvents`]): such a broker acks a produce to a topic it lost, which no one
+//! consumes.
 
 mod consume;
 pub mod topics;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -56,14 +61,56 @@ pub struct KafkaBus {
 /// What publishing needs, also from the futures it returns.
 struct Shared {
     config: KafkaConfig,
-    producer: FutureProducer,
+    producer: FutureProducer<ProducerEvents>,
     /// The topic (newest generation) of every node published to, learned from the broker's
-    /// topic list: at every lease tick ([`Bus::warm`]), for a node not known yet, and after a
-    /// publish to a generation that is gone.
-    routes: Mutex<HashMap<String, String>>,
+    /// topic list: at every lease tick ([`Bus::warm`]), for a node not known yet, after a
+    /// publish to a generation that is gone, and after every broker went away.
+    routes: Mutex<Routes>,
+    /// How many times every broker went away (counted by [`ProducerEvents`]).
+    brokers_lost: Arc<AtomicU64>,
     /// Nodes with topics on the broker but no lease: since when (monotonic, and unix ms to
     /// compare with generations), for [`Bus::sweep`].
     absent: Mutex<HashMap<String, (std::time::Instant, u64)>>,
+}
+
+/// The topics to publish to, and in which life of the brokers they were learned.
+#[derive(Default)]
+struct Routes {
+    /// [`Shared::brokers_lost`] when these were learned.
+    lost: u64,
+    by_node: HashMap<String, String>,
+}
+
+impl Routes {
+    /// The routes learned since every broker last went away, the `lost`-th time: none if
+    /// they went away since these were learned.
+    fn since(&mut self, lost: u64) -> &mut HashMap<String, String> {
+        if self.lost != lost {
+            self.lost = lost;
+            self.by_node.clear();
+        }
+        &mut self.by_node
+    }
+}
+
+/// The producer's events: counts the times every broker went away. Why: a broker that comes
+/// back without its state (Tansu in memory) acks a produce to a topic it no longer has, so a
+/// sender that kept publishing to a node's old generation would lose frames into a topic that
+/// no one consumes (the node consumes a new one once the broker is back). Its routes are
+/// forgotten instead, and the next publish learns the node's topic from the broker again.
+struct ProducerEvents {
+    lost: Arc<AtomicU64>,
+}
+
+impl ClientContext for ProducerEvents {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.lost.fetch_add(1, Ordering::SeqCst);
+            tracing::warn!("every Kafka broker is unreachable ({reason}); the topics of other nodes are learned again once one answers");
+        } else {
+            tracing::debug!("librdkafka: {error}: {reason}");
+        }
+    }
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> BusError {
@@ -82,7 +129,10 @@ pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
-fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
+fn new_producer(
+    config: &KafkaConfig,
+    events: ProducerEvents,
+) -> Result<FutureProducer<ProducerEvents>, BusError> {
     client_config(config)
         .set("enable.idempotence", "false")
         // Only the node that consumes a topic creates it (two creators raced on a broker
@@ -99,17 +149,22 @@ fn new_producer(config: &KafkaConfig) -> Result<FutureProducer, BusError> {
         .set("linger.ms", config.linger_ms.to_string())
         .set("message.timeout.ms", config.publish_timeout_ms.to_string())
         .set("socket.keepalive.enable", "true")
-        .create()
+        .create_with_context(events)
         .map_err(|e| unavailable("producer", e))
 }
 
 impl KafkaBus {
     pub fn new(config: &KafkaConfig) -> Result<Self, BusError> {
+        let brokers_lost = Arc::new(AtomicU64::new(0));
+        let events = ProducerEvents {
+            lost: brokers_lost.clone(),
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 config: config.clone(),
-                producer: new_producer(config)?,
+                producer: new_producer(config, events)?,
                 routes: Mutex::default(),
+                brokers_lost,
                 absent: Mutex::default(),
             }),
             consumer: Mutex::new(None),
@@ -122,12 +177,11 @@ impl KafkaBus {
 }
 
 impl Shared {
+    /// The topic to publish to of `node_id`, if known since every broker last went away.
     fn route(&self, node_id: &str) -> Option<String> {
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node_id)
-            .cloned()
+        let lost = self.brokers_lost.load(Ordering::SeqCst);
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.since(lost).get(node_id).cloned()
     }
 
     /// Learns the generation to publish to of each node from the broker's topic list (one
@@ -135,6 +189,7 @@ impl Shared {
     async fn refresh_routes(self: &Arc<Self>, node_ids: &[String]) -> Result<(), BusError> {
         let me = self.clone();
         let wait = Duration::from_millis(self.config.publish_timeout_ms.min(2000));
+        let lost = self.brokers_lost.load(Ordering::SeqCst);
         // Listing every topic also gives the producer their metadata, so that the first frame
         // to a node does not wait for it (it waited ~500 ms).
         let names =
@@ -142,6 +197,14 @@ impl Shared {
                 .await
                 .map_err(|e| unavailable("list topics", e))??;
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if self.brokers_lost.load(Ordering::SeqCst) != lost {
+            // Listed from a broker that went away meanwhile: what it said may be gone.
+            return Err(unavailable(
+                "list topics",
+                "every broker went away meanwhile",
+            ));
+        }
+        let routes = routes.since(lost);
         let now = crate::chat::ids::now_ms().max(0) as u64;
         for node in node_ids {
             let found = topics::generations(&self.config, node, names.iter().map(String::as_str));
@@ -392,5 +455,21 @@ impl Bus for KafkaBus {
         if let Err(e) = self.shared.refresh_routes(node_ids).await {
             tracing::debug!("node topics not known yet: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_learned_before_every_broker_went_away_are_forgotten() {
+        let mut routes = Routes::default();
+        routes.since(0).insert("a".into(), "chat.node.a.g1".into());
+        assert_eq!(routes.since(0).get("a").unwrap(), "chat.node.a.g1");
+        // Every broker went away: the broker that answers next may not have that topic.
+        assert!(routes.since(1).is_empty());
+        routes.since(1).insert("a".into(), "chat.node.a.g2".into());
+        assert_eq!(routes.since(1).get("a").unwrap(), "chat.node.a.g2");
     }
 }
