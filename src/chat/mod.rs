@@ -32,13 +32,14 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch};
 
 use crate::bus::{FrameKind, Inbound, OfflinePush};
 use crate::config::Config;
 use crate::protocol::{ChatSend, ErrorCode, FrameError, ServerFrame};
 use crate::store::StoreError;
 pub use backends::{Backends, NodeError};
+pub use batch::InFlight;
 use ids::IdGenerator;
 use metrics::Metrics;
 use moderation::{Moderator, Rejected};
@@ -65,8 +66,8 @@ pub struct Node {
     /// Flips to `true` once shutdown begins: sessions close, upgrades are refused.
     shutdown: watch::Sender<bool>,
     /// Chat messages checked by their connection's reader, for the batched path: one queue
-    /// per store lane (`server.store_lanes`), a sender's always the same.
-    chats: Vec<mpsc::UnboundedSender<batch::Pending>>,
+    /// per store lane (`server.store_lanes`).
+    chats: Vec<batch::Lane>,
     /// Devices that sent a heartbeat, for a look at what they may have missed (`sync`).
     probes: mpsc::UnboundedSender<SessionHandle>,
 }
@@ -77,9 +78,7 @@ impl Node {
         let moderator = Moderator::from_config(&config.moderation)?;
         let node_id = config.server.node_id.clone();
         let mut inbox = backends.bus.subscribe(&node_id).await?;
-        let (chats, lanes): (Vec<_>, Vec<_>) = (0..config.store_lanes())
-            .map(|_| mpsc::unbounded_channel())
-            .unzip();
+        let (chats, lanes) = batch::lanes(config.store_lanes());
         let (probes, probes_rx) = mpsc::unbounded_channel();
         let node = Arc::new_cyclic(|me| Node {
             chats,
@@ -173,14 +172,15 @@ impl Node {
     }
 
     /// `CHAT_MESSAGE` from `from`: moderated and given its id here, then handed to the
-    /// batched path (`batch`), which stores, delivers and acknowledges it. Returns at once;
-    /// `permit` is the message's place in its connection's in-flight limit.
+    /// batched path (`batch`), which stores, delivers and acknowledges it. Returns once it
+    /// is handed on: at the connection's in-flight limit, that waits for an earlier ack.
     pub async fn submit_chat(
         &self,
         from: &SessionHandle,
         send: ChatSend,
-        permit: OwnedSemaphorePermit,
+        in_flight: &mut InFlight,
     ) {
+        let permit = in_flight.permit().await;
         let ChatSend {
             receiver_id,
             chat_id,
@@ -219,8 +219,8 @@ impl Node {
             permit,
             arrived: std::time::Instant::now(),
         };
-        let lane = &self.chats[batch::lane(&from.user_id, self.chats.len())];
-        if let Err(mpsc::error::SendError(p)) = lane.send(pending) {
+        let lane = &self.chats[in_flight.lane(&self.chats)];
+        if let Err(p) = lane.send(pending) {
             // Only while the node is being dropped.
             let e = FrameError {
                 code: ErrorCode::StoreUnavailable,

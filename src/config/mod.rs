@@ -60,10 +60,11 @@ pub struct ServerConfig {
     /// How long the node gathers chat messages into one batch (one store call, one presence
     /// call) after the first arrives, in microseconds; 0 takes only what already waits.
     pub batch_linger_us: u64,
-    /// Batches of chat messages being stored at once, each lane for its own share of the
-    /// senders (by user id): a user's messages always take the same lane, so they are stored
-    /// and acknowledged in the order sent, while the lanes' store calls overlap. 0: chosen by
-    /// the store ([`Config::store_lanes`]).
+    /// Batches of chat messages being stored at once, while the lanes' store calls overlap.
+    /// A connection's messages on their way all take one lane, so they are stored and
+    /// acknowledged in the order sent; it picks a lane when it has nothing in flight, lane 0
+    /// unless that one is busy, so the other lanes fill only under load. 0: chosen by the
+    /// store ([`Config::store_lanes`]).
     pub store_lanes: usize,
     /// On SIGINT/SIGTERM, how long to wait for sessions to close before exiting anyway.
     pub shutdown_grace_ms: u64,

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite;
 
 use super::handshake::{self, Identity};
@@ -22,7 +22,7 @@ use super::AppState;
 use crate::chat::ids::now_ms;
 use crate::chat::outbox;
 use crate::chat::registry::{CloseReason, Closer, SessionHandle};
-use crate::chat::Node;
+use crate::chat::{InFlight, Node};
 use crate::protocol::{
     parse_client_frame, ClientFrame, ErrorCode, FrameError, ParseContext, ServerFrame,
 };
@@ -204,9 +204,7 @@ where
     };
     // Chat messages of this connection on their way (stored, routed, not yet acked).
     // Never more than its queue holds: their acks must fit in it.
-    let in_flight = Arc::new(Semaphore::new(
-        server.max_in_flight.min(server.send_queue_len),
-    ));
+    let mut in_flight = InFlight::new(server.max_in_flight.min(server.send_queue_len));
 
     let ended = loop {
         tokio::select! {
@@ -235,7 +233,7 @@ where
                     if verdict == Verdict::Allow {
                         // Boxed: a frame's handling (a store call awaited) is far larger than
                         // the idle session; inline, every idle connection's task held room for it.
-                        Box::pin(handle_text(&node, &handle, &text, ctx, &in_flight)).await;
+                        Box::pin(handle_text(&node, &handle, &text, ctx, &mut in_flight)).await;
                     } else if verdict == Verdict::Close {
                         handle.request_close(1008, "rate limit exceeded again and again");
                         break "flooding";
@@ -320,16 +318,13 @@ async fn handle_text(
     handle: &SessionHandle,
     text: &str,
     ctx: ParseContext<'_>,
-    in_flight: &Arc<Semaphore>,
+    in_flight: &mut InFlight,
 ) {
     match parse_client_frame(text, ctx) {
         Err(e) => node.reply_error(handle, &e).await,
         Ok(ClientFrame::Chat(send)) => {
             // At the limit, this connection is not read until an earlier message is acked.
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                return;
-            };
-            node.submit_chat(handle, send, permit).await
+            node.submit_chat(handle, send, in_flight).await
         }
         Ok(ClientFrame::Sync { since }) => node.handle_sync(handle, since),
         Ok(ClientFrame::History {
