@@ -56,7 +56,8 @@ pub(super) const BUSY_AT: usize = 32;
 /// One store lane's queue, as the connections' readers see it.
 pub(super) struct Lane {
     tx: mpsc::UnboundedSender<Pending>,
-    /// Messages handed to the lane and not taken into a batch yet.
+    /// Messages handed to the lane whose batch has not gone to the store yet (those of a
+    /// batch still gathering during its linger count too).
     waiting: Arc<AtomicUsize>,
 }
 
