@@ -100,13 +100,34 @@ impl Routes {
 /// forgotten instead, and the next publish learns the node's topic from the broker again.
 struct ProducerEvents {
     lost: Arc<AtomicU64>,
+    /// When the warning that every broker went away was last logged: librdkafka reports one
+    /// outage more than once (for the bootstrap address and for the broker's id), and an
+    /// operator should read one warning per outage.
+    warned: Mutex<Option<std::time::Instant>>,
+}
+
+/// An outage reported again within this long after its warning is logged at DEBUG only.
+const WARN_AGAIN_AFTER: Duration = Duration::from_secs(10);
+
+/// Whether a report at `now` deserves a warning, given the last one (`warned`, updated).
+fn warn_now(warned: &mut Option<std::time::Instant>, now: std::time::Instant) -> bool {
+    let fresh = warned.is_none_or(|at| now.saturating_duration_since(at) >= WARN_AGAIN_AFTER);
+    if fresh {
+        *warned = Some(now);
+    }
+    fresh
 }
 
 impl ClientContext for ProducerEvents {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.lost.fetch_add(1, Ordering::SeqCst);
-            tracing::warn!("every Kafka broker is unreachable ({reason}); the topics of other nodes are learned again once one answers");
+            let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            if warn_now(&mut warned, std::time::Instant::now()) {
+                tracing::warn!("every Kafka broker is unreachable ({reason}); the topics of other nodes are learned again once one answers");
+            } else {
+                tracing::debug!("every Kafka broker is unreachable, again ({reason})");
+            }
         } else {
             tracing::debug!("librdkafka: {error}: {reason}");
         }
@@ -158,6 +179,7 @@ impl KafkaBus {
         let brokers_lost = Arc::new(AtomicU64::new(0));
         let events = ProducerEvents {
             lost: brokers_lost.clone(),
+            warned: Mutex::new(None),
         };
         Ok(Self {
             shared: Arc::new(Shared {
@@ -461,6 +483,18 @@ impl Bus for KafkaBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_outage_reported_twice_is_warned_of_once() {
+        let mut warned = None;
+        let t0 = std::time::Instant::now();
+        assert!(warn_now(&mut warned, t0));
+        assert!(!warn_now(&mut warned, t0 + Duration::from_millis(3)));
+        assert!(!warn_now(&mut warned, t0 + WARN_AGAIN_AFTER / 2));
+        // A later outage is warned of again.
+        assert!(warn_now(&mut warned, t0 + WARN_AGAIN_AFTER));
+        assert!(!warn_now(&mut warned, t0 + WARN_AGAIN_AFTER * 3 / 2));
+    }
 
     #[test]
     fn routes_learned_before_every_broker_went_away_are_forgotten() {
