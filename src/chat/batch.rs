@@ -524,35 +524,66 @@ mod tests {
         assert_eq!(in_flight.lane(&lanes), 0);
     }
 
+    /// Message `i` from user `u` to `v`, as a connection's reader hands it on.
+    fn pending(i: usize) -> (Pending, crate::chat::registry::SessionEnds) {
+        let (from, ends) = SessionHandle::new("u", &format!("c{i}"), 4);
+        let permits = Arc::new(Semaphore::new(1));
+        let p = Pending {
+            from,
+            message: NewMessage {
+                message_id: format!("m{i}"),
+                sender_id: "u".into(),
+                receiver_id: "v".into(),
+                chat_id: "c".into(),
+                content: "hi".into(),
+                timestamp: 0,
+                temp_message_id: None,
+                group: false,
+            },
+            permit: permits.try_acquire_owned().unwrap(),
+            arrived: Instant::now(),
+        };
+        (p, ends)
+    }
+
     #[tokio::test]
     async fn a_lane_counts_what_waits_for_a_batch() {
         let (lanes, mut queues) = lanes(1);
-        let pending = |i: usize| {
-            let (from, _ends) = SessionHandle::new("u", &format!("c{i}"), 4);
-            let permits = Arc::new(Semaphore::new(1));
-            Pending {
-                from,
-                message: NewMessage {
-                    message_id: format!("m{i}"),
-                    sender_id: "u".into(),
-                    receiver_id: "v".into(),
-                    chat_id: "c".into(),
-                    content: "hi".into(),
-                    timestamp: 0,
-                    temp_message_id: None,
-                    group: false,
-                },
-                permit: permits.try_acquire_owned().unwrap(),
-                arrived: Instant::now(),
-            }
-        };
+        let mut ends = Vec::new();
         for i in 0..3 {
-            assert!(lanes[0].send(pending(i)).is_ok());
+            let (p, e) = pending(i);
+            ends.push(e);
+            assert!(lanes[0].send(p).is_ok());
         }
         assert_eq!(lanes[0].waiting.load(Ordering::Relaxed), 3);
         // The batch task's end gone: the message comes back, not counted.
         drop(queues.pop());
-        assert!(lanes[0].send(pending(3)).is_err());
+        assert!(lanes[0].send(pending(3).0).is_err());
         assert_eq!(lanes[0].waiting.load(Ordering::Relaxed), 3);
+    }
+
+    /// The other half of the count: a node's batch task takes the messages off it once their
+    /// batch goes to the store, so a lane that served its load reads as free again.
+    #[tokio::test]
+    async fn a_lanes_count_comes_down_once_its_batch_is_taken() {
+        let config = crate::config::Config::default();
+        let backends = crate::chat::Backends::from_config(&config).unwrap();
+        let node = Node::start(config, backends).await.unwrap();
+        let lane = &node.chats[0];
+        let mut ends = Vec::new();
+        for i in 0..5 {
+            let (p, e) = pending(i);
+            ends.push(e);
+            assert!(lane.send(p).is_ok());
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while lane.waiting.load(Ordering::Relaxed) != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "still counted: {}",
+                lane.waiting.load(Ordering::Relaxed)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 }
