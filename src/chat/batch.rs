@@ -549,11 +549,8 @@ mod tests {
     #[tokio::test]
     async fn a_lane_counts_what_waits_for_a_batch() {
         let (lanes, mut queues) = lanes(1);
-        let mut ends = Vec::new();
         for i in 0..3 {
-            let (p, e) = pending(i);
-            ends.push(e);
-            assert!(lanes[0].send(p).is_ok());
+            assert!(lanes[0].send(pending(i).0).is_ok());
         }
         assert_eq!(lanes[0].waiting.load(Ordering::Relaxed), 3);
         // The batch task's end gone: the message comes back, not counted.
@@ -570,10 +567,11 @@ mod tests {
         let backends = crate::chat::Backends::from_config(&config).unwrap();
         let node = Node::start(config, backends).await.unwrap();
         let lane = &node.chats[0];
-        let mut ends = Vec::new();
+        // The connections stay open meanwhile: their acks have somewhere to go.
+        let mut connections = Vec::new();
         for i in 0..5 {
-            let (p, e) = pending(i);
-            ends.push(e);
+            let (p, ends) = pending(i);
+            connections.push(ends);
             assert!(lane.send(p).is_ok());
         }
         let deadline = Instant::now() + std::time::Duration::from_secs(10);
