@@ -3,8 +3,9 @@
 #   Redis  (Debian's redis-server) on 127.0.0.1:$REDIS_PORT with password $REDIS_PASSWORD,
 #          persisted to .services/ with an fsync per write (appendonly, appendfsync always),
 #          so an acknowledged message survives Redis being killed;
-#   Kafka  (Tansu, an Apache Kafka API compatible broker, pinned to $TANSU_VERSION) on
-#          127.0.0.1:$KAFKA_PORT with in-memory storage;
+#   Kafka  (Tansu, an Apache Kafka API compatible broker, pinned to $TANSU_VERSION, with one
+#          patch of ours: scripts/tansu-long-poll.patch) on 127.0.0.1:$KAFKA_PORT with
+#          in-memory storage;
 #   the MessageService (`chatd message-service --backend redis`) on 127.0.0.1:$STORE_PORT,
 #          which the node1/node2 profiles store through (built with cargo if missing).
 #
@@ -18,7 +19,8 @@
 #   scripts/services.sh cluster up|down|status
 #   seeds for chatd: redis.cluster = true, redis.url = "redis://127.0.0.1:7001,redis://127.0.0.1:7002"
 #
-# Installing Tansu compiles it (about 16 minutes on 2 cores) into ~/.cargo/bin, once.
+# Installing Tansu compiles it (about 16 minutes on 2 cores) into $TANSU_HOME, once per version
+# of the patch: it is kept outside the repository, so every clone on the machine shares it.
 # State (pid files, logs) lives in .services/ of the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,9 @@ CHATD=target/release/chatd
 TANSU_VERSION=0.6.0
 STATE=.services
 REDIS_CLUSTER_PORTS=${REDIS_CLUSTER_PORTS:-7001 7002 7003}
-TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
+TANSU_PATCH=scripts/tansu-long-poll.patch
+TANSU_HOME=${TANSU_HOME:-$HOME/.cache/chatd/tansu}
+TANSU=$TANSU_HOME/bin/tansu
 
 mkdir -p "$STATE"
 
@@ -59,12 +63,45 @@ install_redis() {
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
 }
 
+# Tansu 0.6.0 answers a fetch only once its whole max wait is over, even when records came in
+# at once: a frame between nodes waited about 1.5 x kafka.fetch_wait_ms, and to keep that
+# short each node asked the broker again every millisecond (0.15 cores of the broker per idle
+# node). And each fetch that had records listed every batch of the partition. The patch makes
+# a fetch answer as soon as a produce stores records, as Kafka's long poll does, and read the
+# batch at the fetched offset directly (README, "The broker"). It is built from the crates'
+# sources on crates.io, with Tansu's own Cargo.lock; the build directory ($TANSU_HOME/target,
+# about 1.4 GB) is kept, so a change of the patch rebuilds in about 5 minutes.
 install_tansu() {
-  if [ -x "$TANSU" ] && "$TANSU" --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  local stamp want
+  stamp="$TANSU_HOME/patch.sha256"
+  want="$TANSU_VERSION $(sha256sum "$TANSU_PATCH" | cut -d' ' -f1)"
+  if [ -x "$TANSU" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     return
   fi
-  echo "installing tansu $TANSU_VERSION with cargo (about 16 minutes the first time)..."
-  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore
+  echo "building tansu $TANSU_VERSION with $TANSU_PATCH (about 16 minutes the first time)..."
+  local src="$TANSU_HOME/src"
+  rm -rf "$src"
+  mkdir -p "$src" "$TANSU_HOME/bin"
+  # Python and git, not curl and patch: a fresh machine has the first two.
+  local crate
+  for crate in tansu tansu-storage; do
+    python3 -c 'import io, sys, tarfile, urllib.request
+data = urllib.request.urlopen(sys.argv[1], timeout=120).read()
+tarfile.open(fileobj=io.BytesIO(data)).extractall(sys.argv[2])' \
+      "https://static.crates.io/crates/$crate/$TANSU_VERSION/download" "$src"
+  done
+  # Outside any git repository, `git apply` patches the directory it runs in.
+  (cd "$src/tansu-storage-$TANSU_VERSION" && git apply -p1 "$OLDPWD/$TANSU_PATCH")
+  printf '\n[patch.crates-io]\ntansu-storage = { path = "../tansu-storage-%s" }\n' \
+    "$TANSU_VERSION" >> "$src/tansu-$TANSU_VERSION/Cargo.toml"
+  # `cargo build` keeps the packaged Cargo.lock (only the patched crate's entry changes);
+  # `cargo install --path` would resolve every dependency afresh.
+  (cd "$src/tansu-$TANSU_VERSION" && CARGO_TARGET_DIR="$TANSU_HOME/target" \
+    cargo build --release --features dynostore --bin tansu)
+  # Renamed into place: a broker still running the old binary keeps it.
+  cp "$TANSU_HOME/target/release/tansu" "$TANSU.new"
+  mv "$TANSU.new" "$TANSU"
+  echo "$want" > "$stamp"
 }
 
 start_redis() {

@@ -6,7 +6,7 @@
 # the test page in a headless browser, clippy (warnings are errors) and the unit tests once
 # more in a debug build (overflow checks on). Installs what is missing: Chromium and
 # redis-server (apt-get), OpenSSL's headers for the build (scripts/build-deps.sh),
-# playwright-core (npm), Tansu (cargo install, ~16 min once). The suites that keep state in
+# playwright-core (npm), Tansu (built with cargo and our patch, ~16 min once). The suites that keep state in
 # Redis run a second time on a Redis Cluster (three masters on 7001-7003).
 # One release build serves the binary and the tests.
 set -euo pipefail

@@ -617,15 +617,17 @@ async fn concurrent_senders_on_two_node_processes_give_one_gap_free_seq() {
     expect_silence(&mut on1).await;
 }
 
-/// A Tansu broker of this test's own (the one `scripts/services.sh` installs), in memory: a
-/// restart loses every topic, offset and producer id, as a broker that lost its disk would.
+/// A Tansu broker of this test's own (the patched one `scripts/services.sh` builds into
+/// `$TANSU_HOME`, `~/.cache/chatd/tansu` by default), in memory: a restart loses every topic,
+/// offset and producer id, as a broker that lost its disk would.
 fn tansu(port: u16) -> KillOnDrop {
-    let bin = std::env::var_os("TANSU")
+    let home = std::env::var_os("TANSU_HOME")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
             std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-                .join(".cargo/bin/tansu")
+                .join(".cache/chatd/tansu")
         });
+    let bin = home.join("bin/tansu");
     let url = format!("tcp://127.0.0.1:{port}");
     let child = std::process::Command::new(&bin)
         .args([

@@ -350,7 +350,7 @@ impl Default for KafkaConfig {
             offline_topic: "chat.offline-push".into(),
             group_prefix: "chatd-node-".into(),
             publish_timeout_ms: 5000,
-            fetch_wait_ms: 10,
+            fetch_wait_ms: 100,
             linger_ms: 0,
             rotate_records: 2_000,
             drain_secs: 30,
