@@ -238,6 +238,105 @@ async fn a_batch_across_script_calls_keeps_order_and_idempotency() {
     );
 }
 
+/// Runs one command on the test's Redis.
+async fn command<T: redis::FromRedisValue + Send>(client: &RedisClient, words: &[&str]) -> T {
+    let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+    let words = &words;
+    client
+        .call("test command", |mut c| async move {
+            redis::cmd(&words[0]).arg(&words[1..]).query_async(&mut c).await
+        })
+        .await
+        .unwrap()
+}
+
+/// A copy is one string: any content reads back as sent (through the inbox and the
+/// history), and a receipt marks both copies without losing their expiry.
+#[tokio::test]
+async fn a_copy_is_one_string_that_keeps_any_content_and_its_expiry_when_read() {
+    let s = store(600, 100);
+    let client = RedisClient::new(&common::test_redis()).unwrap();
+    let (a, b, m1) = (unique("a"), unique("b"), unique("m"));
+    let content = "3:ab:\n12:é😀 11:receiverSeq1:9";
+    let mut sent = message(&m1, &a, &b, None);
+    sent.content = content.into();
+    s.save(sent).await.unwrap();
+    for user in [&a, &b] {
+        let key = chatd::store::redis::message_key(user, &m1);
+        let kind: String = command(&client, &["TYPE", &key]).await;
+        assert_eq!(kind, "string", "{key}");
+        let page = s.fetch_chat(user, "c", None, 10).await.unwrap();
+        assert_eq!(page.messages[0].message.message.content, content);
+        assert_eq!(page.messages[0].message.message.temp_message_id, None);
+    }
+    let receipt = s.mark_read(&b, "c", &m1).await.unwrap();
+    assert_eq!(receipt.seq, 2);
+    for user in [&a, &b] {
+        let key = chatd::store::redis::message_key(user, &m1);
+        let ttl: i64 = command(&client, &["PTTL", &key]).await;
+        assert!(ttl > 590_000 && ttl <= 600_000, "{key}: {ttl}");
+        let page = s.fetch(user, 0, 10).await.unwrap();
+        let read = &page.entries[0].message;
+        assert_eq!((read.message.content.as_str(), read.read_at.is_some()), (content, true));
+        assert_eq!((read.receiver_seq, read.sender_seq), (1, if *user == a { 1 } else { 0 }));
+    }
+    let outbox = s.fetch(&a, 0, 10).await.unwrap();
+    assert_eq!(outbox.entries[1].kind, EntryKind::Receipt);
+    assert_eq!(s.mark_read(&b, "c", &m1).await.unwrap().seq, 2, "once");
+}
+
+/// Copies written by the version before copies became strings are hashes: they are read,
+/// retried and marked read as before, next to the strings this version writes.
+#[tokio::test]
+async fn copies_an_earlier_version_wrote_as_hashes_are_read_and_marked() {
+    let s = store(600, 100);
+    let client = RedisClient::new(&common::test_redis()).unwrap();
+    let (a, b) = (unique("a"), unique("b"));
+    let fields = "senderId {a} receiverId {b} chatId c content hi timestamp 1 tempMessageId t1";
+    let fields = fields.replace("{a}", &a).replace("{b}", &b);
+    let sender_copy = chatd::store::redis::message_key(&a, "m1");
+    let receiver_copy = chatd::store::redis::message_key(&b, "m1");
+    let idem = chatd::store::redis::idempotency_key(&a, "t1");
+    let (a_seq, b_seq) = (chatd::store::redis::seq_key(&a), chatd::store::redis::seq_key(&b));
+    let (a_inbox, b_inbox) = (
+        chatd::store::redis::inbox_key(&a),
+        chatd::store::redis::inbox_key(&b),
+    );
+    let written = [
+        format!("HSET {sender_copy} {fields} senderSeq 1 receiverSeq 1"),
+        format!("PEXPIRE {sender_copy} 600000"),
+        format!("HSET {receiver_copy} {fields} receiverSeq 1"),
+        format!("PEXPIRE {receiver_copy} 600000"),
+        format!("SET {idem} m1 PX 600000"),
+        format!("SET {a_seq} 1"),
+        format!("SET {b_seq} 1"),
+        format!("ZADD {a_inbox} 1 1:m:m1"),
+        format!("ZADD {b_inbox} 1 1:m:m1"),
+    ];
+    for line in &written {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        command::<redis::Value>(&client, &words).await;
+    }
+    let inbox = s.fetch(&b, 0, 10).await.unwrap();
+    assert_eq!(inbox.entries[0].message.message.content, "hi");
+    retry_is(&s, &a, &b, "t1", "m1", (1, 1)).await;
+    // The first receipt of a hash copy: its fields are set in the hash, as before.
+    assert_eq!(s.mark_read(&b, "c", "m1").await.unwrap().seq, 2);
+    assert_eq!(s.mark_read(&b, "c", "m1").await.unwrap().seq, 2, "once");
+    let receipt_seq: String = command(&client, &["HGET", &sender_copy, "receiptSeq"]).await;
+    assert_eq!(receipt_seq, "2");
+    let outbox = s.fetch(&a, 0, 10).await.unwrap();
+    let kinds: Vec<_> = outbox.entries.iter().map(|e| (e.seq, e.kind)).collect();
+    assert_eq!(kinds, [(1, EntryKind::Message), (2, EntryKind::Receipt)]);
+    assert!(outbox.entries[1].message.read_at.is_some());
+    // A new message next to them is a string, with the seqs going on.
+    let m2 = stored(s.save(message("m2", &a, &b, Some("t2"))).await.unwrap());
+    assert_eq!((m2.sender_seq, m2.receiver_seq), (3, 2));
+    let new_copy = chatd::store::redis::message_key(&b, "m2");
+    let kind: String = command(&client, &["TYPE", &new_copy]).await;
+    assert_eq!(kind, "string");
+}
+
 /// `chatd store migrate` on a Redis of the test's own holding the layout before Redis Cluster
 /// support: a node would refuse it; after the command every message, seq, receipt and
 /// idempotency key is where the current store looks, with its expiry.

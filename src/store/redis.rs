@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `chat:{userId}:seq` | string | the user's latest inbox seq (never expires: seqs never repeat) |
 //! | `chat:{userId}:inbox` | sorted set | score = seq, member = `{seq}:m:{messageId}` (a message) or `{seq}:r:{messageId}` (a read receipt for a message the user sent); cut to `store.inbox_max_entries` hourly and when read |
-//! | `chat:{userId}:msg:{messageId}` | hash | the user's copy of a message it sent or received: `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `receiverSeq`, `senderSeq` (in the sender's copy; the receiver's has only its own seq, but for a note to self), and once read `readAt` (both copies), `receiptSeq` (the sender's) |
+//! | `chat:{userId}:msg:{messageId}` | string | the user's copy of a message it sent or received: field, value, field, value, ... each written as its length in bytes, `:` and itself (`8:senderId5:alice...`, see [`encode_fields`]). Fields: `senderId`, `receiverId`, `chatId`, `content`, `timestamp`, `tempMessageId`, `group` (`1`, a group's message only), `senderSeq` (the sender's copy), `receiverSeq` (the receiver's; both in a note to self), and once read `readAt` (both copies) and `receiptSeq` (the sender's), appended. A copy written before 2026-12 is a hash of the same fields; both are read (see "Copies" below) |
 //! | `chat:{userId}:history:{chatId}` | list | the user's history of a chat: the `messageId`s of its messages in that chat, oldest first (in the order of their seqs in the user's inbox); cut to `store.inbox_max_entries` hourly and when read, expiring an hour after the retention of its newest message |
 //! | `chat:{senderId}:idem:{tempMessageId}` | string | the `messageId` stored for that send |
 //! | `chat:{g:groupId}:members` | hash | a group's members: userId → `admin` or `member` (never expires; gone when its last member leaves) |
@@ -20,6 +20,14 @@
 //! member's slot (its own seq, copy and history), after the members were read from the
 //! group's slot. A member's receipt takes a place `{seq}:g:{readerId}#{messageId}` in the
 //! sender's inbox, once per member (`receipt:{readerId}` in the sender's copy holds its seq).
+//!
+//! **Copies.** A copy is one string written with one `SET ... PX` (a hash took an `HSET` of
+//! sixteen arguments and a `PEXPIRE`: two commands in Redis's append-only file, 15 % of Redis's
+//! CPU per message at the cross-node maximum). What changes later (a receipt's `readAt`,
+//! `receiptSeq`, `receipt:{reader}`) is appended with `APPEND`, which keeps the expiry; a field
+//! is appended only when absent, so it appears once. A copy written by an earlier version is a
+//! hash: every script reads either (`copy_read`) and marks a hash with `HSET` as before, so a
+//! store needs no migration and such copies leave as they expire.
 //!
 //! A message touches two users, so two slots: it is saved in three steps, each one script,
 //! atomic in its slot and idempotent:
@@ -105,12 +113,58 @@ pub fn members_key(group_id: &str) -> String {
     format!("chat:{{g:{group_id}}}:members")
 }
 
+/// How every script reads and marks a user's copy of a message (module doc, "Copies").
+/// `copy_read` answers the copy as the node reads it (`{encoded}` for a string, the flat
+/// `{field, value, ...}` of a hash) and its fields as a table, or nothing when there is no
+/// copy; a string is decoded only here, on the paths that look inside a copy (a retry, a
+/// receipt), never on a first save. `copy_mark` adds fields to a copy `copy_read` read, and
+/// to what it answered.
+const COPY: &str = r#"
+local function item(v)
+  return #v .. ':' .. v
+end
+local function decode(v)
+  local f, name, i = {}, nil, 1
+  while i <= #v do
+    local colon = string.find(v, ':', i, true)
+    local n = tonumber(string.sub(v, i, colon - 1))
+    local s = string.sub(v, colon + 1, colon + n)
+    if name then f[name], name = s, nil else name = s end
+    i = colon + n + 1
+  end
+  return f
+end
+local function copy_read(key)
+  local v = redis.pcall('GET', key)
+  if not v then return nil end
+  if type(v) == 'table' then
+    -- WRONGTYPE: a hash, written by an earlier version.
+    local flat, f = redis.call('HGETALL', key), {}
+    for i = 1, #flat, 2 do f[flat[i]] = flat[i + 1] end
+    return flat, f
+  end
+  return {v}, decode(v)
+end
+local function copy_mark(key, flat, ...)
+  local add = {...}
+  if #flat == 1 then
+    local s = ''
+    for _, v in ipairs(add) do s = s .. item(v) end
+    redis.call('APPEND', key, s)
+    flat[1] = flat[1] .. s
+  else
+    redis.call('HSET', key, unpack(add))
+    for _, v in ipairs(add) do flat[#flat + 1] = v end
+  end
+end
+"#;
+
 /// What every script of a save or a receipt shares: ARGV[1] retention ms, ARGV[2] max inbox
 /// entries; `place` gives an entry the next seq of one inbox; `remember` puts a message in
 /// the user's history of its chat (a list, appended in seq order: cheaper to write than a
-/// sorted set, and a history is read far less often than written); `write_copy` writes a user's copy of the
-/// message whose seven fields start at ARGV[a] (no Lua table on this path: the script runs
-/// once per message). `keep` looks after an inbox or a history once an hour, not at every
+/// sorted set, and a history is read far less often than written); `write_copy` writes a
+/// user's copy of a message from the fields the node encoded (ARGV[body]) and the seqs, in
+/// one `SET` (no Lua table on this path: the script runs once per message). `keep` looks after an inbox or a history once an hour, not at every
 /// message: when its expiry has fallen below retention it is pushed to retention + an hour
 /// (so the set always outlives its newest message), and the set is cut to its newest `max`
 /// entries. Every reader cuts it first too (FETCH, FETCH_CHAT), so what a reader sees is
@@ -154,26 +208,19 @@ local function claim(idem, copy, id, temp)
   end
   if not held then return {'new', id} end
   if use ~= id then copy = string.sub(copy, 1, #copy - #id) .. use end
-  if redis.call('EXISTS', copy) == 1 then
+  local flat = copy_read(copy)
+  if flat then
     local reply = {'dup', use}
-    for _, v in ipairs(redis.call('HGETALL', copy)) do reply[#reply + 1] = v end
+    for _, v in ipairs(flat) do reply[#reply + 1] = v end
     return reply
   end
   return {'go', use}
 end
-local function write_copy(key, a, sseq, rseq)
-  -- One HSET whichever seqs the copy holds and whether it is a group's: a field named twice
-  -- is written once.
-  local s = ARGV
-  local f1, v1, f2, v2 = 'senderSeq', sseq, 'receiverSeq', rseq
-  if not sseq then f1, v1 = f2, v2 end
-  if not rseq then f2, v2 = f1, v1 end
-  local f3, v3 = f1, v1
-  if s[a + 7] == '1' then f3, v3 = 'group', '1' end
-  redis.call('HSET', key, 'senderId', s[a + 1], 'receiverId', s[a + 2], 'chatId', s[a + 3],
-    'content', s[a + 4], 'timestamp', s[a + 5], 'tempMessageId', s[a + 6], f1, v1, f2, v2,
-    f3, v3)
-  redis.call('PEXPIRE', key, ARGV[1])
+local function write_copy(key, body, sseq, rseq)
+  local v = ARGV[body]
+  if sseq then v = v .. '9:senderSeq' .. item(sseq) end
+  if rseq then v = v .. '11:receiverSeq' .. item(rseq) end
+  redis.call('SET', key, v, 'PX', ARGV[1])
 end
 "#;
 
@@ -198,7 +245,7 @@ return out
 /// save, not three; atomic, so there is no copy to look for: none can exist under a new claim
 /// and nothing else runs between). KEYS, nine per message: idempotency key, the sender's copy,
 /// counter, inbox and history of the chat, the receiver's counter, inbox, copy and history.
-/// ARGV after the common two, nine per message: the eight of step 2, and whole ('1' when the
+/// ARGV after the common two, seven per message: the six of step 2, and whole ('1' when the
 /// message may be saved whole here: to another user, not a group). Answers per message
 /// {'whole', id, receiverSeq, senderSeq}, or what step 1 answers: the message's steps 2 and 3
 /// are then left to their own scripts, and so are those of every later message of the same
@@ -206,18 +253,18 @@ return out
 const SAVE_WHOLE: &str = r#"
 local out, behind = {}, {}
 for i = 0, #KEYS / 9 - 1 do
-  local k, a = i * 9, 3 + i * 9
+  local k, a = i * 9, 3 + i * 7
   local id, sender = ARGV[a], ARGV[a + 1]
-  local reply = claim(KEYS[k + 1], KEYS[k + 2], id, ARGV[a + 6])
-  if reply[1] == 'new' and ARGV[a + 8] == '1' and not behind[sender] then
+  local reply = claim(KEYS[k + 1], KEYS[k + 2], id, ARGV[a + 3])
+  if reply[1] == 'new' and ARGV[a + 6] == '1' and not behind[sender] then
     local rseq = place(KEYS[k + 6], KEYS[k + 7], 'm', id)
-    write_copy(KEYS[k + 8], a, nil, rseq)
+    write_copy(KEYS[k + 8], a + 5, nil, rseq)
     remember(KEYS[k + 9], id)
     local sseq = place(KEYS[k + 3], KEYS[k + 4], 'm', id)
-    write_copy(KEYS[k + 2], a, sseq, rseq)
+    write_copy(KEYS[k + 2], a + 5, sseq, rseq)
     remember(KEYS[k + 5], id)
     reply = {'whole', id, rseq, sseq}
-  elseif reply[1] ~= 'dup' or ARGV[a + 7] == '1' then
+  elseif reply[1] ~= 'dup' or ARGV[a + 4] == '1' then
     behind[sender] = true
   end
   out[i + 1] = reply
@@ -227,25 +274,26 @@ return out
 
 /// Step 2, in the receiver's slot (a group member's, for a group message). KEYS, four per
 /// message: receiver's counter, inbox, copy, history of the chat.
-/// ARGV after the common two, eight per message: messageId, senderId, receiverId, chatId,
-/// content, timestamp, tempMessageId, group ('1' or ''). Answers per message {receiverSeq} when it placed the
-/// message now, or {receiverSeq, field, value, ...} with the copy it found (the step ran
-/// before: that copy is what the sender's step writes too). A note to self is placed once,
+/// ARGV after the common two, six per message ([`add_message`]): messageId, senderId,
+/// receiverId, tempMessageId, group ('1' or ''), the copy's fields encoded. Answers per
+/// message {receiverSeq} when it placed the message now, or {receiverSeq, copy as
+/// `copy_read` answers it} with the copy it found (the step ran before: that copy is what the
+/// sender's step writes too). A note to self is placed once,
 /// its one copy holding both seqs.
 const SAVE_RECEIVER: &str = r#"
 local out = {}
 for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, 3 + i * 8
-  local have = redis.call('HGET', KEYS[k + 3], 'receiverSeq')
-  if have then
-    local reply = {have}
-    for _, v in ipairs(redis.call('HGETALL', KEYS[k + 3])) do reply[#reply + 1] = v end
+  local k, a = i * 4, 3 + i * 6
+  local flat, have = copy_read(KEYS[k + 3])
+  if have and have.receiverSeq then
+    local reply = {have.receiverSeq}
+    for _, v in ipairs(flat) do reply[#reply + 1] = v end
     out[i + 1] = reply
   else
     local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
     -- The sender's seq is given by the next step, but to a note to self: this one copy.
-    local to_self = ARGV[a + 7] ~= '1' and ARGV[a + 1] == ARGV[a + 2]
-    write_copy(KEYS[k + 3], a, to_self and seq or nil, seq)
+    local to_self = ARGV[a + 4] ~= '1' and ARGV[a + 1] == ARGV[a + 2]
+    write_copy(KEYS[k + 3], a + 5, to_self and seq or nil, seq)
     remember(KEYS[k + 4], ARGV[a])
     out[i + 1] = {seq}
   end
@@ -255,21 +303,20 @@ return out
 
 /// Step 3, in the sender's slot. KEYS, four per message: sender's counter, inbox, copy,
 /// history of the chat.
-/// ARGV after the common two, nine per message: messageId, senderId, receiverId, chatId,
-/// content, timestamp, tempMessageId, group, receiverSeq ('' for a group message: each member
-/// has its own). Answers the senderSeq of each: the existing copy's when the step ran before.
+/// ARGV after the common two, seven per message: the six of step 2, receiverSeq ('' for a
+/// group message: each member has its own). Answers the senderSeq of each: the existing copy's when the step ran before.
 const SAVE_SENDER: &str = r#"
 local out = {}
 for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, 3 + i * 9
-  local have = redis.call('HGET', KEYS[k + 3], 'senderSeq')
-  if have then
-    out[i + 1] = have
+  local k, a = i * 4, 3 + i * 7
+  local _, have = copy_read(KEYS[k + 3])
+  if have and have.senderSeq then
+    out[i + 1] = have.senderSeq
   else
     local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
-    local rseq = ARGV[a + 8]
+    local rseq = ARGV[a + 6]
     if rseq == '' then rseq = nil end
-    write_copy(KEYS[k + 3], a, seq, rseq)
+    write_copy(KEYS[k + 3], a + 5, seq, rseq)
     remember(KEYS[k + 4], ARGV[a])
     out[i + 1] = seq
   end
@@ -278,19 +325,18 @@ return out
 "#;
 
 /// A receipt's step 1, in the reader's slot. KEYS: the reader's copy. ARGV after the common
-/// two: chatId, reader, now. Marks the copy read (once) and answers {'ok', field, value,
-/// ...}, or {'unknown'} (no such message in the reader's messages, or another chat), or
+/// two: chatId, reader, now. Marks the copy read (once) and answers {'ok', the copy as
+/// `copy_read` answers it}, or {'unknown'} (no such message in the reader's messages, or another chat), or
 /// {'forbidden'} (the reader sent it). In a group, any member but the sender reads its copy.
 const READ_READER: &str = r#"
-local m = redis.call('HMGET', KEYS[1], 'chatId', 'receiverId', 'readAt', 'group', 'senderId')
-if not m[1] or m[1] ~= ARGV[3] then return {'unknown'} end
-if m[4] == '1' then
-  if m[5] == ARGV[4] then return {'forbidden'} end
-elseif m[2] ~= ARGV[4] then return {'forbidden'} end
-if not m[3] then redis.call('HSET', KEYS[1], 'readAt', ARGV[5]) end
-local all = redis.call('HGETALL', KEYS[1])
-table.insert(all, 1, 'ok')
-return all
+local flat, m = copy_read(KEYS[1])
+if not m or m.chatId ~= ARGV[3] then return {'unknown'} end
+if m.group == '1' then
+  if m.senderId == ARGV[4] then return {'forbidden'} end
+elseif m.receiverId ~= ARGV[4] then return {'forbidden'} end
+if not m.readAt then copy_mark(KEYS[1], flat, 'readAt', ARGV[5]) end
+table.insert(flat, 1, 'ok')
+return flat
 "#;
 
 /// A receipt's step 2, in the sender's slot. KEYS: the sender's copy, counter, inbox. ARGV
@@ -298,19 +344,23 @@ return all
 /// place in the sender's inbox the first time (in a group, the first time for this reader);
 /// answers its seq, or '' when the sender's copy expired.
 const READ_SENDER: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return '' end
+local flat, m = copy_read(KEYS[1])
+if not m then return '' end
 if ARGV[6] == '1' then
   local field = 'receipt:' .. ARGV[5]
-  local seq = redis.call('HGET', KEYS[1], field)
-  if seq then return seq end
-  seq = place(KEYS[2], KEYS[3], 'g', ARGV[5] .. '#' .. ARGV[3])
-  redis.call('HSET', KEYS[1], field, seq)
+  if m[field] then return m[field] end
+  local seq = place(KEYS[2], KEYS[3], 'g', ARGV[5] .. '#' .. ARGV[3])
+  copy_mark(KEYS[1], flat, field, seq)
   return seq
 end
-local seq = redis.call('HGET', KEYS[1], 'receiptSeq')
-if seq then return seq end
-seq = place(KEYS[2], KEYS[3], 'r', ARGV[3])
-redis.call('HSET', KEYS[1], 'readAt', ARGV[4], 'receiptSeq', seq)
+if m.receiptSeq then return m.receiptSeq end
+local seq = place(KEYS[2], KEYS[3], 'r', ARGV[3])
+-- readAt may be there already (a note to self: one copy, read by its receiver's step).
+if m.readAt then
+  copy_mark(KEYS[1], flat, 'receiptSeq', seq)
+else
+  copy_mark(KEYS[1], flat, 'readAt', ARGV[4], 'receiptSeq', seq)
+end
 return seq
 "#;
 
@@ -361,7 +411,8 @@ return 'ok'
 /// the same slot), max entries. The inbox is cut to its newest `max` entries (see `keep`) and
 /// entries whose message expired are dropped from the front first, so `oldest` is what can
 /// still be given.
-/// Returns {{oldest, latest}, {seq, kind, messageId, reader, field, value, ...}, ...}, kind
+/// Returns {{oldest, latest}, {seq, kind, messageId, reader, the copy as `copy_read` answers
+/// it}, ...}, kind
 /// 'm' (a message), 'r' (a receipt) or 'g' (a group member's receipt, by `reader`).
 const FETCH: &str = r#"
 local latest = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -386,8 +437,8 @@ if tonumber(ARGV[2]) > 0 then
     local reader = ''
     if kind == 'g' then reader, id = string.match(id, '^(.-)#(.*)$') end
     local entry = {seq, kind, id, reader}
-    for _, v in ipairs(redis.call('HGETALL', ARGV[3] .. id)) do table.insert(entry, v) end
-    table.insert(out, entry)
+    for _, v in ipairs(copy_read(ARGV[3] .. id) or {}) do entry[#entry + 1] = v end
+    out[#out + 1] = entry
   end
 end
 return out
@@ -397,7 +448,7 @@ return out
 /// limit, the user's message prefix (its copies are in the same slot), max entries (the
 /// history is cut to them first, see `keep`). Answers {{'none'}} when the user has no history
 /// of the chat, {{'unknown'}} when `before` is not in it, else {{'ok' or 'more'}, {messageId,
-/// field, value, ...}, ...}, newest first ('more': older messages are kept). A message whose
+/// the copy as `copy_read` answers it}, ...}, newest first ('more': older messages are kept). A message whose
 /// copy expired ends the page, and it and every older one leave the history (copies of one
 /// user expire in the order they were written, which is the list's). `LPOS` looks for the
 /// cursor from the newest end: a page deep in a long history costs a walk to it.
@@ -418,8 +469,8 @@ if top < 0 then return out end
 local from = math.max(0, top - limit)
 local ids = redis.call('LRANGE', KEYS[1], from, top)
 for i = #ids, 1, -1 do
-  local fields = redis.call('HGETALL', ARGV[3] .. ids[i])
-  if #fields == 0 then
+  local fields = copy_read(ARGV[3] .. ids[i])
+  if not fields then
     redis.call('LTRIM', KEYS[1], from + i, -1)
     break
   end
@@ -453,14 +504,50 @@ pub struct RedisStore {
     group_max_members: usize,
 }
 
-/// A map of a copy's fields from a flat [field, value, ...] list.
-fn field_map(flat: &[String]) -> HashMap<String, String> {
-    flat.chunks_exact(2)
-        .map(|p| (p[0].clone(), p[1].clone()))
-        .collect()
+/// `fields` as a copy's string (module doc, "Copies"): each of them its length in bytes, `:`
+/// and itself, so that any content reads back as written and a script appends a field by
+/// appending two items. A netstring without the trailing comma: nothing in Redis's Lua
+/// would read that comma, and a crate for it would be larger than these lines.
+pub fn encode_fields<'a>(fields: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for f in fields {
+        out.push_str(&f.len().to_string());
+        out.push(':');
+        out.push_str(f);
+    }
+    out
 }
 
-fn from_fields(message_id: &str, f: &HashMap<String, String>) -> Option<StoredMessage> {
+/// The fields of a copy's string, or `None` when it is not one [`encode_fields`] wrote.
+fn decode_fields(mut s: &str) -> Option<HashMap<String, String>> {
+    let mut fields = HashMap::new();
+    let mut name = None;
+    while !s.is_empty() {
+        let (len, rest) = s.split_once(':')?;
+        let len: usize = len.parse().ok()?;
+        let item = rest.get(..len)?;
+        s = &rest[len..];
+        match name.take() {
+            None => name = Some(item.to_string()),
+            Some(n) => {
+                fields.insert(n, item.to_string());
+            }
+        }
+    }
+    name.is_none().then_some(fields)
+}
+
+/// A copy as a script answers it (`copy_read`): one string, or the flat `[field, value, ...]`
+/// of a hash an earlier version wrote. Its message, or `None` when there is no copy or it
+/// lacks a field.
+fn from_copy(message_id: &str, copy: &[String]) -> Option<StoredMessage> {
+    let f = match copy {
+        [encoded] => decode_fields(encoded)?,
+        flat => flat
+            .chunks_exact(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect(),
+    };
     let get = |k: &str| f.get(k).cloned();
     let seq = |k: &str| get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
     Some(StoredMessage {
@@ -519,7 +606,7 @@ fn claimed(saving: &mut Saving, reply: &[String]) -> Result<(), StoreError> {
             }
         }
         [status, id, fields @ ..] if status == "dup" => {
-            saving.stored = from_fields(id, &field_map(fields)).ok_or_else(bad)?;
+            saving.stored = from_copy(id, fields).ok_or_else(bad)?;
             saving.fresh = false;
             // A group's steps run again (each finds its copy): they answer the members'
             // places, for the delivery a retry makes again.
@@ -541,16 +628,34 @@ fn not_done(savings: &[Result<Saving, StoreError>]) -> Vec<usize> {
 #[doc(hidden)]
 pub struct Claimed(Vec<Result<Saving, StoreError>>);
 
-/// A message's seven fields and its group flag, in the order steps 2 and 3 read them.
+/// A message as steps 2 and 3 read it: its id, sender, receiver, tempMessageId, group flag
+/// ('1' or ''), and the fields of its copies but the seqs, encoded ([`encode_fields`]).
 fn add_message(call: &mut ScriptInvocation<'_>, m: &NewMessage) {
+    let temp = m.temp_message_id.as_deref().unwrap_or_default();
+    let timestamp = m.timestamp.to_string();
+    let mut fields = vec![
+        "senderId",
+        &m.sender_id,
+        "receiverId",
+        &m.receiver_id,
+        "chatId",
+        &m.chat_id,
+        "content",
+        &m.content,
+        "timestamp",
+        &timestamp,
+        "tempMessageId",
+        temp,
+    ];
+    if m.group {
+        fields.extend(["group", "1"]);
+    }
     call.arg(&m.message_id)
         .arg(&m.sender_id)
         .arg(&m.receiver_id)
-        .arg(&m.chat_id)
-        .arg(&m.content)
-        .arg(m.timestamp)
-        .arg(m.temp_message_id.as_deref().unwrap_or_default())
-        .arg(if m.group { "1" } else { "" });
+        .arg(temp)
+        .arg(if m.group { "1" } else { "" })
+        .arg(encode_fields(fields));
 }
 
 impl RedisStore {
@@ -562,14 +667,14 @@ impl RedisStore {
                 retention_secs.saturating_mul(1000).to_string(),
                 inbox_max_entries.max(1).to_string(),
             ],
-            save_claim: Script::new(&format!("{COMMON}{SAVE_CLAIM}")),
-            save_whole: Script::new(&format!("{COMMON}{SAVE_WHOLE}")),
-            save_receiver: Script::new(&format!("{COMMON}{SAVE_RECEIVER}")),
-            save_sender: Script::new(&format!("{COMMON}{SAVE_SENDER}")),
-            read_reader: Script::new(&format!("{COMMON}{READ_READER}")),
-            read_sender: Script::new(&format!("{COMMON}{READ_SENDER}")),
-            fetch: Script::new(FETCH),
-            fetch_chat: Script::new(FETCH_CHAT),
+            save_claim: Script::new(&format!("{COPY}{COMMON}{SAVE_CLAIM}")),
+            save_whole: Script::new(&format!("{COPY}{COMMON}{SAVE_WHOLE}")),
+            save_receiver: Script::new(&format!("{COPY}{COMMON}{SAVE_RECEIVER}")),
+            save_sender: Script::new(&format!("{COPY}{COMMON}{SAVE_SENDER}")),
+            read_reader: Script::new(&format!("{COPY}{COMMON}{READ_READER}")),
+            read_sender: Script::new(&format!("{COPY}{COMMON}{READ_SENDER}")),
+            fetch: Script::new(&format!("{COPY}{FETCH}")),
+            fetch_chat: Script::new(&format!("{COPY}{FETCH_CHAT}")),
             group_create: Script::new(GROUP_CREATE),
             group_change: Script::new(GROUP_CHANGE),
             group_max_members: super::DEFAULT_GROUP_MAX_MEMBERS,
@@ -779,7 +884,7 @@ impl RedisStore {
                     return Ok((seq, None));
                 }
                 let id = &saving.stored.message.message_id;
-                let found = from_fields(id, &field_map(fields)).ok_or_else(|| bad(&r))?;
+                let found = from_copy(id, fields).ok_or_else(|| bad(&r))?;
                 Ok((seq, Some(found)))
             });
             match step {
@@ -950,7 +1055,7 @@ impl Store for RedisStore {
         let reply: Vec<String> = self.redis.write_script("mark read", script, &call).await?;
         let message = match reply.split_first() {
             Some((status, fields)) if status == "ok" => {
-                from_fields(message_id, &field_map(fields)).ok_or_else(unknown)?
+                from_copy(message_id, fields).ok_or_else(unknown)?
             }
             Some((status, _)) if status == "forbidden" => {
                 return Err(StoreError::NotReceiver(message_id.to_string()))
@@ -1017,7 +1122,7 @@ impl Store for RedisStore {
             let [seq, kind, id, reader, fields @ ..] = row.as_slice() else {
                 return Err(bad());
             };
-            let Some(message) = from_fields(id, &field_map(fields)) else {
+            let Some(message) = from_copy(id, fields) else {
                 // Expired after an older entry that has not: the oldest still kept moves on.
                 tracing::warn!(user = user_id, seq = %seq, "inbox entry whose message expired");
                 continue;
@@ -1078,7 +1183,7 @@ impl Store for RedisStore {
             let [id, fields @ ..] = row.as_slice() else {
                 return Err(bad());
             };
-            let message = from_fields(id, &field_map(fields)).ok_or_else(bad)?;
+            let message = from_copy(id, fields).ok_or_else(bad)?;
             // The user's copy holds its own place: the receiver's, or the sender's.
             let seq = message.seq_of(user_id);
             page.messages.push(HistoryMessage { message, seq });
@@ -1181,5 +1286,43 @@ impl Store for RedisStore {
 
     fn name(&self) -> &'static str {
         "redis"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copys_fields_read_back_whatever_they_hold() {
+        let fields = ["content", "12:ab:3:c\n\u{e9}\u{1f600}", "tempMessageId", "", "7", "::"];
+        let encoded = encode_fields(fields);
+        assert!(encoded.starts_with("7:content16:12:ab"), "{encoded}");
+        let decoded = decode_fields(&encoded).unwrap();
+        assert_eq!(decoded["content"], fields[1]);
+        assert_eq!(decoded["tempMessageId"], "");
+        assert_eq!(decoded["7"], "::");
+        // What a script appends (a receipt) reads as one more field.
+        let marked = format!("{encoded}{}", encode_fields(["readAt", "5"]));
+        assert_eq!(decode_fields(&marked).unwrap()["readAt"], "5");
+    }
+
+    #[test]
+    fn a_string_that_is_no_copy_is_refused_not_misread() {
+        for bad in ["5:abc", "x:abc", "3:abc", "3abc", "3:abc9:", "1:\u{e9}"] {
+            assert_eq!(decode_fields(bad), None, "{bad:?}");
+        }
+        assert_eq!(decode_fields("").map(|f| f.len()), Some(0));
+        // One string is a copy; several are a hash's fields and values.
+        assert!(from_copy("m", &["5:abc".into()]).is_none());
+        let flat: Vec<String> = [
+            "senderId", "a", "receiverId", "b", "chatId", "c", "content", "hi", "timestamp", "1",
+        ]
+        .map(String::from)
+        .to_vec();
+        let m = from_copy("m", &flat).unwrap();
+        assert_eq!((m.message.content.as_str(), m.message.timestamp), ("hi", 1));
+        let one = encode_fields(flat.iter().map(String::as_str));
+        assert_eq!(from_copy("m", &[one]).unwrap().message, m.message);
     }
 }
