@@ -244,7 +244,10 @@ async fn command<T: redis::FromRedisValue + Send>(client: &RedisClient, words: &
     let words = &words;
     client
         .call("test command", |mut c| async move {
-            redis::cmd(&words[0]).arg(&words[1..]).query_async(&mut c).await
+            redis::cmd(&words[0])
+                .arg(&words[1..])
+                .query_async(&mut c)
+                .await
         })
         .await
         .unwrap()
@@ -277,8 +280,14 @@ async fn a_copy_is_one_string_that_keeps_any_content_and_its_expiry_when_read() 
         assert!(ttl > 590_000 && ttl <= 600_000, "{key}: {ttl}");
         let page = s.fetch(user, 0, 10).await.unwrap();
         let read = &page.entries[0].message;
-        assert_eq!((read.message.content.as_str(), read.read_at.is_some()), (content, true));
-        assert_eq!((read.receiver_seq, read.sender_seq), (1, if *user == a { 1 } else { 0 }));
+        assert_eq!(
+            (read.message.content.as_str(), read.read_at.is_some()),
+            (content, true)
+        );
+        assert_eq!(
+            (read.receiver_seq, read.sender_seq),
+            (1, if *user == a { 1 } else { 0 })
+        );
     }
     let outbox = s.fetch(&a, 0, 10).await.unwrap();
     assert_eq!(outbox.entries[1].kind, EntryKind::Receipt);
@@ -297,7 +306,10 @@ async fn copies_an_earlier_version_wrote_as_hashes_are_read_and_marked() {
     let sender_copy = chatd::store::redis::message_key(&a, "m1");
     let receiver_copy = chatd::store::redis::message_key(&b, "m1");
     let idem = chatd::store::redis::idempotency_key(&a, "t1");
-    let (a_seq, b_seq) = (chatd::store::redis::seq_key(&a), chatd::store::redis::seq_key(&b));
+    let (a_seq, b_seq) = (
+        chatd::store::redis::seq_key(&a),
+        chatd::store::redis::seq_key(&b),
+    );
     let (a_inbox, b_inbox) = (
         chatd::store::redis::inbox_key(&a),
         chatd::store::redis::inbox_key(&b),

@@ -1295,7 +1295,14 @@ mod tests {
 
     #[test]
     fn a_copys_fields_read_back_whatever_they_hold() {
-        let fields = ["content", "12:ab:3:c\n\u{e9}\u{1f600}", "tempMessageId", "", "7", "::"];
+        let fields = [
+            "content",
+            "12:ab:3:c\n\u{e9}\u{1f600}",
+            "tempMessageId",
+            "",
+            "7",
+            "::",
+        ];
         let encoded = encode_fields(fields);
         assert!(encoded.starts_with("7:content16:12:ab"), "{encoded}");
         let decoded = decode_fields(&encoded).unwrap();
@@ -1316,7 +1323,16 @@ mod tests {
         // One string is a copy; several are a hash's fields and values.
         assert!(from_copy("m", &["5:abc".into()]).is_none());
         let flat: Vec<String> = [
-            "senderId", "a", "receiverId", "b", "chatId", "c", "content", "hi", "timestamp", "1",
+            "senderId",
+            "a",
+            "receiverId",
+            "b",
+            "chatId",
+            "c",
+            "content",
+            "hi",
+            "timestamp",
+            "1",
         ]
         .map(String::from)
         .to_vec();
