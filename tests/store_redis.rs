@@ -238,6 +238,105 @@ async fn a_batch_across_script_calls_keeps_order_and_idempotency() {
     );
 }
 
+/// In one batch, users write to each other and to others, each several times, on both sides
+/// of its messages: every inbox numbers its messages 1, 2, 3, ... with each message once, a
+/// sender's messages in the order sent, each copy holding the seqs its two inboxes gave it; a
+/// user's history of the chat holds them in the inbox's order; the batch sent again stores
+/// nothing and answers the same places. On a single Redis (one save call, places made in
+/// bulk) each inbox is in the order sent; on a cluster a batch's receivers are placed before
+/// its senders (steps 2, then 3), so a user's received messages of the batch come before its
+/// sent ones.
+#[tokio::test]
+async fn a_batch_of_users_writing_to_each_other_places_each_message_once_in_order() {
+    let s = store(600, 1000);
+    let users: Vec<String> = (0..4).map(|i| unique(&format!("u{i}"))).collect();
+    let pairs = [
+        (0, 1),
+        (1, 0),
+        (0, 2),
+        (2, 3),
+        (1, 0),
+        (3, 0),
+        (0, 1),
+        (2, 1),
+        (1, 3),
+    ];
+    let sent: Vec<(usize, usize)> = (0..70).map(|i| pairs[i % pairs.len()]).collect();
+    let batch: Vec<NewMessage> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, &(f, t))| message(&unique("m"), &users[f], &users[t], Some(&format!("t{i}"))))
+        .collect();
+    let places = |saved: Vec<Result<SaveOutcome, StoreError>>, fresh: bool| -> Vec<(u64, u64)> {
+        saved
+            .into_iter()
+            .map(|r| match r {
+                Ok(SaveOutcome::Saved(m)) if fresh => (m.sender_seq, m.receiver_seq),
+                Ok(SaveOutcome::Duplicate(m)) if !fresh => (m.sender_seq, m.receiver_seq),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    let first = places(s.save_batch(batch.clone()).await, true);
+    assert_eq!(places(s.save_batch(batch.clone()).await, false), first);
+    if !common::on_redis_cluster() {
+        // Each user's messages numbered in the order sent.
+        let mut count = [0u64; 4];
+        let mut in_order = Vec::new();
+        for &(f, t) in &sent {
+            count[t] += 1;
+            count[f] += 1;
+            in_order.push((count[f], count[t]));
+        }
+        assert_eq!(first, in_order);
+    }
+    for (u, user) in users.iter().enumerate() {
+        // (seq, message id) of each message of this user, by seq.
+        let mut mine: Vec<(u64, String)> = sent
+            .iter()
+            .zip(&batch)
+            .zip(&first)
+            .filter_map(|((&(f, t), m), &(sseq, rseq))| {
+                let seq = if f == u { sseq } else { rseq };
+                (f == u || t == u).then(|| (seq, m.message_id.clone()))
+            })
+            .collect();
+        mine.sort();
+        let seqs: Vec<u64> = mine.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=mine.len() as u64).collect::<Vec<_>>(),
+            "{user}: gap-free, once"
+        );
+        for (f, _) in users.iter().enumerate() {
+            let theirs: Vec<usize> = mine
+                .iter()
+                .filter_map(|(_, id)| batch.iter().position(|m| m.message_id == *id))
+                .filter(|&i| sent[i].0 == f)
+                .collect();
+            assert!(
+                theirs.is_sorted(),
+                "{user}: messages of user {f} out of order: {theirs:?}"
+            );
+        }
+        let inbox = s.fetch(user, 0, 1000).await.unwrap();
+        let ids: Vec<(u64, String)> = inbox
+            .entries
+            .iter()
+            .map(|e| (e.seq, e.message.message.message_id.clone()))
+            .collect();
+        assert_eq!(ids, mine, "{user}: the inbox");
+        let history = s.fetch_chat(user, "c", None, 100).await.unwrap();
+        let mut ids: Vec<(u64, String)> = history
+            .messages
+            .iter()
+            .map(|h| (h.seq, h.message.message.message_id.clone()))
+            .collect();
+        ids.reverse();
+        assert_eq!(ids, mine, "{user}: the history of the chat");
+    }
+}
+
 /// Runs one command on the test's Redis.
 async fn command<T: redis::FromRedisValue + Send>(client: &RedisClient, words: &[&str]) -> T {
     let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
