@@ -160,11 +160,12 @@ end
 "#;
 
 /// What every script of a save or a receipt shares: ARGV[1] retention ms, ARGV[2] max inbox
-/// entries; `place` gives an entry the next seq of one inbox; `remember` puts a message in
-/// the user's history of its chat (a list, appended in seq order: cheaper to write than a
-/// sorted set, and a history is read far less often than written); `write_copy` writes a
-/// user's copy of a message from the fields the node encoded (ARGV[body]) and the seqs, in
-/// one `SET` (no Lua table on this path: the script runs once per message). `keep` looks after an inbox or a history once an hour, not at every
+/// entries; `place` gives an entry (a receipt) the next seq of one inbox (a save's messages
+/// take theirs in bulk, [`BULK`], and go into the user's history of their chat: a list,
+/// appended in seq order, cheaper to write than a sorted set, and a history is read far less
+/// often than written); `write_copy` writes a user's copy of a message from the fields the
+/// node encoded (ARGV[body]) and the seqs, in one `SET` (no Lua table on this path: the
+/// script runs once per message), and answers what it wrote. `keep` looks after an inbox or a history once an hour, not at every
 /// message: when its expiry has fallen below retention it is pushed to retention + an hour
 /// (so the set always outlives its newest message), and the set is cut to its newest `max`
 /// entries. Every reader cuts it first too (FETCH, FETCH_CHAT), so what a reader sees is
@@ -196,10 +197,6 @@ local function place(counter, inbox, kind, id)
   keep(inbox)
   return seq
 end
-local function remember(history, id)
-  redis.call('RPUSH', history, id)
-  keep(history, true)
-end
 local function claim(idem, copy, id, temp)
   local use, held = id, true
   if temp ~= '' then
@@ -226,7 +223,7 @@ end
 "#;
 
 /// Places made in bulk, for a script that saves many messages whose places it knows before it
-/// writes any ([`SAVE_WHOLE`], [`SAVE_RECEIVER`]): `reserve` counts one more place of a counter, `take_seqs`
+/// writes any ([`SAVE_WHOLE`], [`SAVE_RECEIVER`], [`SAVE_SENDER`]): `reserve` counts one more place of a counter, `take_seqs`
 /// takes each counter's places with one `INCRBY`, `next_seq` hands them out in the order
 /// reserved, `gather` collects an inbox's entries or a history's ids and `flush` writes each
 /// set with one `ZADD` or `RPUSH` (then `keep`s it). A user with k messages in a call costs
@@ -234,8 +231,7 @@ end
 /// fsynced append-only file. The result is what `place` and `remember` called message by
 /// message would leave: each counter's seqs in the order reserved, each set's entries in
 /// that order. A script that looks for a copy before it places must also look among the
-/// copies it is about to write ([`SAVE_RECEIVER`]'s `placing`): none of them exists yet when
-/// it looks.
+/// copies it is about to write (`to_place`): none of them exists yet when it looks.
 const BULK: &str = r#"
 local wanted, counters, last = {}, {}, {}
 local function reserve(counter)
@@ -278,6 +274,19 @@ end
 local function flush()
   write_all('ZADD', zadds, false)
   write_all('RPUSH', pushes, true)
+end
+-- For a step that found no copy to answer with: step i places its copy, unless an earlier
+-- step of the call places the same copy (the same message twice): then `todo` names that
+-- one, whose answer is this step's too.
+local placing, todo = {}, {}
+local function to_place(i, copy, counter)
+  if placing[copy] then
+    todo[#todo + 1] = {i, placing[copy]}
+  else
+    reserve(counter)
+    placing[copy] = i
+    todo[#todo + 1] = {i}
+  end
 end
 "#;
 
@@ -355,22 +364,16 @@ return out
 /// twice in one call (two attempts of one send, in one batch) is placed once: the second
 /// answers the copy the first wrote, as it would have found it.
 const SAVE_RECEIVER: &str = r#"
-local out, placing, todo = {}, {}, {}
+local out = {}
 for i = 0, #KEYS / 4 - 1 do
   local k = i * 4
-  local copy = KEYS[k + 3]
-  local flat, have = copy_read(copy)
+  local flat, have = copy_read(KEYS[k + 3])
   if have and have.receiverSeq then
     local reply = {have.receiverSeq}
     for _, v in ipairs(flat) do reply[#reply + 1] = v end
     out[i + 1] = reply
-  elseif placing[copy] then
-    -- The same message for the same receiver earlier in this call: that step's copy.
-    todo[#todo + 1] = {i, placing[copy]}
   else
-    reserve(KEYS[k + 1])
-    placing[copy] = i
-    todo[#todo + 1] = {i}
+    to_place(i, KEYS[k + 3], KEYS[k + 1])
   end
 end
 take_seqs()
@@ -399,22 +402,36 @@ return out
 /// history of the chat.
 /// ARGV after the common two, seven per message: the six of step 2, receiverSeq ('' for a
 /// group message: each member has its own). Answers the senderSeq of each: the existing copy's when the step ran before.
+/// Places in bulk ([`BULK`]), a message repeated in the call placed once, as in step 2.
 const SAVE_SENDER: &str = r#"
 local out = {}
 for i = 0, #KEYS / 4 - 1 do
-  local k, a = i * 4, 3 + i * 7
+  local k = i * 4
   local _, have = copy_read(KEYS[k + 3])
   if have and have.senderSeq then
     out[i + 1] = have.senderSeq
   else
-    local seq = place(KEYS[k + 1], KEYS[k + 2], 'm', ARGV[a])
+    to_place(i, KEYS[k + 3], KEYS[k + 1])
+  end
+end
+take_seqs()
+for _, t in ipairs(todo) do
+  local i, first = t[1], t[2]
+  if first then
+    out[i + 1] = out[first + 1]
+  else
+    local k, a = i * 4, 3 + i * 7
+    local id = ARGV[a]
+    local seq = next_seq(KEYS[k + 1])
     local rseq = ARGV[a + 6]
     if rseq == '' then rseq = nil end
     write_copy(KEYS[k + 3], a + 5, seq, rseq)
-    remember(KEYS[k + 4], ARGV[a])
+    gather(zadds, KEYS[k + 2], seq, seq .. ':m:' .. id)
+    gather(pushes, KEYS[k + 4], id)
     out[i + 1] = seq
   end
 end
+flush()
 return out
 "#;
 
@@ -764,7 +781,7 @@ impl RedisStore {
             save_claim: Script::new(&format!("{COPY}{COMMON}{SAVE_CLAIM}")),
             save_whole: Script::new(&format!("{COPY}{COMMON}{BULK}{SAVE_WHOLE}")),
             save_receiver: Script::new(&format!("{COPY}{COMMON}{BULK}{SAVE_RECEIVER}")),
-            save_sender: Script::new(&format!("{COPY}{COMMON}{SAVE_SENDER}")),
+            save_sender: Script::new(&format!("{COPY}{COMMON}{BULK}{SAVE_SENDER}")),
             read_reader: Script::new(&format!("{COPY}{COMMON}{READ_READER}")),
             read_sender: Script::new(&format!("{COPY}{COMMON}{READ_SENDER}")),
             fetch: Script::new(&format!("{COPY}{FETCH}")),
