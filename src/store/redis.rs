@@ -165,15 +165,15 @@ end
 /// appended in seq order, cheaper to write than a sorted set, and a history is read far less
 /// often than written); `write_copy` writes a user's copy of a message from the fields the
 /// node encoded (ARGV[body]) and the seqs, in one `SET` (no Lua table on this path: the
-/// script runs once per message), and answers what it wrote. `keep` looks after an inbox or a history once an hour, not at every
-/// message: when its expiry has fallen below retention it is pushed to retention + an hour
-/// (so the set always outlives its newest message), and the set is cut to its newest `max`
-/// entries. Every reader cuts it first too (FETCH, FETCH_CHAT), so what a reader sees is
-/// exact; between two cuts a set holds at most an hour of entries more. Per message that is
-/// four commands less than looking at every write (each one more in Redis's fsynced
-/// append-only file when it writes). A set is looked at once per script call (`kept`): time
-/// stands still inside a script, so a second look in the same call would find what the first
-/// left.
+/// script runs once per message), and answers what it wrote. `keep` looks after an inbox or a
+/// history once an hour, not at every message: when its expiry has fallen below retention it
+/// is pushed to retention + an hour (so the set always outlives its newest message), and the
+/// set is cut to its newest `max` entries. Every reader cuts it first too (FETCH, FETCH_CHAT),
+/// so what a reader sees is exact; between two cuts a set holds at most an hour of entries
+/// more. Per message that is four commands less than looking at every write (each one more in
+/// Redis's fsynced append-only file when it writes). A set is looked at once per script call
+/// (`kept`): time stands still inside a script, so a second look in the same call would find
+/// what the first left.
 const COMMON: &str = r#"
 local retention, max = tonumber(ARGV[1]), tonumber(ARGV[2])
 local kept = {}
@@ -223,15 +223,15 @@ end
 "#;
 
 /// Places made in bulk, for a script that saves many messages whose places it knows before it
-/// writes any ([`SAVE_WHOLE`], [`SAVE_RECEIVER`], [`SAVE_SENDER`]): `reserve` counts one more place of a counter, `take_seqs`
-/// takes each counter's places with one `INCRBY`, `next_seq` hands them out in the order
-/// reserved, `gather` collects an inbox's entries or a history's ids and `flush` writes each
-/// set with one `ZADD` or `RPUSH` (then `keep`s it). A user with k messages in a call costs
-/// three commands for them, not 3k: each is a command run and one more entry in Redis's
-/// fsynced append-only file. The result is what `place` and `remember` called message by
-/// message would leave: each counter's seqs in the order reserved, each set's entries in
-/// that order. A script that looks for a copy before it places must also look among the
-/// copies it is about to write (`to_place`): none of them exists yet when it looks.
+/// writes any ([`SAVE_WHOLE`], [`SAVE_RECEIVER`], [`SAVE_SENDER`]): `reserve` counts one more
+/// place of a counter, `take_seqs` takes each counter's places with one `INCRBY`, `next_seq`
+/// hands them out in the order reserved, `gather` collects an inbox's entries or a history's
+/// ids and `flush` writes each set with one `ZADD` or `RPUSH` (then `keep`s it). A user with k
+/// messages in a call costs three commands for them, not 3k: each is a command run and one
+/// more entry in Redis's fsynced append-only file. The result is what placing message by
+/// message would leave: each counter's seqs in the order reserved, each set's entries in that
+/// order. A script that looks for a copy before it places must also look among the copies it
+/// is about to write (`to_place`): none of them exists yet when it looks.
 const BULK: &str = r#"
 local wanted, counters, last = {}, {}, {}
 local function reserve(counter)
