@@ -62,10 +62,19 @@ struct PairResult {
     errors: BTreeMap<String, u64>,
 }
 
-/// A process whose CPU time is measured.
+/// A process whose CPU time is measured: one, or several counted as one (the masters of a
+/// Redis Cluster).
 struct Process {
     name: &'static str,
-    pid: Option<u32>,
+    pids: Vec<u32>,
+}
+
+/// utime + stime of `pids` together, in clock ticks; `None` without any, or when one is gone.
+fn ticks_of(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&pid| cpu_ticks(pid)).sum()
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -86,6 +95,27 @@ fn pid_file(dir: &Path, name: &str) -> Option<u32> {
         .ok()
 }
 
+/// The Redis processes the bench measures: the single Redis of `scripts/services.sh up`, or
+/// with `redis.cluster` the masters of `scripts/services.sh cluster up` (`cluster-PORT/`).
+fn redis_pids(dir: &Path, cluster: bool) -> Vec<u32> {
+    if !cluster {
+        return pid_file(dir, "redis").into_iter().collect();
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut nodes: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("cluster-"))
+        })
+        .collect();
+    nodes.sort();
+    nodes.iter().filter_map(|n| pid_file(n, "redis")).collect()
+}
+
 /// What Redis has done so far: calls of every command (`INFO commandstats`), and its forks
 /// (`total_forks`: AOF rewrites and RDB saves, each of which copies the whole dataset in a
 /// child process while the bench runs: the tail latency of a run with one is not the same).
@@ -96,13 +126,33 @@ struct RedisWork {
 }
 
 async fn redis_work(redis: &RedisClient) -> anyhow::Result<RedisWork> {
-    let info: String = redis
+    let info: redis::Value = redis
         .call("INFO all", |mut c| async move {
             redis::cmd("INFO").arg("all").query_async(&mut c).await
         })
         .await
         .map_err(anyhow::Error::msg)?;
-    Ok(parse_info(&info))
+    // A Redis Cluster answers from every master, node by node: their work is summed.
+    let texts: Vec<String> = match info {
+        redis::Value::Map(nodes) => nodes
+            .into_iter()
+            .map(|(_, text)| redis::from_owned_redis_value(text))
+            .collect::<Result<_, _>>()?,
+        text => vec![redis::from_owned_redis_value(text)?],
+    };
+    Ok(summed(&texts))
+}
+
+/// The work of several Redis servers (`INFO all` of each), added up.
+fn summed(infos: &[String]) -> RedisWork {
+    let mut sum = RedisWork::default();
+    for work in infos.iter().map(|info| parse_info(info)) {
+        for (command, calls) in work.calls {
+            *sum.calls.entry(command).or_default() += calls;
+        }
+        sum.forks += work.forks;
+    }
+    sum
 }
 
 fn parse_info(info: &str) -> RedisWork {
@@ -175,10 +225,7 @@ impl<'a> Meter<'a> {
     async fn start(processes: &'a [Process], redis: &RedisClient) -> anyhow::Result<Meter<'a>> {
         Ok(Meter {
             processes,
-            cpu: processes
-                .iter()
-                .map(|p| p.pid.and_then(cpu_ticks))
-                .collect(),
+            cpu: processes.iter().map(|p| ticks_of(&p.pids)).collect(),
             redis: redis_work(redis).await?,
         })
     }
@@ -191,7 +238,7 @@ impl<'a> Meter<'a> {
             .zip(&self.cpu)
             .map(|(p, before)| {
                 let ticks = before
-                    .zip(p.pid.and_then(cpu_ticks))
+                    .zip(ticks_of(&p.pids))
                     .map(|(b, a)| a.saturating_sub(b));
                 (p.name, ticks.map(|t| t as f64 / TICKS_PER_SEC))
             })
@@ -263,23 +310,25 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let processes = [
         Process {
             name: "node A (senders)",
-            pid: node_pids.first().copied(),
+            pids: node_pids.first().copied().into_iter().collect(),
         },
         Process {
             name: "node B (receivers)",
-            pid: node_pids.get(1).copied(),
+            pids: node_pids.get(1).copied().into_iter().collect(),
         },
         Process {
             name: "Redis",
-            pid: pid_file(&args.services_dir, "redis"),
+            pids: redis_pids(&args.services_dir, config.redis.cluster),
         },
         Process {
             name: "broker",
-            pid: pid_file(&args.services_dir, "kafka"),
+            pids: pid_file(&args.services_dir, "kafka").into_iter().collect(),
         },
         Process {
             name: "MessageService",
-            pid: pid_file(&args.services_dir, "message-service"),
+            pids: pid_file(&args.services_dir, "message-service")
+                .into_iter()
+                .collect(),
         },
     ];
 
@@ -320,7 +369,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let end = started + Duration::from_secs(args.duration);
     let delivered = Arc::new(AtomicU64::new(0));
-    let pids: Vec<Option<u32>> = processes.iter().map(|p| p.pid).collect();
+    let pids: Vec<Vec<u32>> = processes.iter().map(|p| p.pids.clone()).collect();
     let sampler = tokio::spawn(sample(pids, delivered.clone(), end));
     let mut tasks = Vec::with_capacity(senders);
     for (to, sender, receivers) in pairs {
@@ -509,12 +558,12 @@ async fn heartbeats(
 /// Every second while sending: messages delivered so far and each process's CPU ticks.
 type Samples = Vec<(u64, Vec<Option<u64>>)>;
 
-async fn sample(pids: Vec<Option<u32>>, delivered: Arc<AtomicU64>, end: Instant) -> Samples {
+async fn sample(pids: Vec<Vec<u32>>, delivered: Arc<AtomicU64>, end: Instant) -> Samples {
     let mut samples = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() <= end {
         tick.tick().await;
-        let cpu = pids.iter().map(|p| p.and_then(cpu_ticks)).collect();
+        let cpu = pids.iter().map(|p| ticks_of(p)).collect();
         samples.push((delivered.load(Ordering::Relaxed), cpu));
     }
     samples
@@ -959,6 +1008,19 @@ mod tests {
         assert_eq!(work.calls.len(), 2);
         assert_eq!(work.forks, 5);
         assert_eq!(parse_info("").forks, 0);
+    }
+
+    #[test]
+    fn the_masters_of_a_redis_cluster_are_added_up() {
+        let node = |evalsha: u64, forks: u64| {
+            format!("total_forks:{forks}\r\ncmdstat_evalsha:calls={evalsha},usec=1\r\n")
+        };
+        let mut third = node(5, 0);
+        third.push_str("cmdstat_zadd:calls=7,usec=1\r\n");
+        let work = summed(&[node(100, 1), node(20, 2), third]);
+        assert_eq!(work.calls.get("evalsha"), Some(&125));
+        assert_eq!(work.calls.get("zadd"), Some(&7));
+        assert_eq!(work.forks, 3);
     }
 
     #[test]
