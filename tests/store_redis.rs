@@ -291,27 +291,26 @@ async fn a_batch_of_users_writing_to_each_other_places_each_message_once_in_orde
         assert_eq!(first, in_order);
     }
     for (u, user) in users.iter().enumerate() {
-        // (seq, message id) of each message of this user, by seq.
-        let mut mine: Vec<(u64, String)> = sent
+        // (seq, index in the batch) of each message of this user, by seq.
+        let mut mine: Vec<(u64, usize)> = sent
             .iter()
-            .zip(&batch)
             .zip(&first)
-            .filter_map(|((&(f, t), m), &(sseq, rseq))| {
-                let seq = if f == u { sseq } else { rseq };
-                (f == u || t == u).then(|| (seq, m.message_id.clone()))
+            .enumerate()
+            .filter_map(|(i, (&(f, t), &(sseq, rseq)))| {
+                (f == u || t == u).then_some((if f == u { sseq } else { rseq }, i))
             })
             .collect();
         mine.sort();
-        let seqs: Vec<u64> = mine.iter().map(|(seq, _)| *seq).collect();
+        let seqs: Vec<u64> = mine.iter().map(|&(seq, _)| seq).collect();
         assert_eq!(
             seqs,
             (1..=mine.len() as u64).collect::<Vec<_>>(),
             "{user}: gap-free, once"
         );
-        for (f, _) in users.iter().enumerate() {
+        for f in 0..users.len() {
             let theirs: Vec<usize> = mine
                 .iter()
-                .filter_map(|(_, id)| batch.iter().position(|m| m.message_id == *id))
+                .map(|&(_, i)| i)
                 .filter(|&i| sent[i].0 == f)
                 .collect();
             assert!(
@@ -319,6 +318,10 @@ async fn a_batch_of_users_writing_to_each_other_places_each_message_once_in_orde
                 "{user}: messages of user {f} out of order: {theirs:?}"
             );
         }
+        let mine: Vec<(u64, String)> = mine
+            .into_iter()
+            .map(|(seq, i)| (seq, batch[i].message_id.clone()))
+            .collect();
         let inbox = s.fetch(user, 0, 1000).await.unwrap();
         let ids: Vec<(u64, String)> = inbox
             .entries
