@@ -221,9 +221,15 @@ cluster_cli() { # port args...
   redis-cli -h 127.0.0.1 -p "$port" -a "$REDIS_PASSWORD" --no-auth-warning "$@"
 }
 
-cluster_ok() { # every node answers and says the cluster is ok
+cluster_node_ready() { # port: PONG, not LOADING (a restarted node reads its append-only file
+  # first, and answers CLUSTER INFO with cluster_state:ok meanwhile)
+  [ "$(cluster_cli "$1" ping 2>/dev/null)" = PONG ]
+}
+
+cluster_ok() { # every node is ready and says the cluster is ok
   local port
   for port in $REDIS_CLUSTER_PORTS; do
+    cluster_node_ready "$port" || return 1
     cluster_cli "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' || return 1
   done
 }
@@ -235,7 +241,7 @@ cluster() {
       install_redis
       for port in $REDIS_CLUSTER_PORTS; do start_cluster_node "$port"; done
       for port in $REDIS_CLUSTER_PORTS; do
-        wait_until "redis cluster node on 127.0.0.1:$port" 20 cluster_cli "$port" ping
+        wait_until "redis cluster node on 127.0.0.1:$port" 20 cluster_node_ready "$port"
       done
       # Slots are assigned once; a restarted cluster finds them in its nodes.conf.
       if [ "$(cluster_cli "${REDIS_CLUSTER_PORTS%% *}" cluster info | grep -c '^cluster_slots_assigned:16384')" = 0 ]; then
